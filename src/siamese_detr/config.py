@@ -1,0 +1,257 @@
+"""The typed configuration tree: the single source of truth for every run.
+
+Each block is a frozen, keyword-only dataclass. Combinations that make no sense are rejected
+in ``__post_init__``. Dict/YAML conversion, dotted ``key.sub=value`` overrides and the
+"did you mean" errors live in :mod:`siamese_detr.configio`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Variant = Literal["vanilla", "conditional", "deformable"]
+VARIANTS: tuple[Variant, ...] = ("vanilla", "conditional", "deformable")
+Method = Literal["siamese", "updetr", "detreg"]
+METHODS: tuple[Method, ...] = ("siamese", "updetr", "detreg")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake (one line, names the key and the fix)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneConfig:
+    depth: Literal[18, 34, 50] = 50  # ResNet depth (18/34 only for tiny CPU presets)
+    weights: str = ""  # local weight file: SwAV release, torchvision state dict or .safetensors
+    weights_format: Literal["auto", "swav", "torchvision", "safetensors"] = "auto"
+    allow_missing_keys: bool = False  # accept a weight file that does not cover the backbone
+    frozen_bn: bool = True  # FrozenBatchNorm2d everywhere (DETR)
+    # "all": nothing trains (pretraining); "stem+layer1": DETR fine-tuning default; "none"
+    freeze: Literal["all", "stem+layer1", "none"] = "stem+layer1"
+
+    def __post_init__(self) -> None:
+        if self.weights_format == "safetensors" and self.weights and not self.weights.endswith(
+            ".safetensors"
+        ):
+            raise ConfigError(
+                "model.backbone.weights_format=safetensors needs a .safetensors file "
+                f"(got {self.weights!r})"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    variant: Variant = "conditional"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    num_classes: int = 91  # real classes (COCO ids go to 90 -> 91); no-object added internally
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    aux_loss: bool = True  # loss on every decoder layer
+    # deformable only
+    num_feature_levels: int = 1  # 1 (single-scale C5) or 4 (C3-C5 + extra stride-64 level)
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    box_refine: bool = False  # iterative bounding-box refinement
+
+    def __post_init__(self) -> None:
+        if self.variant != "deformable" and self.num_feature_levels != 1:
+            raise ConfigError(
+                f"model.num_feature_levels={self.num_feature_levels} needs "
+                "model.variant=deformable (vanilla/conditional are single-scale)"
+            )
+        if self.variant != "deformable" and self.box_refine:
+            raise ConfigError("model.box_refine=true needs model.variant=deformable")
+        if self.num_feature_levels not in (1, 2, 3, 4):
+            raise ConfigError("model.num_feature_levels must be 1, 2, 3 or 4")
+        if self.hidden_dim % self.nheads != 0:
+            raise ConfigError(
+                f"model.hidden_dim={self.hidden_dim} must be divisible by model.nheads"
+            )
+        if self.variant == "deformable" and self.hidden_dim % 32 != 0:
+            raise ConfigError("model.hidden_dim must be a multiple of 32 (GroupNorm(32)) "
+                              "for variant=deformable")
+        if self.num_classes < 1:
+            raise ConfigError("model.num_classes must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    # "auto": softmax CE for vanilla, sigmoid focal for conditional/deformable
+    cls_loss: Literal["auto", "ce", "focal"] = "auto"
+    eos_coef: float = 0.1  # CE weight of the no-object class
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    cls_weight: float = -1.0  # -1: 1 for ce, 2 for focal (upstream defaults)
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    cost_class: float = -1.0  # -1: 1 for ce, 2 for focal
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """A COCO-format detection data set (images folder + json)."""
+
+    train_images: str = ""
+    train_ann: str = ""
+    val_images: str = ""
+    val_ann: str = ""
+    # "detr": DETR multi-scale + random crop; "fixed": one scale (tiny presets); "none"
+    augment: Literal["detr", "fixed", "none"] = "detr"
+    train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    crop_scales: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)
+    max_size: int = 1333
+    val_size: int = 800
+    batch_size: int = 2  # per process
+    num_workers: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1  # 0 disables clipping
+    # schedule length and lr drops are in ``unit``; resolved to iterations at run time
+    unit: Literal["epoch", "iter"] = "epoch"
+    length: float = 50
+    lr_drops: tuple[float, ...] = (40,)
+    gamma: float = 0.1
+    warmup_iters: int = 0
+
+    def __post_init__(self) -> None:
+        if self.length <= 0:
+            raise ConfigError("optim.length must be > 0")
+        if any(d > self.length for d in self.lr_drops):
+            raise ConfigError(
+                f"optim.lr_drops={list(self.lr_drops)} lie past optim.length={self.length}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"  # ignored on CPU
+    accum_steps: int = 1
+    log_every: int = 20  # iterations
+    ckpt_every: int = 5000  # iterations; a checkpoint is also written at the end
+    eval_every: int = 0  # iterations; 0 = only at the end (fine-tuning)
+    keep_checkpoints: int = 2  # periodic checkpoints kept besides last.pt
+    tensorboard: bool = False
+    progress: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.accum_steps < 1:
+            raise ConfigError("engine.accum_steps must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProposalReadConfig:
+    store: str = ""  # proposal store directory written by ``siamese-detr proposals``
+    top_k: int = 512  # read at most this many boxes per image (in score order)
+    min_size: float = 0.0  # drop boxes with a side below this many pixels
+    min_score: float = -1.0e9
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiameseOptions:
+    """Siamese DETR (Chen et al. 2023); numbers from the official configs, see docs/method.md."""
+
+    num_regions: int = 10  # M: overlap rectangle + 9 proposals
+    view_scale: tuple[float, float] = (0.5, 1.0)
+    view_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    view_iou: float = 0.5
+    view_stochastic: bool = True
+    area_min_ratio: float = 0.05
+    box_source: Literal["proposals", "random"] = "proposals"
+    box_jitter: float = 0.1  # model-side jitter before RoIAlign (targets untouched)
+    crop_size: int = 128
+    region_discrimination: bool = True  # L_r (feature reconstruction of region crops)
+    global_discrimination: bool = True  # L_g (SimSiam on pooled encoder memory)
+    weight_region: float = 5.0  # lambda_r
+    weight_global: float = 10.0  # lambda_g
+    # base resize before view cropping (ImageNet: 320-480, max 600)
+    base_scales: tuple[int, ...] = (320, 336, 352, 368, 400, 416, 432, 448, 464, 480)
+    base_max_size: int = 600
+    per_sample_queries: bool = True  # False reproduces the official deformable batch-0 quirk
+
+
+@dataclass(frozen=True, kw_only=True)
+class UPDETROptions:
+    num_patches: int = 10
+    feature_recon: bool = True
+    query_shuffle: bool = False
+    mask_ratio: float = 0.1  # fraction of patch features zeroed
+    patch_size: int = 128
+    min_patch: int = 8
+    weight_recon: float = 1.0
+    base_scales: tuple[int, ...] = (320, 336, 352, 368, 400, 416, 432, 448, 464, 480)
+    base_max_size: int = 600
+
+
+@dataclass(frozen=True, kw_only=True)
+class DETRegOptions:
+    max_proposals: int = 30  # top-k proposal boxes used as targets
+    strategy: Literal["topk", "random"] = "topk"
+    object_embedding_loss: bool = True
+    weight_embedding: float = 1.0
+    crop_size: int = 128
+    base_scales: tuple[int, ...] = (320, 336, 352, 368, 400, 416, 432, 448, 464, 480)
+    base_max_size: int = 600
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    method: Method = "siamese"
+    images: str = ""  # image folder (recursive), list file or COCO json of unlabeled images
+    proposals: ProposalReadConfig = field(default_factory=ProposalReadConfig)
+    siamese: SiameseOptions = field(default_factory=SiameseOptions)
+    updetr: UPDETROptions = field(default_factory=UPDETROptions)
+    detreg: DETRegOptions = field(default_factory=DETRegOptions)
+    batch_size: int = 8  # per process
+    num_workers: int = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    metric: Literal["coco", "voc07", "voc-area"] = "coco"
+    score_threshold: float = 0.0
+    max_detections: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str = "run"
+    task: Literal["finetune", "pretrain"] = "finetune"
+    output_dir: str = "runs/run"
+    seed: int = 42
+    init: str = ""  # checkpoint to initialise the detector from (pretrained or converted)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.task == "pretrain" and self.model.backbone.freeze != "all":
+            raise ConfigError(
+                "task=pretrain needs model.backbone.freeze=all (the backbone is frozen)"
+            )
+
+
+def resolved_cls_loss(cfg: ModelConfig, loss: LossConfig) -> Literal["ce", "focal"]:
+    """The classification loss actually used: 'auto' picks the variant's upstream default."""
+    if loss.cls_loss != "auto":
+        return loss.cls_loss
+    return "ce" if cfg.variant == "vanilla" else "focal"

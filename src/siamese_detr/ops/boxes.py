@@ -1,0 +1,67 @@
+"""Box format conversions and overlaps (thin, typed wrappers over ``torchvision.ops``).
+
+Formats: ``xyxy`` = (x1, y1, x2, y2); ``cxcywh`` = (centre x, centre y, width, height).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert, box_iou, generalized_box_iou
+
+__all__ = [
+    "box_cxcywh_to_xyxy",
+    "box_xyxy_to_cxcywh",
+    "box_iou",
+    "generalized_box_iou",
+    "normalize_xyxy",
+    "denormalize_cxcywh",
+    "clip_xyxy",
+    "jitter_xyxy",
+]
+
+
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    return box_convert(boxes, "xyxy", "cxcywh")
+
+
+def normalize_xyxy(boxes: Tensor, height: float, width: float) -> Tensor:
+    """Absolute pixel xyxy -> normalised cxcywh relative to an image of ``(height, width)``."""
+    scale = boxes.new_tensor([width, height, width, height])
+    return box_xyxy_to_cxcywh(boxes / scale)
+
+
+def denormalize_cxcywh(boxes: Tensor, height: Tensor | float, width: Tensor | float) -> Tensor:
+    """Normalised cxcywh -> absolute pixel xyxy. ``height``/``width`` may be ``[B]`` tensors
+    when ``boxes`` is ``[B, Q, 4]``."""
+    xyxy = box_cxcywh_to_xyxy(boxes)
+    if isinstance(height, Tensor) and height.dim() > 0:
+        scale = torch.stack([width, height, width, height], dim=-1).to(xyxy)
+        return xyxy * scale[:, None, :]
+    return xyxy * xyxy.new_tensor([width, height, width, height])
+
+
+def clip_xyxy(boxes: Tensor, height: float, width: float) -> Tensor:
+    x1 = boxes[..., 0].clamp(0, width)
+    y1 = boxes[..., 1].clamp(0, height)
+    x2 = boxes[..., 2].clamp(0, width)
+    y2 = boxes[..., 3].clamp(0, height)
+    return torch.stack([x1, y1, x2, y2], dim=-1)
+
+
+def jitter_xyxy(
+    boxes: Tensor, ratio: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Move each coordinate by ``delta * (w, h, w, h)`` with ``delta = 2r*sigmoid(N(0,1)) - r``
+    in ``(-ratio, ratio)`` (Siamese DETR's box disturbance). No clipping."""
+    if ratio <= 0 or boxes.numel() == 0:
+        return boxes
+    wh = (boxes[..., 2:] - boxes[..., :2]).repeat_interleave(1, dim=-1)
+    wh = torch.cat([wh, wh], dim=-1)
+    noise = torch.randn(boxes.shape, generator=generator, device=boxes.device, dtype=boxes.dtype)
+    delta = 2 * ratio * torch.sigmoid(noise) - ratio
+    return boxes + delta * wh
