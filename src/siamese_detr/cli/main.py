@@ -1,0 +1,63 @@
+"""The ``siamese-detr`` console script: one parser, one sub-command module per verb.
+
+Each sub-command module exposes ``register(subparsers)`` which adds its parser and sets
+``func`` to a callable ``(args) -> int``. User mistakes raise :class:`UserError` (or
+``ConfigError``) and are printed as one line with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as a single line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from siamese_detr import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="siamese-detr",
+        description="Self-supervised pretraining (Siamese DETR, UP-DETR, DETReg) and "
+        "fine-tuning of DETR-family detectors.",
+    )
+    parser.add_argument("--version", action="version", version=f"siamese-detr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    import importlib
+
+    for name in ("proposals", "pretrain", "finetune", "evaluate", "convert", "config", "demo",
+                 "voc2coco"):
+        try:
+            module = importlib.import_module(f"siamese_detr.cli.{name}")
+        except ModuleNotFoundError as exc:  # sub-command not built yet
+            if exc.name == f"siamese_detr.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from siamese_detr.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ConfigError, FileNotFoundError) as exc:
+        print(f"siamese-detr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"siamese-detr {args.command}: interrupted (finished work is kept; re-run to "
+              "resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
