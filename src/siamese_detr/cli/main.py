@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ConfigError, FileNotFoundError) as exc:
         print(f"siamese-detr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except KeyboardInterrupt:
         print(f"siamese-detr {args.command}: interrupted (finished work is kept; re-run to "
               "resume)", file=sys.stderr)

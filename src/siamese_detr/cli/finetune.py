@@ -1,0 +1,54 @@
+"""``siamese-detr finetune``: supervised fine-tuning (from scratch or from a checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from siamese_detr.cli.common import add_config_arguments, config_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a detector on a COCO-format data set and evaluate it",
+        description="Fine-tune a DETR-family detector on a COCO-format data set (COCO, or VOC "
+        "converted with `siamese-detr voc2coco`) and report COCO AP (and VOC AP50 with "
+        "eval.metric=voc07|voc-area). Without --init the transformer starts from scratch. "
+        "Multi-GPU: torchrun --nproc-per-node N -m siamese_detr finetune ...")
+    add_config_arguments(p, "tiny/conditional/finetune")
+    p.add_argument("--init", default=None,
+                   help="checkpoint to start from: a `siamese-detr pretrain` checkpoint (no "
+                        "conversion needed), a fine-tuning checkpoint or a converted file")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue exactly from a checkpoint (default: OUT/last.pt)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from siamese_detr.engine.distributed import cleanup, init_distributed
+    from siamese_detr.engine.logging import setup_logging
+    from siamese_detr.finetune import run_finetune
+
+    cfg = config_from_args(args, "finetune")
+    if args.init:
+        cfg = replace(cfg, init=args.init)
+    info = init_distributed(cfg.engine.device)
+    run_dir = Path(cfg.output_dir)
+    setup_logging(info.is_main, run_dir / "log.txt")
+    resume_path = None
+    if args.resume:
+        resume_path = str(run_dir / "last.pt") if args.resume == "auto" else args.resume
+    try:
+        metrics = run_finetune(cfg, info, resume_path)
+    finally:
+        cleanup()
+    if info.is_main:
+        from siamese_detr.eval.coco import format_metrics
+
+        print(format_metrics({k.split("/", 1)[1]: v for k, v in metrics.items()
+                              if k.startswith("coco/")}, "coco"))
+        for k, v in metrics.items():
+            if not k.startswith("coco/"):
+                print(f"{k} = {v:.4f}")
+    return 0

@@ -1,0 +1,55 @@
+"""Parameter groups and learning-rate schedules (pure functions of the step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from siamese_detr.config import OptimConfig
+
+
+def param_groups(model: nn.Module, lr: float, lr_backbone: float, weight_decay: float
+                 ) -> list[dict]:
+    """Two AdamW groups as in DETR: parameters under a ``backbone.`` module get
+    ``lr_backbone``; frozen parameters (``requires_grad=False``) are left out."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_backbone = name.startswith("backbone.") or ".backbone." in name
+        (backbone if is_backbone else rest).append(p)
+    groups = [{"params": rest, "lr": lr, "base_lr": lr, "name": "transformer"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr_backbone, "base_lr": lr_backbone,
+                       "name": "backbone"})
+    for g in groups:
+        g["weight_decay"] = weight_decay
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_backbone, cfg.weight_decay))
+
+
+def resolve_schedule(cfg: OptimConfig, iters_per_epoch: int) -> tuple[int, tuple[int, ...]]:
+    """Total iterations and lr-drop iterations, converting epochs when ``cfg.unit == 'epoch'``."""
+    scale = 1 if cfg.unit == "iter" else max(1, iters_per_epoch)
+    total = max(1, int(math.ceil(cfg.length * scale)))
+    drops = tuple(int(round(d * scale)) for d in cfg.lr_drops)
+    return total, drops
+
+
+def lr_factor(step: int, drops: Sequence[int], gamma: float, warmup_iters: int = 0) -> float:
+    """Multiplier of the base lr at ``step`` (0-based): linear warm-up then step decay."""
+    factor = gamma ** sum(1 for d in drops if step >= d)
+    if warmup_iters > 0 and step < warmup_iters:
+        factor *= (step + 1) / warmup_iters
+    return factor
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = g.get("base_lr", g["lr"]) * factor

@@ -1,0 +1,287 @@
+"""Named recipes: each preset is a function returning a complete :class:`RunConfig`.
+
+Paper recipes follow the official configs (Zx55/SiameseDETR ``configs/selfsup/siamese_detr``)
+and the upstream fine-tuning repositories; the source of each number is in ``docs/method.md``.
+Tiny presets shrink the model and data so that a run finishes on a laptop CPU in minutes.
+Variations are built with ``dataclasses.replace``, never by mutating a shared base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from siamese_detr.config import (
+    BackboneConfig,
+    ConfigError,
+    DataConfig,
+    EngineConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    RunConfig,
+    SiameseOptions,
+)
+
+# ---------------------------------------------------------------- model building blocks
+
+
+def _detr_model(num_classes: int) -> ModelConfig:
+    """facebookresearch/detr R50: 6+6 layers, FFN 2048, 100 queries, softmax CE."""
+    return ModelConfig(variant="vanilla", num_classes=num_classes, num_queries=100)
+
+
+def _conditional_model(num_classes: int, queries: int = 100) -> ModelConfig:
+    """Atten4Vis/ConditionalDETR R50: 6+6 layers, FFN 2048, focal loss."""
+    return ModelConfig(variant="conditional", num_classes=num_classes, num_queries=queries)
+
+
+def _deformable_model(num_classes: int, levels: int = 4) -> ModelConfig:
+    """fundamentalvision/Deformable-DETR R50: FFN 1024, 300 queries, 4 points, focal loss."""
+    return ModelConfig(
+        variant="deformable",
+        num_classes=num_classes,
+        num_queries=300,
+        dim_feedforward=1024,
+        num_feature_levels=levels,
+    )
+
+
+def _frozen(model: ModelConfig, weights: str = "") -> ModelConfig:
+    return replace(model, backbone=BackboneConfig(freeze="all", weights=weights))
+
+
+# ---------------------------------------------------------------- fine-tuning recipes
+
+_COCO = DataConfig(
+    train_images="data/coco/train2017",
+    train_ann="data/coco/annotations/instances_train2017.json",
+    val_images="data/coco/val2017",
+    val_ann="data/coco/annotations/instances_val2017.json",
+)
+_VOC = DataConfig(
+    train_images="data/voc",
+    train_ann="data/voc/voc0712_trainval.json",
+    val_images="data/voc",
+    val_ann="data/voc/voc07_test.json",
+)
+
+
+def _finetune(name: str, model: ModelConfig, data: DataConfig, optim: OptimConfig) -> RunConfig:
+    return RunConfig(
+        name=name,
+        task="finetune",
+        output_dir=f"runs/{name.replace('/', '_')}",
+        model=model,
+        data=data,
+        optim=optim,
+        engine=EngineConfig(ckpt_every=5000, log_every=50),
+    )
+
+
+# Siamese DETR downstream (conditional): lr 1e-4, backbone lr 5e-5, 50 epochs, drop at 40.
+_COND_OPTIM = OptimConfig(lr=1e-4, lr_backbone=5e-5, length=50, lr_drops=(40,))
+# Deformable DETR: lr 2e-4, backbone 2e-5, 50 epochs, drop at 40.
+_DEFORM_OPTIM = OptimConfig(lr=2e-4, lr_backbone=2e-5, length=50, lr_drops=(40,))
+# DETR: lr 1e-4, backbone 1e-5; 150 epochs (drop 100), the UP-DETR fine-tuning schedule.
+_DETR_OPTIM = OptimConfig(lr=1e-4, lr_backbone=1e-5, length=150, lr_drops=(100,))
+
+
+def finetune_conditional_voc() -> RunConfig:
+    return _finetune("finetune/conditional-100q/voc", _conditional_model(20), _VOC, _COND_OPTIM)
+
+
+def finetune_conditional_coco() -> RunConfig:
+    return _finetune("finetune/conditional-100q/coco", _conditional_model(91), _COCO, _COND_OPTIM)
+
+
+def finetune_detr_coco() -> RunConfig:
+    return _finetune("finetune/detr/coco", _detr_model(91), _COCO, _DETR_OPTIM)
+
+
+def finetune_detr_voc() -> RunConfig:
+    return _finetune("finetune/detr/voc", _detr_model(20), _VOC, _DETR_OPTIM)
+
+
+def finetune_deformable_coco() -> RunConfig:
+    cfg = _finetune("finetune/deformable-ms-300q/coco", _deformable_model(91), _COCO,
+                    _DEFORM_OPTIM)
+    return replace(cfg, eval=replace(cfg.eval, max_detections=100))
+
+
+def finetune_deformable_voc() -> RunConfig:
+    return _finetune("finetune/deformable-ms-300q/voc", _deformable_model(20), _VOC,
+                     _DEFORM_OPTIM)
+
+
+# ---------------------------------------------------------------- pretraining recipes
+
+_SWAV = "weights/swav_800ep_pretrain.pth.tar"
+# ImageNet configs: 32 GPUs x 8 (vanilla/conditional) or 64 x 4 (deformable) = 256 images,
+# 300k iterations, lr x0.1 at 200k, AdamW lr 1e-4 wd 1e-4, clip 0.1.
+_IN1K_OPTIM = OptimConfig(lr=1e-4, lr_backbone=0.0, unit="iter", length=300_000,
+                          lr_drops=(200_000,))
+# COCO configs: 16 GPUs x 4 = 64 images, 120k iterations, drop at 80k.
+_COCO_PRE_OPTIM = OptimConfig(lr=1e-4, lr_backbone=0.0, unit="iter", length=120_000,
+                              lr_drops=(80_000,))
+
+
+def _pretrain(name: str, model: ModelConfig, images: str, store: str, per_gpu: int,
+              optim: OptimConfig, siamese: SiameseOptions) -> RunConfig:
+    pre = PretrainConfig(method="siamese", images=images, siamese=siamese,
+                         batch_size=per_gpu, num_workers=4)
+    pre = replace(pre, proposals=replace(pre.proposals, store=store))
+    return RunConfig(
+        name=name,
+        task="pretrain",
+        output_dir=f"runs/{name.replace('/', '_')}",
+        model=_frozen(model, _SWAV),
+        pretrain=pre,
+        optim=optim,
+        loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
+        engine=EngineConfig(ckpt_every=5000, log_every=50),
+    )
+
+
+_IN1K = ("data/imagenet/train", "data/proposals/imagenet")
+_COCO_IMAGES = ("data/coco/train2017", "data/proposals/coco")
+_COCO_SIAMESE = SiameseOptions(
+    weight_region=3.0, weight_global=0.3,
+    base_scales=tuple(range(480, 801, 32)), base_max_size=1333,
+)
+
+
+def siamese_vanilla_in1k() -> RunConfig:
+    return _pretrain("siamese/detr/in1k", _detr_model(1), *_IN1K, 8, _IN1K_OPTIM,
+                     SiameseOptions(weight_region=3.0))
+
+
+def siamese_conditional_in1k() -> RunConfig:
+    return _pretrain("siamese/conditional-100q/in1k", _conditional_model(1), *_IN1K, 8,
+                     _IN1K_OPTIM, SiameseOptions(weight_region=5.0))
+
+
+def siamese_conditional_300q_in1k() -> RunConfig:
+    return _pretrain("siamese/conditional-300q/in1k", _conditional_model(1, 300), *_IN1K, 8,
+                     _IN1K_OPTIM, SiameseOptions(weight_region=5.0))
+
+
+def siamese_deformable_ss_in1k() -> RunConfig:
+    return _pretrain("siamese/deformable-ss-300q/in1k", _deformable_model(1, 1), *_IN1K, 4,
+                     _IN1K_OPTIM, SiameseOptions(weight_region=3.0))
+
+
+def siamese_deformable_ms_in1k() -> RunConfig:
+    return _pretrain("siamese/deformable-ms-300q/in1k", _deformable_model(1, 4), *_IN1K, 4,
+                     _IN1K_OPTIM, SiameseOptions(weight_region=3.0))
+
+
+def siamese_conditional_coco() -> RunConfig:
+    return _pretrain("siamese/conditional-100q/coco", _conditional_model(1), *_COCO_IMAGES, 4,
+                     _COCO_PRE_OPTIM, _COCO_SIAMESE)
+
+
+# ---------------------------------------------------------------- tiny CPU recipes
+
+
+def _tiny_model(variant: str, num_classes: int, freeze: str) -> ModelConfig:
+    levels = 2 if variant == "deformable" else 1
+    return ModelConfig(
+        variant=variant,  # type: ignore[arg-type]
+        backbone=BackboneConfig(depth=18, freeze=freeze),  # type: ignore[arg-type]
+        num_classes=num_classes,
+        hidden_dim=64,
+        nheads=4,
+        enc_layers=2,
+        dec_layers=2,
+        dim_feedforward=256,
+        dropout=0.0,
+        num_queries=20,
+        num_feature_levels=levels,
+    )
+
+
+_TINY_DATA = DataConfig(
+    train_images="demo_data/detection/images",
+    train_ann="demo_data/detection/train.json",
+    val_images="demo_data/detection/images",
+    val_ann="demo_data/detection/val.json",
+    augment="fixed",
+    train_scales=(160,),
+    max_size=256,
+    val_size=160,
+    batch_size=4,
+    num_workers=0,
+)
+
+
+def _tiny_finetune(variant: str) -> Callable[[], RunConfig]:
+    def preset() -> RunConfig:
+        name = f"tiny/{variant}/finetune"
+        return RunConfig(
+            name=name,
+            task="finetune",
+            output_dir=f"runs/{name.replace('/', '_')}",
+            model=_tiny_model(variant, 3, "stem+layer1"),
+            data=_TINY_DATA,
+            optim=OptimConfig(lr=2e-4, lr_backbone=2e-5, clip_max_norm=0.1, unit="iter",
+                              length=300, lr_drops=(240,)),
+            engine=EngineConfig(log_every=10, ckpt_every=100, device="cpu"),
+        )
+    return preset
+
+
+def _tiny_siamese(variant: str) -> Callable[[], RunConfig]:
+    def preset() -> RunConfig:
+        name = f"tiny/{variant}/siamese"
+        siamese = SiameseOptions(num_regions=5, crop_size=64, base_scales=(160, 176, 192),
+                                 base_max_size=256, weight_region=3.0, weight_global=1.0)
+        pre = PretrainConfig(method="siamese", images="demo_data/unlabeled", siamese=siamese,
+                             batch_size=4, num_workers=0)
+        pre = replace(pre, proposals=replace(pre.proposals, store="demo_data/proposals"))
+        return RunConfig(
+            name=name,
+            task="pretrain",
+            output_dir=f"runs/{name.replace('/', '_')}",
+            model=_tiny_model(variant, 1, "all"),
+            pretrain=pre,
+            loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
+            optim=OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300,
+                              lr_drops=(240,)),
+            engine=EngineConfig(log_every=10, ckpt_every=100, device="cpu"),
+        )
+    return preset
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "finetune/conditional-100q/voc": finetune_conditional_voc,
+    "finetune/conditional-100q/coco": finetune_conditional_coco,
+    "finetune/detr/coco": finetune_detr_coco,
+    "finetune/detr/voc": finetune_detr_voc,
+    "finetune/deformable-ms-300q/coco": finetune_deformable_coco,
+    "finetune/deformable-ms-300q/voc": finetune_deformable_voc,
+    "siamese/detr/in1k": siamese_vanilla_in1k,
+    "siamese/conditional-100q/in1k": siamese_conditional_in1k,
+    "siamese/conditional-300q/in1k": siamese_conditional_300q_in1k,
+    "siamese/deformable-ss-300q/in1k": siamese_deformable_ss_in1k,
+    "siamese/deformable-ms-300q/in1k": siamese_deformable_ms_in1k,
+    "siamese/conditional-100q/coco": siamese_conditional_coco,
+    "tiny/vanilla/finetune": _tiny_finetune("vanilla"),
+    "tiny/conditional/finetune": _tiny_finetune("conditional"),
+    "tiny/deformable/finetune": _tiny_finetune("deformable"),
+    "tiny/vanilla/siamese": _tiny_siamese("vanilla"),
+    "tiny/conditional/siamese": _tiny_siamese("conditional"),
+    "tiny/deformable/siamese": _tiny_siamese("deformable"),
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    """The config of preset ``name``; an unknown name suggests the closest one."""
+    import difflib
+
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.4)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown preset '{name}'{hint} (see `siamese-detr config list`)")
+    return PRESETS[name]()

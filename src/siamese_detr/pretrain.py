@@ -1,0 +1,102 @@
+"""Self-supervised pretraining runner: data stream + pretext task + the shared engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from siamese_detr.config import ConfigError, RunConfig
+from siamese_detr.configio import save_yaml, to_dict
+from siamese_detr.engine.distributed import DistInfo
+from siamese_detr.engine.logging import get_logger
+
+
+def build_pretrain_dataset(cfg: RunConfig) -> Any:
+    """Unlabeled images + their offline proposals -> a data set of two-view samples."""
+    from siamese_detr.data.pretrain import PretrainDataset
+    from siamese_detr.data.sources import list_images
+    from siamese_detr.proposals.store import ProposalStore
+
+    pre = cfg.pretrain
+    if not pre.images:
+        raise ConfigError("pretrain.images is empty: give an image folder, list file or COCO "
+                          "json, e.g. pretrain.images=data/imagenet/train")
+    records = list_images(pre.images)
+    store = None
+    if pre.siamese.box_source == "proposals":
+        if not pre.proposals.store:
+            raise ConfigError("pretrain.proposals.store is empty: run `siamese-detr proposals "
+                              "run IMAGES --out STORE` first, or set "
+                              "pretrain.siamese.box_source=random")
+        if not Path(pre.proposals.store).is_dir():
+            raise ConfigError(f"proposal store {pre.proposals.store} does not exist: run "
+                              f"`siamese-detr proposals run {pre.images} --out "
+                              f"{pre.proposals.store}`")
+        store = ProposalStore.open(pre.proposals.store)
+    return PretrainDataset(records, store, pre.siamese, cfg.seed, pre.proposals)
+
+
+def build_task(cfg: RunConfig) -> nn.Module:
+    match cfg.pretrain.method:
+        case "siamese":
+            from siamese_detr.methods.siamese.task import build_siamese_task
+
+            return build_siamese_task(cfg)
+        case "updetr" | "detreg":
+            raise ConfigError(f"pretrain.method={cfg.pretrain.method} is not implemented yet; "
+                              "use pretrain.method=siamese")
+        case _:
+            raise ConfigError(f"unknown pretrain.method={cfg.pretrain.method}")
+
+
+def run_pretrain(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = None
+                 ) -> dict[str, float]:
+    from siamese_detr.data.loaders import build_detection_loader
+    from siamese_detr.data.pretrain import collate_siamese
+    from siamese_detr.engine.loop import Schedule, resume, train
+    from siamese_detr.engine.optim import build_optimizer, resolve_schedule
+
+    log = get_logger()
+    run_dir = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    dataset = build_pretrain_dataset(cfg)
+    task = build_task(cfg).to(dist_info.device)
+    optimizer = build_optimizer(task, cfg.optim)
+    world_batch = cfg.pretrain.batch_size * dist_info.world_size * cfg.engine.accum_steps
+    total, drops = resolve_schedule(cfg.optim, -(-len(dataset) // world_batch))
+    scaler = torch.amp.GradScaler("cuda") if (cfg.engine.amp == "fp16" and
+                                              dist_info.device.type == "cuda") else None
+    start = None
+    if resume_path:
+        start = resume(resume_path, task, optimizer, scaler)
+        log.info("resumed from %s at step %d", resume_path, start.step)
+    if dist_info.is_main:
+        save_yaml(cfg, run_dir / "config.yaml")
+    log.info("pretraining %s/%s: %d images, %d iterations (lr drops at %s), global batch %d",
+             cfg.pretrain.method, cfg.model.variant, len(dataset), total, list(drops),
+             world_batch)
+    model: nn.Module = task
+    if dist_info.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(task)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda"
+            else None)
+
+    def batches(position: int) -> Iterator[Any]:
+        return build_detection_loader(dataset, cfg.pretrain.batch_size,
+                                      cfg.pretrain.num_workers, cfg.seed, start_step=position,
+                                      collate_fn=collate_siamese)
+
+    result = train(
+        task=model, batches=batches, optimizer=optimizer,
+        schedule=Schedule(total, drops, cfg.optim.gamma, cfg.optim.warmup_iters,
+                          cfg.optim.clip_max_norm),
+        engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
+        checkpoint_meta={"kind": "pretrain", "config": to_dict(cfg)},
+        start=start, scaler=scaler,
+    )
+    return result.last_metrics
