@@ -1,0 +1,172 @@
+"""The whole pipeline at toy scale on data generated on the spot (``siamese-detr demo``).
+
+Stages, each resumable (a finished stage is skipped on a re-run, an interrupted training run
+continues from its last checkpoint):
+
+1. data: a labeled toy detection set and unlabeled images (real photos shipped in
+   scikit-image, see :mod:`siamese_detr.data.synthetic`), plus one seeded random ResNet-18
+   backbone shared by every run (no download is possible here, so no SwAV weights);
+2. EdgeBoxes proposals of the unlabeled images;
+3. Siamese DETR pretraining (frozen backbone);
+4. fine-tuning from scratch and from the pretrained checkpoint, same budget, then COCO AP;
+5. ``report.md`` with pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siamese_detr.config import RunConfig
+from siamese_detr.configio import apply_overrides
+from siamese_detr.engine.distributed import DistInfo
+from siamese_detr.engine.logging import get_logger, read_jsonl
+from siamese_detr.presets import get_preset
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run; ``scaled`` derives them from a time budget in minutes."""
+
+    n_train: int = 96
+    n_val: int = 32
+    n_unlabeled: int = 160
+    image_size: tuple[int, int] = (160, 160)
+    pretrain_iters: int = 300
+    finetune_iters: int = 300
+    variant: str = "conditional"
+    seed: int = 0
+
+    @staticmethod
+    def scaled(minutes: float, variant: str = "conditional", seed: int = 0) -> DemoPlan:
+        f = max(minutes, 0.1) / 10.0
+        if minutes <= 0.5:  # smoke scale for tests
+            return DemoPlan(n_train=8, n_val=4, n_unlabeled=8, pretrain_iters=3,
+                            finetune_iters=3, variant=variant, seed=seed)
+        return DemoPlan(pretrain_iters=max(10, int(300 * f)), finetune_iters=max(10, int(300 * f)),
+                        variant=variant, seed=seed)
+
+
+def _stage_done(out: Path, name: str) -> bool:
+    return (out / "stages" / f"{name}.done").is_file()
+
+
+def _mark(out: Path, name: str, info: dict[str, Any] | None = None) -> None:
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    (out / "stages" / f"{name}.done").write_text(json.dumps(info or {}))
+
+
+def _cpu() -> DistInfo:
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def make_data(out: Path, plan: DemoPlan) -> None:
+    from siamese_detr.data.synthetic import make_detection_set, make_unlabeled_set
+
+    if _stage_done(out, "data"):
+        return
+    make_detection_set(out / "data" / "detection", plan.n_train, plan.n_val, plan.image_size,
+                       seed=plan.seed)
+    make_unlabeled_set(out / "data" / "unlabeled", plan.n_unlabeled, plan.image_size,
+                       seed=plan.seed + 1)
+    import torchvision
+
+    torch.manual_seed(plan.seed)
+    backbone = torchvision.models.resnet18(weights=None)
+    torch.save(backbone.state_dict(), out / "data" / "backbone_resnet18_seeded.pth")
+    _mark(out, "data")
+
+
+def make_proposals(out: Path) -> None:
+    from siamese_detr.proposals.generate import generate_proposals
+
+    if _stage_done(out, "proposals"):
+        return
+    summary = generate_proposals(out / "data" / "unlabeled", out / "data" / "proposals",
+                                 method="edgeboxes", workers=1, chunk_size=64, progress=True)
+    _mark(out, "proposals", {"lines": summary.lines()})
+
+
+def _common(cfg: RunConfig, out: Path, plan: DemoPlan, run: str, iters: int) -> RunConfig:
+    backbone = str(out / "data" / "backbone_resnet18_seeded.pth")
+    return apply_overrides(replace(cfg, output_dir=str(out / "runs" / run), seed=plan.seed), [
+        f"model.backbone.weights={backbone}", "model.backbone.weights_format=torchvision",
+        f"optim.length={iters}", f"optim.lr_drops={int(iters * 0.8)}",
+        f"engine.ckpt_every={max(1, iters // 3)}", f"engine.log_every={max(1, iters // 30)}",
+        "engine.keep_checkpoints=0",
+    ])
+
+
+def pretrain_config(out: Path, plan: DemoPlan) -> RunConfig:
+    cfg = get_preset(f"tiny/{plan.variant}/siamese")
+    cfg = _common(cfg, out, plan, "pretrain", plan.pretrain_iters)
+    return apply_overrides(cfg, [f"pretrain.images={out / 'data' / 'unlabeled'}",
+                                 f"pretrain.proposals.store={out / 'data' / 'proposals'}"])
+
+
+def finetune_config(out: Path, plan: DemoPlan, init: str) -> RunConfig:
+    cfg = get_preset(f"tiny/{plan.variant}/finetune")
+    cfg = _common(cfg, out, plan, "finetune_" + ("siamese" if init else "scratch"),
+                  plan.finetune_iters)
+    det = out / "data" / "detection"
+    return apply_overrides(replace(cfg, init=init), [
+        f"data.train_images={det / 'train'}", f"data.train_ann={det / 'train.json'}",
+        f"data.val_images={det / 'val'}", f"data.val_ann={det / 'val.json'}",
+        f"data.train_scales={plan.image_size[0]}", f"data.val_size={plan.image_size[0]}",
+    ])
+
+
+def _train_stage(out: Path, name: str, cfg: RunConfig, fn: Any) -> None:
+    if _stage_done(out, name):
+        return
+    last = Path(cfg.output_dir) / "last.pt"
+    t0 = time.perf_counter()
+    fn(cfg, _cpu(), str(last) if last.is_file() else None)
+    _mark(out, name, {"seconds": time.perf_counter() - t0})
+
+
+def run_demo(out: Path, plan: DemoPlan) -> Path:
+    """Run every stage (skipping finished ones) and write ``out/report.md``."""
+    from siamese_detr.finetune import run_finetune
+    from siamese_detr.pretrain import run_pretrain
+
+    log = get_logger()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log.info("[1/5] generating toy data in %s", out / "data")
+    make_data(out, plan)
+    log.info("[2/5] EdgeBoxes proposals of %d unlabeled images", plan.n_unlabeled)
+    make_proposals(out)
+    log.info("[3/5] Siamese DETR pretraining (%s, %d iterations)", plan.variant,
+             plan.pretrain_iters)
+    pre_cfg = pretrain_config(out, plan)
+    _train_stage(out, "pretrain", pre_cfg, run_pretrain)
+    pre_ckpt = str(Path(pre_cfg.output_dir) / "last.pt")
+    log.info("[4/5] fine-tuning from scratch and from the Siamese DETR checkpoint (%d its each)",
+             plan.finetune_iters)
+    for name, init in (("finetune_scratch", ""), ("finetune_siamese", pre_ckpt)):
+        _train_stage(out, name, finetune_config(out, plan, init), run_finetune)
+    log.info("[5/5] writing the report")
+    from siamese_detr.report import write_report
+
+    report = write_report(out, plan, time.perf_counter() - t0)
+    log.info("report: %s", report)
+    return report
+
+
+def results_table(out: Path) -> dict[str, dict[str, float]]:
+    """``{"scratch": metrics, "siamese": metrics}`` as written by the evaluator."""
+    table = {}
+    for name in ("scratch", "siamese"):
+        path = out / "runs" / f"finetune_{name}" / "eval_metrics.json"
+        table[name] = json.loads(path.read_text()) if path.is_file() else {}
+    return table
+
+
+def loss_history(run_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
