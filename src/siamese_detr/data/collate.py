@@ -1,0 +1,51 @@
+"""Batching of variable-size images (DETR's ``nested_tensor_from_tensor_list``, typed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from siamese_detr.structures import BoxTargets, ImageBatch
+
+__all__ = ["pad_images", "collate_detection"]
+
+
+def pad_images(images: Sequence[Tensor]) -> ImageBatch:
+    """Pad ``[3, h_i, w_i]`` images at the bottom/right with zeros to a common ``[H, W]``
+    (the per-batch maxima).
+
+    Returns:
+        ``ImageBatch(images [B, 3, H, W], mask [B, H, W] (True on padding),
+        sizes [B, 2] int64 (h_i, w_i))``.
+    """
+    if len(images) == 0:
+        raise ValueError("pad_images needs at least one image")
+    channels = images[0].shape[0]
+    for img in images:
+        if img.dim() != 3 or img.shape[0] != channels:
+            raise ValueError(
+                f"pad_images expects [C, h, w] images with the same C, got {tuple(img.shape)}"
+            )
+    sizes = torch.tensor([[img.shape[1], img.shape[2]] for img in images], dtype=torch.int64)
+    H, W = (int(v) for v in sizes.max(dim=0).values)
+    ref = images[0]
+    batch = ref.new_zeros((len(images), channels, H, W))
+    mask = torch.ones((len(images), H, W), dtype=torch.bool, device=ref.device)
+    for i, img in enumerate(images):
+        h, w = img.shape[1], img.shape[2]
+        batch[i, :, :h, :w].copy_(img)
+        mask[i, :h, :w] = False
+    return ImageBatch(images=batch, mask=mask, sizes=sizes.to(ref.device))
+
+
+def collate_detection(
+    samples: Sequence[tuple[Tensor, BoxTargets]],
+) -> tuple[ImageBatch, list[BoxTargets]]:
+    """``[(image [3, h, w], BoxTargets), ...]`` -> ``(ImageBatch, [BoxTargets, ...])``."""
+    if len(samples) == 0:
+        raise ValueError("collate_detection got an empty batch")
+    images = [s[0] for s in samples]
+    targets = [s[1] for s in samples]
+    return pad_images(images), targets
