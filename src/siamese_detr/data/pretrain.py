@@ -1,0 +1,270 @@
+"""Siamese DETR pretraining data: dataset, collation and a debugging drawer.
+
+Boxes are absolute **xyxy** pixels: proposals in original-image pixels (as stored), region
+boxes in each view's unpadded pixels. Sizes are ``(H, W)``. Masks are True on padding.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from siamese_detr.config import ProposalReadConfig, SiameseOptions
+from siamese_detr.data.collate import pad_images
+from siamese_detr.methods.siamese.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SiameseSample,
+    sample_views,
+)
+from siamese_detr.structures import ImageBatch
+
+__all__ = [
+    "PositionedSampler",
+    "PretrainDataset",
+    "SiameseBatch",
+    "collate_siamese",
+    "draw_views",
+    "sample_rng",
+]
+
+log = logging.getLogger(__name__)
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class _Record(Protocol):
+    image_id: str
+    path: Path
+
+
+class _Store(Protocol):
+    def get(
+        self, image_id: str, top_k: int | None = None, min_size: float = 0.0,
+        min_score: float = float("-inf"),
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def __contains__(self, image_id: object) -> bool: ...
+
+
+def sample_rng(seed: int, index: int, position: int = 0) -> np.random.Generator:
+    """The generator of one sample: a pure function of ``(seed, index, stream position)``."""
+    mask = (1 << 64) - 1
+    return np.random.default_rng([seed & mask, index & mask, position & mask])
+
+
+class PositionedSampler:
+    """Wraps an index sampler and yields ``(index, position)`` with ``position = start + k``
+    (the global count of samples drawn), so a resumed stream re-creates the same samples."""
+
+    def __init__(self, sampler: Iterable[int], start: int = 0) -> None:
+        self.sampler = sampler
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for k, index in enumerate(self.sampler):
+            yield int(index), self.start + k
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+class PretrainDataset(Dataset):
+    """Unlabelled images + offline proposals -> :class:`SiameseSample` (or ``None``).
+
+    ``dataset[i]`` or ``dataset[(i, position)]``: the sample's randomness is drawn from
+    :func:`sample_rng` ``(seed, i, position)`` (position 0 for a bare index). Data problems
+    (unreadable image, no stored proposals, no surviving region) give ``None`` and at most
+    one warning per image; :func:`collate_siamese` counts them as skipped.
+    """
+
+    accepts_position = True  # build_detection_loader passes (index, stream position)
+
+    def __init__(
+        self, records: Sequence[_Record], store: _Store | None, opts: SiameseOptions,
+        seed: int, proposals_cfg: ProposalReadConfig | None = None,
+    ) -> None:
+        if store is None and opts.box_source == "proposals":
+            raise ValueError("box_source='proposals' needs a proposal store")
+        self.records = list(records)
+        self.store = store
+        self.opts = opts
+        self.seed = int(seed)
+        self.proposals_cfg = proposals_cfg or ProposalReadConfig()
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> SiameseSample | None:
+        index, position = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+        record = self.records[index]
+        image = self._load_image(record)
+        if image is None:
+            return None
+        proposals = None
+        if self.opts.box_source == "proposals":
+            proposals = self._load_proposals(record)
+            if proposals is None:
+                return None
+        rng = sample_rng(self.seed, index, position)
+        sample = sample_views(image, proposals, self.opts, rng, image_id=record.image_id)
+        if sample is None:
+            self._warn(record.image_id, "no region box survived the view crop (skipped)")
+        return sample
+
+    def _warn(self, image_id: str, message: str) -> None:
+        if image_id not in self._warned:
+            self._warned.add(image_id)
+            log.warning("pretrain data: image %s: %s", image_id, message)
+
+    def _load_image(self, record: _Record) -> Image.Image | None:
+        try:
+            with Image.open(record.path) as im:
+                image = im.convert("RGB")
+        except _IMAGE_ERRORS as exc:
+            self._warn(record.image_id, f"unreadable image {record.path} ({exc})")
+            return None
+        if min(image.size) < 2:
+            self._warn(record.image_id, f"image too small {image.size}")
+            return None
+        return image
+
+    def _load_proposals(self, record: _Record) -> np.ndarray | None:
+        assert self.store is not None
+        cfg = self.proposals_cfg
+        try:
+            if record.image_id not in self.store:
+                self._warn(record.image_id, "no proposals in the store (skipped)")
+                return None
+            boxes, _ = self.store.get(
+                record.image_id, top_k=cfg.top_k, min_size=cfg.min_size, min_score=cfg.min_score
+            )
+        except (KeyError, OSError, ValueError) as exc:
+            self._warn(record.image_id, f"unreadable proposals ({exc})")
+            return None
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        if len(boxes) == 0:
+            self._warn(record.image_id, "empty proposal list (skipped)")
+            return None
+        return boxes
+
+
+@dataclass
+class SiameseBatch:
+    """A collated batch; both views of every sample share one padded ``[Hmax, Wmax]``.
+
+    Attributes:
+        view1, view2: ``ImageBatch`` ``[B, 3, Hmax, Wmax]`` (mask True on padding).
+        boxes1, boxes2: ``[B, M, 4]`` float xyxy in unpadded view pixels.
+        crops1, crops2: ``[B, M, 3, c, c]`` or ``None``.
+        image_ids: ids of the ``B`` kept samples.
+        skipped: number of ``None`` samples dropped from this batch.
+    """
+
+    view1: ImageBatch
+    view2: ImageBatch
+    boxes1: Tensor
+    boxes2: Tensor
+    crops1: Tensor | None
+    crops2: Tensor | None
+    image_ids: list[str]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SiameseBatch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return SiameseBatch(
+            view1=self.view1.to(device, non_blocking), view2=self.view2.to(device, non_blocking),
+            boxes1=self.boxes1.to(device, non_blocking=non_blocking),
+            boxes2=self.boxes2.to(device, non_blocking=non_blocking),
+            crops1=move(self.crops1), crops2=move(self.crops2),
+            image_ids=list(self.image_ids), skipped=self.skipped,
+        )
+
+
+def _empty_batch(skipped: int) -> SiameseBatch:
+    empty = ImageBatch(
+        images=torch.zeros(0, 3, 0, 0), mask=torch.zeros(0, 0, 0, dtype=torch.bool),
+        sizes=torch.zeros(0, 2, dtype=torch.int64),
+    )
+    boxes = torch.zeros(0, 0, 4)
+    return SiameseBatch(empty, empty, boxes, boxes.clone(), None, None, [], skipped)
+
+
+def _split(batch: ImageBatch, n: int) -> tuple[ImageBatch, ImageBatch]:
+    return (
+        ImageBatch(batch.images[:n], batch.mask[:n], batch.sizes[:n]),
+        ImageBatch(batch.images[n:], batch.mask[n:], batch.sizes[n:]),
+    )
+
+
+def collate_siamese(samples: Sequence[SiameseSample | None]) -> SiameseBatch:
+    """Drop ``None`` samples (counted in ``skipped``), pad both views of all samples to one
+    common size, stack boxes ``[B, M, 4]`` and crops ``[B, M, 3, c, c]``. All-``None`` -> B=0."""
+    kept = [s for s in samples if s is not None]
+    skipped = len(samples) - len(kept)
+    if not kept:
+        return _empty_batch(skipped)
+    n = len(kept)
+    padded = pad_images([s.view1 for s in kept] + [s.view2 for s in kept])
+    view1, view2 = _split(padded, n)
+    has_crops = all(s.crops1 is not None and s.crops2 is not None for s in kept)
+    return SiameseBatch(
+        view1=view1, view2=view2,
+        boxes1=torch.stack([s.boxes1 for s in kept]).float(),
+        boxes2=torch.stack([s.boxes2 for s in kept]).float(),
+        crops1=torch.stack([s.crops1 for s in kept]) if has_crops else None,  # type: ignore[misc]
+        crops2=torch.stack([s.crops2 for s in kept]) if has_crops else None,  # type: ignore[misc]
+        image_ids=[s.image_id for s in kept], skipped=skipped,
+    )
+
+
+def _to_pil(view: Tensor) -> Image.Image:
+    """Undo ImageNet normalisation of a ``[3, H, W]`` view -> RGB PIL image."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    arr = ((view.detach().cpu().float() * std + mean).clamp(0, 1) * 255).round().byte()
+    return Image.fromarray(arr.permute(1, 2, 0).numpy())
+
+
+def _palette(n: int) -> list[tuple[int, int, int]]:
+    colours = []
+    for j in range(n):
+        r, g, b = colorsys.hsv_to_rgb(j / max(n, 1), 0.9, 1.0)
+        colours.append((int(r * 255), int(g * 255), int(b * 255)))
+    return colours
+
+
+def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8) -> Path:
+    """Save a PNG: view 1 | view 2 side by side, region ``j`` drawn in the same colour in both
+    (region 0, the intersection, on top with a thicker outline). Returns the path written."""
+    left, right = _to_pil(sample.view1), _to_pil(sample.view2)
+    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)),
+                       (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    draw = ImageDraw.Draw(canvas)
+    colours = _palette(len(sample.boxes1))
+    for offset, boxes in ((0, sample.boxes1), (left.width + gap, sample.boxes2)):
+        for j, (x0, y0, x1, y1) in reversed(list(enumerate(boxes.tolist()))):  # 0 on top
+            draw.rectangle([x0 + offset, y0, x1 + offset, y1], outline=colours[j],
+                           width=3 if j == 0 else 2)
+            draw.text((x0 + offset + 2, y0 + 1), str(j), fill=colours[j])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path

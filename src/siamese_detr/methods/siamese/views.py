@@ -1,0 +1,414 @@
+"""Siamese DETR data side: one image + its proposals -> two overlapping views with shared regions.
+
+Implements ``/work/shared/design/method.md`` section 2.1-2.2 (official ``SiameseDETRDataset``).
+
+Coordinate frames (all boxes are absolute **xyxy**, float):
+
+* *original*: pixels of the image on disk (the proposals given to :func:`sample_views`);
+* *image*: the base-resized and (maybe) horizontally flipped image; view rectangles, the outer
+  rectangle and the intersection rectangle live here;
+* *view k*: pixels of view k after it was cropped from the image and resized to the outer
+  rectangle's size ``(H, W)``; region boxes returned to the model live here.
+
+Sizes are always written ``(H, W)``. All randomness comes from the ``rng`` argument
+(``np.random.Generator``), so a sample is a pure function of (image, proposals, opts, rng state).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageFilter
+from torch import Tensor
+
+from siamese_detr.config import SiameseOptions
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "SiameseSample", "ViewGeometry", "ViewPlan",
+    "colour_augment", "detr_resize_size", "image_to_view", "plan_views", "region_boxes",
+    "sample_outer_rect", "sample_views", "to_normalised_tensor", "two_view_boxes",
+    "view_to_image",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# colour pipeline of views and crops (official configs)
+JITTER_P, JITTER_BCS, JITTER_HUE = 0.8, 0.4, 0.1
+GRAYSCALE_P = 0.2
+BLUR_P, BLUR_SIGMA = 0.5, (0.1, 2.0)
+FLIP_P = 0.5
+PAD_JITTER = 0.1  # +-10 % jitter of padded region copies (the code, not its "20 %" comment)
+DICE_NUM = 100  # random-box ablation: candidates per image
+RATIO_MAX = 8.0  # random-box ablation: aspect ratio in [1/8, 8]
+_EPS = 1e-6  # tolerance (px) for float noise in validity tests
+
+
+@dataclass
+class SiameseSample:
+    """One training sample.
+
+    Attributes:
+        view1, view2: ``[3, H, W]`` normalised views of identical size.
+        boxes1, boxes2: ``[M, 4]`` float32 absolute xyxy in view-1 / view-2 pixels; row ``j`` is
+            the same physical region in both views, row 0 the views' intersection rectangle.
+        crops1, crops2: ``[M, 3, c, c]`` normalised region crops or ``None``.
+        image_id: id of the source image.
+    """
+
+    view1: Tensor
+    view2: Tensor
+    boxes1: Tensor
+    boxes2: Tensor
+    crops1: Tensor | None
+    crops2: Tensor | None
+    image_id: str = ""
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """Rectangles in *image* coordinates (xyxy float64) plus the common view size ``(H, W)``."""
+
+    outer: np.ndarray
+    view1: np.ndarray
+    view2: np.ndarray
+    inter: np.ndarray
+    size: tuple[int, int]
+
+
+@dataclass
+class ViewPlan:
+    """Geometry of one sample before colour augmentation (for tests and debugging).
+
+    ``image`` is the base-resized, maybe flipped image; ``proposals`` are in its coordinates;
+    ``view1``/``view2`` are the resized, not yet colour-augmented views; ``boxes1``/``boxes2``
+    are ``[M, 4]`` float32 xyxy view pixels.
+    """
+
+    image: Image.Image
+    proposals: np.ndarray
+    flipped: bool
+    geom: ViewGeometry
+    view1: Image.Image
+    view2: Image.Image
+    boxes1: np.ndarray
+    boxes2: np.ndarray
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+
+
+def detr_resize_size(width: int, height: int, short: int, max_size: int | None) -> tuple[int, int]:
+    """DETR's ``get_size_with_aspect_ratio``: output ``(H, W)`` for a shorter-side target."""
+    if max_size is not None:
+        lo, hi = float(min(width, height)), float(max(width, height))
+        if hi / lo * short > max_size:
+            short = int(round(max_size * lo / hi))
+    if (width <= height and width == short) or (height <= width and height == short):
+        return height, width
+    if width < height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def sample_outer_rect(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """torchvision ``RandomResizedCrop.get_params`` (10 attempts, centre fallback): xyxy ints."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y = int(rng.integers(0, height - h + 1))
+            x = int(rng.integers(0, width - w + 1))
+            return np.array([x, y, x + w, y + h], dtype=np.float64)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    y, x = (height - h) // 2, (width - w) // 2
+    return np.array([x, y, x + w, y + h], dtype=np.float64)
+
+
+def two_view_boxes(
+    outer: np.ndarray, iou: float, stochastic: bool, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two boxes of the outer rectangle's aspect whose IoU is ``iou`` (``>= iou`` when shrunk).
+
+    The intersection (same aspect ``r = W/H``, centred) has height ``h`` solving
+    ``r(iou+2)h^2 - iou(rH+W)h - iou*W*H = 0``. Box A spans outer top-left -> intersection
+    bottom-right, B intersection top-left -> outer bottom-right. With ``stochastic`` A's top-left
+    and B's bottom-right move inward along the diagonal by ``(r*d, d)``, ``d`` uniform up to the
+    intersection. The two are swapped with p = 0.5.
+
+    Returns ``(view1, view2, intersection)`` xyxy float64 in the frame of ``outer``.
+    """
+    if not 0.0 < iou <= 1.0:
+        raise ValueError(f"view IoU must be in (0, 1], got {iou}")
+    ox0, oy0, ox1, oy1 = (float(v) for v in outer)
+    W, H = ox1 - ox0, oy1 - oy0
+    r = W / H
+    a, b, c = r * (iou + 2.0), -iou * (r * H + W), -iou * W * H
+    ih = (-b + math.sqrt(b * b - 4.0 * a * c)) / (2.0 * a)
+    iw = r * ih
+    cx, cy = (ox0 + ox1) / 2.0, (oy0 + oy1) / 2.0
+    inter = np.array([cx - iw / 2, cy - ih / 2, cx + iw / 2, cy + ih / 2])
+    box_a = np.array([ox0, oy0, inter[2], inter[3]])
+    box_b = np.array([inter[0], inter[1], ox1, oy1])
+    if stochastic:
+        dy = rng.uniform(0.0, min((inter[0] - ox0) / r, inter[1] - oy0))
+        box_a[:2] += (r * dy, dy)
+        dy = rng.uniform(0.0, min((ox1 - inter[2]) / r, oy1 - inter[3]))
+        box_b[2:] -= (r * dy, dy)
+    if rng.random() > 0.5:
+        box_a, box_b = box_b, box_a
+    return box_a, box_b, inter
+
+
+def image_to_view(
+    boxes: np.ndarray, view_rect: np.ndarray, out_size: tuple[int, int]
+) -> np.ndarray:
+    """Map xyxy boxes ``[..., 4]`` from image coordinates into the pixels of a view cut at
+    ``view_rect`` (image xyxy) and resized to ``out_size = (H, W)``."""
+    H, W = out_size
+    vx0, vy0, vx1, vy1 = (float(v) for v in view_rect)
+    scale = np.array([W / (vx1 - vx0), H / (vy1 - vy0)] * 2)
+    return (np.asarray(boxes, dtype=np.float64) - np.array([vx0, vy0, vx0, vy0])) * scale
+
+
+def view_to_image(
+    boxes: np.ndarray, view_rect: np.ndarray, out_size: tuple[int, int]
+) -> np.ndarray:
+    """Inverse of :func:`image_to_view`: view pixels -> image coordinates (xyxy)."""
+    H, W = out_size
+    vx0, vy0, vx1, vy1 = (float(v) for v in view_rect)
+    scale = np.array([(vx1 - vx0) / W, (vy1 - vy0) / H] * 2)
+    return np.asarray(boxes, dtype=np.float64) * scale + np.array([vx0, vy0, vx0, vy0])
+
+
+def _inside_view(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Official validity test in a view: ``x0, y0 >= 0`` and ``x1 < W``, ``y1 < H``."""
+    H, W = size
+    return (
+        (boxes[:, 0] >= -_EPS) & (boxes[:, 1] >= -_EPS) & (boxes[:, 2] < W) & (boxes[:, 3] < H)
+    )
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+# ----------------------------------------------------------------------------- region boxes
+
+
+def _proposal_candidates(
+    proposals: np.ndarray, geom: ViewGeometry, opts: SiameseOptions
+) -> tuple[np.ndarray, np.ndarray]:
+    """Section 2.2 steps 1-4: clamp to the intersection's inner side, filter; view-1/2 boxes."""
+    ix0, iy0, ix1, iy1 = geom.inter
+    boxes = np.asarray(proposals, dtype=np.float64).reshape(-1, 4).copy()
+    boxes[:, 0] = np.maximum(boxes[:, 0], ix0)
+    boxes[:, 1] = np.maximum(boxes[:, 1], iy0)
+    boxes[:, 2] = np.minimum(boxes[:, 2], ix1 - 1)
+    boxes[:, 3] = np.minimum(boxes[:, 3], iy1 - 1)
+    v1 = image_to_view(boxes, geom.view1, geom.size)
+    inter_area = _area(image_to_view(geom.inter[None], geom.view1, geom.size))[0]
+    keep = _area(v1) >= opts.area_min_ratio * inter_area
+    keep &= (v1 >= -_EPS).all(axis=1) & (v1[:, 2:] >= v1[:, :2]).all(axis=1)
+    v2 = image_to_view(boxes, geom.view2, geom.size)  # straight from image coords: exact
+    keep &= _inside_view(v2, geom.size)
+    return v1[keep], v2[keep]
+
+
+def _random_candidates(
+    geom: ViewGeometry, opts: SiameseOptions, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random-box ablation: ``DICE_NUM`` boxes inside the view-1 intersection (section 2.2)."""
+    rx0, ry0, rx1, ry1 = image_to_view(geom.inter, geom.view1, geom.size)
+    min_area = opts.area_min_ratio * (rx1 - rx0) * (ry1 - ry0)
+    y0, x0 = rng.uniform(ry0, ry1, DICE_NUM), rng.uniform(rx0, rx1, DICE_NUM)
+    heights = rng.random(DICE_NUM) * (ry1 - y0) + 1e-10
+    width_min = min_area / heights
+    widths = width_min + rng.random(DICE_NUM) * ((rx1 - x0) - width_min)
+    v1 = np.stack([x0, y0, x0 + widths, y0 + heights], axis=1)
+    v2 = image_to_view(view_to_image(v1, geom.view1, geom.size), geom.view2, geom.size)
+
+    def ratio_ok(b: np.ndarray) -> np.ndarray:
+        r = (b[:, 2] - b[:, 0]) / (b[:, 3] - b[:, 1] + 1e-10)
+        return (r >= 1.0 / RATIO_MAX) & (r <= RATIO_MAX)
+
+    keep = (v1[:, 2] < rx1) & ratio_ok(v1) & ratio_ok(v2) & (_area(v2) >= min_area)
+    keep &= _inside_view(v2, geom.size)
+    return v1[keep], v2[keep]
+
+
+def region_boxes(
+    proposals: np.ndarray | None, geom: ViewGeometry, opts: SiameseOptions,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``M`` shared regions as ``(boxes1, boxes2)``, float32 ``[M, 4]`` xyxy view pixels.
+
+    ``proposals`` are xyxy in *image* coordinates, best first (ignored when
+    ``opts.box_source == "random"``). Row 0 is the intersection; then the first ``M-1``
+    surviving candidates; missing rows are jittered copies of the survivors (cycled), clamped
+    to the view-1 intersection. ``None`` when no candidate survives.
+    """
+    if opts.box_source == "random":
+        c1, c2 = _random_candidates(geom, opts, rng)
+    else:
+        if proposals is None or len(proposals) == 0:
+            return None
+        c1, c2 = _proposal_candidates(proposals, geom, opts)
+    if len(c1) == 0:
+        return None
+    m = opts.num_regions
+    c1, c2 = c1[: m - 1], c2[: m - 1]
+    need = m - 1 - len(c1)
+    inter1 = image_to_view(geom.inter[None], geom.view1, geom.size)
+    inter2 = image_to_view(geom.inter[None], geom.view2, geom.size)
+    parts1, parts2 = [inter1, c1], [inter2, c2]
+    if need > 0:
+        pad = c1[np.arange(need) % len(c1)].copy()
+        wh = np.concatenate([pad[:, 2:] - pad[:, :2]] * 2, axis=1)
+        delta = 2 * PAD_JITTER / (1.0 + np.exp(-rng.standard_normal((need, 4)))) - PAD_JITTER
+        pad += delta * wh
+        ix0, iy0, ix1, iy1 = inter1[0]
+        pad[:, 0::2] = np.clip(pad[:, 0::2], ix0, ix1 - 1)
+        pad[:, 1::2] = np.clip(pad[:, 1::2], iy0, iy1 - 1)
+        parts1.append(pad)
+        parts2.append(image_to_view(view_to_image(pad, geom.view1, geom.size), geom.view2,
+                                    geom.size))
+    H, W = geom.size
+    limit = np.array([W, H, W, H], dtype=np.float64)
+    b1 = np.clip(np.concatenate(parts1)[:m], 0.0, limit)  # clip only removes float noise
+    b2 = np.clip(np.concatenate(parts2)[:m], 0.0, limit)
+    return b1.astype(np.float32), b2.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _base_resize_and_flip(
+    image: Image.Image, proposals: np.ndarray, opts: SiameseOptions, rng: np.random.Generator
+) -> tuple[Image.Image, np.ndarray, bool]:
+    """Steps 2-3: DETR random resize (boxes scaled) and one horizontal flip with p = 0.5."""
+    w, h = image.size
+    short = int(opts.base_scales[int(rng.integers(len(opts.base_scales)))])
+    oh, ow = detr_resize_size(w, h, short, opts.base_max_size)
+    image = image.resize((ow, oh), Image.BILINEAR)
+    boxes = np.asarray(proposals, dtype=np.float64).reshape(-1, 4) * np.array([ow / w, oh / h] * 2)
+    flipped = bool(rng.random() < FLIP_P)
+    if flipped:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        boxes = np.stack([ow - boxes[:, 2], boxes[:, 1], ow - boxes[:, 0], boxes[:, 3]], axis=1)
+    return image, boxes, flipped
+
+
+def plan_views(
+    image: Image.Image, proposals: np.ndarray | None, opts: SiameseOptions,
+    rng: np.random.Generator,
+) -> ViewPlan | None:
+    """Steps 1-5 of section 2.1: geometry, un-augmented views and region boxes, or ``None``.
+
+    ``proposals``: ``[K, 4]`` xyxy in *original* pixels, best first (may be ``None`` / empty
+    for ``box_source="random"``).
+    """
+    props = np.zeros((0, 4)) if proposals is None else proposals
+    img, boxes, flipped = _base_resize_and_flip(image.convert("RGB"), props, opts, rng)
+    outer = sample_outer_rect(img.width, img.height, opts.view_scale, opts.view_ratio, rng)
+    box1, box2, inter = two_view_boxes(outer, opts.view_iou, opts.view_stochastic, rng)
+    size = (int(outer[3] - outer[1]), int(outer[2] - outer[0]))
+    geom = ViewGeometry(outer=outer, view1=box1, view2=box2, inter=inter, size=size)
+    regions = region_boxes(boxes if proposals is not None else None, geom, opts, rng)
+    if regions is None:
+        return None
+    out_wh = (size[1], size[0])
+    view1 = img.resize(out_wh, Image.BILINEAR, box=tuple(float(v) for v in box1))
+    view2 = img.resize(out_wh, Image.BILINEAR, box=tuple(float(v) for v in box2))
+    return ViewPlan(img, boxes, flipped, geom, view1, view2, regions[0], regions[1])
+
+
+def colour_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 (random op order), grayscale p=0.2, Gaussian
+    blur p=0.5 with sigma ~ U(0.1, 2) (PIL radius = sigma)."""
+    if rng.random() < JITTER_P:
+        factors = [rng.uniform(1 - JITTER_BCS, 1 + JITTER_BCS) for _ in range(3)]
+        hue = rng.uniform(-JITTER_HUE, JITTER_HUE)
+        for op in rng.permutation(4):
+            if op == 0:
+                img = TF.adjust_brightness(img, factors[0])
+            elif op == 1:
+                img = TF.adjust_contrast(img, factors[1])
+            elif op == 2:
+                img = TF.adjust_saturation(img, factors[2])
+            else:
+                img = TF.adjust_hue(img, hue)
+    if rng.random() < GRAYSCALE_P:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if rng.random() < BLUR_P:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*BLUR_SIGMA))))
+    return img
+
+
+def to_normalised_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB -> ``[3, H, W]`` float32 in [0, 1], then ImageNet mean/std normalisation."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (arr - mean) / std
+
+
+def _region_crops(
+    view: Image.Image, boxes: np.ndarray, size: int, rng: np.random.Generator
+) -> Tensor:
+    """Crop each xyxy view-pixel box, resize to ``size x size`` (aspect not kept), then an
+    independent colour pipeline per crop -> ``[M, 3, size, size]``."""
+    W, H = view.size
+    crops = []
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
+        x0, x1 = min(max(x0, 0.0), W - 1.0), min(max(x1, 0.0), float(W))
+        y0, y1 = min(max(y0, 0.0), H - 1.0), min(max(y1, 0.0), float(H))
+        x1, y1 = max(x1, x0 + 1.0), max(y1, y0 + 1.0)  # at least one pixel
+        crop = view.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
+        crops.append(to_normalised_tensor(colour_augment(crop, rng)))
+    return torch.stack(crops)
+
+
+def sample_views(
+    image: Image.Image, proposals: np.ndarray | None, opts: SiameseOptions,
+    rng: np.random.Generator, image_id: str = "",
+) -> SiameseSample | None:
+    """One Siamese DETR sample (method.md section 2.1), or ``None`` when no region survives.
+
+    Args:
+        image: PIL image (converted to RGB).
+        proposals: ``[K, 4]`` xyxy in original-image pixels, in score order (best first).
+        opts: Siamese options (views, regions, crops).
+        rng: the only source of randomness.
+        image_id: copied into the sample.
+    """
+    plan = plan_views(image, proposals, opts, rng)
+    if plan is None:
+        return None
+    crops1 = crops2 = None
+    if opts.region_discrimination:  # from the resized views, before their colour pipeline
+        crops1 = _region_crops(plan.view1, plan.boxes1, opts.crop_size, rng)
+        crops2 = _region_crops(plan.view2, plan.boxes2, opts.crop_size, rng)
+    view1 = to_normalised_tensor(colour_augment(plan.view1, rng))
+    view2 = to_normalised_tensor(colour_augment(plan.view2, rng))
+    return SiameseSample(
+        view1=view1, view2=view2,
+        boxes1=torch.from_numpy(plan.boxes1), boxes2=torch.from_numpy(plan.boxes2),
+        crops1=crops1, crops2=crops2, image_id=image_id,
+    )
