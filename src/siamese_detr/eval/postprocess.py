@@ -1,0 +1,67 @@
+"""Detector outputs -> scored absolute boxes in the original image (DETR post-processing)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from siamese_detr.ops.boxes import denormalize_cxcywh
+
+__all__ = ["postprocess"]
+
+
+@torch.no_grad()
+def postprocess(
+    logits: Tensor,
+    boxes: Tensor,
+    orig_sizes: Tensor,
+    cls_loss: Literal["ce", "focal"],
+    max_detections: int = 100,
+    score_threshold: float = 0.0,
+) -> list[dict[str, Tensor]]:
+    """Turn the last decoder layer's predictions into detections.
+
+    * ``"ce"`` (DETR): softmax over ``C = K + 1`` columns, drop the trailing no-object column,
+      each query keeps its best class; the ``max_detections`` best queries are kept.
+    * ``"focal"`` (Conditional / Deformable DETR): sigmoid over ``C = K`` columns, top-k over
+      all ``Q * C`` (query, class) pairs with ``k = max_detections``, so one query may yield
+      several detections with different labels.
+
+    Args:
+        logits: ``[B, Q, C]`` class logits.
+        boxes: ``[B, Q, 4]`` normalised cxcywh boxes.
+        orig_sizes: ``[B, 2]`` ``(h, w)`` of the original images.
+        cls_loss: which classification head produced the logits.
+        max_detections: detections kept per image.
+        score_threshold: detections with a lower score are dropped.
+
+    Returns:
+        per image ``{"scores": [K] float, "labels": [K] int64, "boxes": [K, 4]}`` with boxes in
+        absolute xyxy pixels of the original image, sorted by decreasing score.
+    """
+    if cls_loss not in ("ce", "focal"):
+        raise ValueError(f"cls_loss must be 'ce' or 'focal', got {cls_loss!r}")
+    logits = logits.float()
+    B, Q, C = logits.shape
+    orig_sizes = orig_sizes.to(boxes.device)
+    abs_boxes = denormalize_cxcywh(boxes.float(), orig_sizes[:, 0], orig_sizes[:, 1])
+    if cls_loss == "ce":
+        prob = logits.softmax(-1)[..., :-1]
+        scores, labels = prob.max(-1)
+        k = min(max_detections, Q)
+        scores, query = scores.topk(k, dim=1)
+        labels = labels.gather(1, query)
+    else:
+        prob = logits.sigmoid().flatten(1)
+        k = min(max_detections, Q * C)
+        scores, flat = prob.topk(k, dim=1)
+        query = torch.div(flat, C, rounding_mode="floor")
+        labels = flat % C
+    picked = abs_boxes.gather(1, query[..., None].expand(-1, -1, 4))
+    results = []
+    for s, lab, b in zip(scores, labels, picked):
+        keep = s >= score_threshold
+        results.append({"scores": s[keep], "labels": lab[keep].long(), "boxes": b[keep]})
+    return results

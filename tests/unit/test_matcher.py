@@ -1,0 +1,120 @@
+"""HungarianMatcher: batched equals per-image, brute-force optimum, empty targets."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from siamese_detr.matcher import HungarianMatcher
+from siamese_detr.structures import BoxTargets
+
+
+def _random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
+    cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+    return torch.cat([cxcy, wh], dim=1)
+
+
+def _targets(sizes: list[int], num_classes: int, g: torch.Generator) -> list[BoxTargets]:
+    return [BoxTargets(boxes=_random_boxes(n, g),
+                       labels=torch.randint(0, num_classes, (n,), generator=g))
+            for n in sizes]
+
+
+def _giou_ref(a: list[float], b: list[float]) -> float:
+    """Scalar GIoU of two cxcywh boxes, written out by hand."""
+    ax1, ay1, ax2, ay2 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx1, by1, bx2, by2 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    hull = (max(ax2, bx2) - min(ax1, bx1)) * (max(ay2, by2) - min(ay1, by1))
+    return inter / union - (hull - union) / hull
+
+
+def _cost_ref(logits, boxes, tgt: BoxTargets, cls_loss: str, wc=2.0, wb=5.0, wg=2.0):
+    """Scalar-loop cost matrix [Q][T] (independent of the vectorised implementation)."""
+    Q, T = logits.shape[0], len(tgt)
+    out = [[0.0] * T for _ in range(Q)]
+    for q in range(Q):
+        row = logits[q].tolist()
+        for t in range(T):
+            c = int(tgt.labels[t])
+            if cls_loss == "ce":
+                z = sum(math.exp(v) for v in row)
+                cls = -math.exp(row[c]) / z
+            else:
+                p = 1 / (1 + math.exp(-row[c]))
+                pos = 0.25 * (1 - p) ** 2 * -math.log(p + 1e-8)
+                neg = 0.75 * p**2 * -math.log(1 - p + 1e-8)
+                cls = pos - neg
+            bq, bt = boxes[q].tolist(), tgt.boxes[t].tolist()
+            l1 = sum(abs(x - y) for x, y in zip(bq, bt))
+            out[q][t] = wc * cls + wb * l1 - wg * _giou_ref(bq, bt)
+    return out
+
+
+@pytest.mark.parametrize("cls_loss", ["ce", "focal"])
+def test_matches_brute_force_optimum(cls_loss: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    matcher = HungarianMatcher(2.0, 5.0, 2.0, cls_loss=cls_loss)
+    Q, T, C = 5, 3, 4
+    for _ in range(10):
+        logits = torch.randn(1, Q, C, generator=g) * 2
+        boxes = _random_boxes(Q, g)[None]
+        tgt = _targets([T], C - 1, g)
+        ((rows, cols),) = matcher(logits, boxes, tgt)
+        cost = _cost_ref(logits[0], boxes[0], tgt[0], cls_loss)
+        # brute force: every injective map target -> query
+        best = min(itertools.permutations(range(Q), T),
+                   key=lambda qs: sum(cost[q][t] for t, q in enumerate(qs)))
+        best_cost = sum(cost[q][t] for t, q in enumerate(best))
+        got_cost = sum(cost[int(q)][int(t)] for q, t in zip(rows, cols))
+        assert got_cost == pytest.approx(best_cost, abs=1e-5)
+        expected = sorted((q, t) for t, q in enumerate(best))
+        assert list(zip(rows.tolist(), cols.tolist())) == expected
+        assert rows.dtype == torch.int64 and cols.dtype == torch.int64
+        assert torch.all(rows[1:] > rows[:-1])  # sorted by prediction index
+
+
+@pytest.mark.parametrize("cls_loss", ["ce", "focal"])
+def test_batched_equals_per_image(cls_loss: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    matcher = HungarianMatcher(1.0, 5.0, 2.0, cls_loss=cls_loss)
+    B, Q, C = 4, 7, 6
+    logits = torch.randn(B, Q, C, generator=g)
+    boxes = _random_boxes(B * Q, g).view(B, Q, 4)
+    targets = _targets([3, 0, 7, 1], C - 1, g)
+    batched = matcher(logits, boxes, targets)
+    for i in range(B):
+        ((r, c),) = matcher(logits[i : i + 1], boxes[i : i + 1], targets[i : i + 1])
+        assert torch.equal(batched[i][0], r) and torch.equal(batched[i][1], c)
+        assert len(r) == min(Q, len(targets[i]))
+        assert sorted(c.tolist()) == list(range(len(targets[i])))
+
+
+def test_empty_targets() -> None:
+    matcher = HungarianMatcher(1.0, 5.0, 2.0, cls_loss="ce")
+    logits = torch.randn(2, 4, 3)
+    boxes = _random_boxes(8, torch.Generator().manual_seed(2)).view(2, 4, 4)
+    empty = [BoxTargets(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64))] * 2
+    out = matcher(logits, boxes, empty)
+    assert len(out) == 2
+    for r, c in out:
+        assert r.numel() == 0 and c.numel() == 0 and r.dtype == torch.int64
+
+
+def test_obvious_assignment_and_more_targets_than_queries() -> None:
+    # each target coincides with exactly one query: the matcher must pick it
+    tboxes = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2], [0.5, 0.2, 0.1, 0.3]])
+    perm = torch.tensor([2, 0, 1])  # query q holds target perm[q]
+    boxes = tboxes[perm][None]
+    tgt = [BoxTargets(boxes=tboxes, labels=torch.tensor([0, 1, 0]))]
+    matcher = HungarianMatcher(1.0, 5.0, 2.0, cls_loss="focal")
+    ((r, c),) = matcher(torch.zeros(1, 3, 2), boxes, tgt)
+    assert r.tolist() == [0, 1, 2] and c.tolist() == perm.tolist()
+    # 2 queries, 3 targets: only 2 matches
+    ((r, c),) = matcher(torch.zeros(1, 2, 2), boxes[:, :2], tgt)
+    assert r.tolist() == [0, 1] and c.tolist() == perm[:2].tolist()
