@@ -1,0 +1,284 @@
+"""Siamese DETR pretext task (Chen et al., CVPR 2023; method.md sections 3-6).
+
+One training step on a :class:`~siamese_detr.data.pretrain.SiameseBatch`:
+
+1. Encode both views with the shared detector (frozen backbone, trainable transformer).
+2. Region queries of view ``a``: RoIAlign + GAP of view ``a``'s raw backbone maps at its
+   (jittered) region boxes -> ``patch2query`` -> each region repeated ``N/M`` times
+   consecutively -> + learned positional query embedding -> decoder positional query.
+3. Decode view ``a``'s queries against view ``b``'s memory (both directions, shared weights).
+4. ``L_loc``: DETR set loss against the region boxes in view ``b`` (normalised cxcywh by view
+   ``b``'s unpadded size), one "region" class + no-object, per decoder layer (aux).
+5. ``L_r``: ``feature_align`` of matched decoder states regresses the (normalised) frozen
+   backbone embedding of view ``a``'s region crops, per decoder layer.
+6. ``L_g``: SimSiam on the pooled encoder memories of the two views.
+
+``total = 0.5 * (L_{1->2} + L_{2->1}) + weight_global * L_g`` with
+``L_{a->b} = sum_l [ce + 5 L1 + 2 GIoU + weight_region * L_r]`` (weights in :meth:`_combine`,
+the box/class weights inside the criterion).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
+from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
+from siamese_detr.methods.base import global_pool_features, roi_pool_features
+from siamese_detr.methods.siamese.heads import FeatureAlign, build_predictor, build_projector
+from siamese_detr.ops.boxes import jitter_xyxy, normalize_xyxy
+from siamese_detr.structures import (
+    BoxTargets,
+    DetectorOutput,
+    Encoded,
+    ImageBatch,
+    LossOutput,
+    QueryInputs,
+)
+
+if TYPE_CHECKING:
+    from siamese_detr.data.pretrain import SiameseBatch
+    from siamese_detr.models.detector import Detector
+
+__all__ = ["SiameseDETR", "build_siamese_task"]
+
+
+class SiameseDETR(nn.Module):
+    """The pretext task: ``forward(batch) -> LossOutput``.
+
+    Args:
+        detector: a :class:`Detector` with ``num_logits == 2`` (region, no-object) and a
+            frozen backbone.
+        opts: ``cfg.pretrain.siamese``.
+        criterion: a ``SetCriterion`` (one class, softmax CE, aux loss on).
+        pool_padding: ``False`` (default) pools the encoder memory for ``L_g`` over valid
+            (non-padded) positions only; ``True`` reproduces the official mean over the whole
+            padded map.
+        head_dim: hidden/output width of the global projector and predictor (256 in the paper).
+    """
+
+    def __init__(
+        self, detector: Detector, opts: SiameseOptions, criterion: nn.Module,
+        pool_padding: bool = False, head_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.detector = detector
+        self.opts = opts
+        self.criterion = criterion
+        self.pool_padding = pool_padding
+        D = detector.hidden_dim
+        feat_dim = int(sum(detector.backbone.num_channels))
+        self.patch2query = nn.Linear(feat_dim, D)
+        self.feature_align = FeatureAlign(D, feat_dim) if opts.region_discrimination else None
+        if opts.global_discrimination:
+            n_levels = min(3, self._num_memory_levels())
+            self.projector: nn.Sequential | None = build_projector(D * n_levels, head_dim, head_dim)
+            self.predictor: nn.Sequential | None = build_predictor(head_dim, head_dim)
+        else:
+            self.projector = self.predictor = None
+        if detector.num_queries % opts.num_regions != 0:
+            raise ConfigError(
+                f"model.num_queries={detector.num_queries} must be a multiple of "
+                f"pretrain.siamese.num_regions={opts.num_regions}"
+            )
+        # the backbone never trains during pretraining (method.md 3.1)
+        detector.backbone.requires_grad_(False)
+
+    # ----------------------------------------------------------------- public API
+    def detector_state_dict(self) -> dict[str, Tensor]:
+        """The detector's state dict (upstream key names), what fine-tuning loads."""
+        return self.detector.state_dict()
+
+    def forward(self, batch: SiameseBatch) -> LossOutput:
+        """Loss of one batch (``B >= 1``); see the module docstring."""
+        enc1 = self.detector.encode(batch.view1)
+        enc2 = self.detector.encode(batch.view2)
+        q1 = self.region_queries(enc1, batch.boxes1, batch.view1.sizes)
+        q2 = self.region_queries(enc2, batch.boxes2, batch.view2.sizes)
+        use_crops = (self.feature_align is not None and batch.crops1 is not None
+                     and batch.crops2 is not None)
+        crops1, crops2 = (batch.crops1, batch.crops2) if use_crops else (None, None)
+        d12 = self._direction(q1, enc2, batch.boxes2, batch.view2, crops1)
+        d21 = self._direction(q2, enc1, batch.boxes1, batch.view1, crops2)
+        glob = self.global_loss(enc1, enc2) if self.projector is not None else None
+        return self._combine(d12, d21, glob)
+
+    # ----------------------------------------------------------------- queries
+    def region_queries(self, enc: Encoded, boxes: Tensor, sizes: Tensor) -> QueryInputs:
+        """Positional region queries of one view.
+
+        Args:
+            enc: the view's ``Encoded`` (its raw backbone ``features``).
+            boxes: ``[B, M, 4]`` absolute xyxy region boxes in the unpadded view.
+            sizes: ``[B, 2]`` unpadded ``(h, w)`` of the view.
+
+        Returns:
+            ``QueryInputs(position=[B, N, D])`` (content left to the detector's default).
+        """
+        B, M = int(boxes.shape[0]), int(boxes.shape[1])
+        N = self.detector.num_queries
+        if M == 0 or N % M != 0:
+            raise ConfigError(
+                f"model.num_queries={N} must be a multiple of the number of regions ({M})"
+            )
+        jittered = self._clamp_to_view(jitter_xyxy(boxes, self.opts.box_jitter), sizes)
+        with torch.no_grad():
+            feats = roi_pool_features(enc.features, enc.strides, jittered.detach())
+        z = self.patch2query(feats)  # [B, M, D]
+        queries = z.repeat_interleave(N // M, dim=1) + self._query_pos()[None]
+        if not self.opts.per_sample_queries:  # official deformable quirk: sample 0 for all
+            queries = queries[:1].expand(B, -1, -1)
+        return QueryInputs(position=queries)
+
+    def _query_pos(self) -> Tensor:
+        """``[N, D]`` learned positional query embedding (deformable: first half of [N, 2D])."""
+        weight = self.detector.query_embed.weight
+        return weight[:, : self.detector.hidden_dim]
+
+    def _num_memory_levels(self) -> int:
+        """Number of encoder memory levels (deformable may add levels beyond the backbone's)."""
+        backbone_levels = len(self.detector.backbone.num_channels)
+        return max(int(self.detector.num_feature_levels), backbone_levels)
+
+    @staticmethod
+    def _clamp_to_view(boxes: Tensor, sizes: Tensor) -> Tensor:
+        """Clamp ``[B, M, 4]`` xyxy to ``[0, w] x [0, h]`` of each image (``sizes`` [B, 2])."""
+        h, w = sizes[:, 0].to(boxes), sizes[:, 1].to(boxes)
+        upper = torch.stack([w, h, w, h], dim=-1)[:, None, :]
+        return torch.minimum(boxes.clamp(min=0), upper)
+
+    # ----------------------------------------------------------------- losses
+    def _direction(
+        self, queries: QueryInputs, enc_b: Encoded, boxes_b: Tensor, view_b: ImageBatch,
+        crops_a: Tensor | None,
+    ) -> tuple[LossOutput, Tensor | None]:
+        """One direction ``a -> b``: returns (criterion output, raw ``sum_l L_r^l`` or None)."""
+        out = self.detector.decode(enc_b, queries)
+        targets = self.region_targets(boxes_b, view_b.sizes)
+        loc, indices = self.criterion(out, targets)
+        region = None
+        if crops_a is not None:
+            region = self.region_loss(out, indices, self.crop_embeddings(crops_a))
+        return loc, region
+
+    @staticmethod
+    def region_targets(boxes: Tensor, sizes: Tensor) -> list[BoxTargets]:
+        """Region boxes ``[B, M, 4]`` (pixel xyxy of view b) -> normalised cxcywh targets with
+        label 0 (the single "region" class)."""
+        targets = []
+        for b in range(boxes.shape[0]):
+            h, w = (int(v) for v in sizes[b].tolist())
+            norm = normalize_xyxy(boxes[b].float(), h, w)
+            labels = torch.zeros(norm.shape[0], dtype=torch.int64, device=boxes.device)
+            targets.append(BoxTargets(boxes=norm, labels=labels, size=sizes[b].cpu()))
+        return targets
+
+    def crop_embeddings(self, crops: Tensor) -> Tensor:
+        """``[B, M, 3, c, c]`` crops -> ``[B, M, sum C_l]`` GAP of the frozen backbone levels
+        (the same levels as RoI pooling), without gradient."""
+        B, M = int(crops.shape[0]), int(crops.shape[1])
+        with torch.no_grad():
+            feats = self.detector.backbone(crops.flatten(0, 1))
+            return global_pool_features(feats).reshape(B, M, -1).detach()
+
+    def region_loss(
+        self, out: DetectorOutput, indices: list[list[tuple[Tensor, Tensor]]], target: Tensor
+    ) -> Tensor:
+        """``sum_l L_r^l``: per layer, matched decoder states -> ``feature_align`` vs the crop
+        embedding of the matched region; normalised by ``B * M`` (local)."""
+        assert self.feature_align is not None
+        B, M = int(target.shape[0]), int(target.shape[1])
+        total = out.hidden.new_zeros(())
+        for layer, layer_idx in enumerate(indices):
+            hs, ts = [], []
+            for b, (src, tgt) in enumerate(layer_idx):
+                hs.append(out.hidden[layer, b, src.to(out.hidden.device)])
+                ts.append(target[b, tgt.to(target.device)])
+            pred = self.feature_align(torch.cat(hs))
+            total = total + region_discrimination_loss(pred, torch.cat(ts), B * M)
+        return total
+
+    def pooled_memory(self, enc: Encoded) -> Tensor:
+        """``[B, D * min(3, L)]``: encoder memory averaged per level over the first three
+        levels (valid positions only unless ``pool_padding``)."""
+        pooled = []
+        n_levels = min(3, int(enc.spatial_shapes.shape[0]))
+        for (h, w), start in list(zip(enc.spatial_shapes.tolist(),
+                                      enc.level_start_index.tolist()))[:n_levels]:
+            mem = enc.memory[:, start : start + h * w]  # [B, hw, D]
+            if self.pool_padding:
+                pooled.append(mem.mean(dim=1))
+                continue
+            valid = (~enc.mask[:, start : start + h * w]).to(mem.dtype)[..., None]
+            pooled.append((mem * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0))
+        return torch.cat(pooled, dim=-1)
+
+    def global_loss(self, enc1: Encoded, enc2: Encoded) -> Tensor | None:
+        """SimSiam ``L_g`` on the pooled memories; None when BatchNorm cannot run (B=1 while
+        training in a single process)."""
+        assert self.projector is not None and self.predictor is not None
+        g1, g2 = self.pooled_memory(enc1), self.pooled_memory(enc2)
+        if self.training and g1.shape[0] < 2 and not _is_sync_bn(self.projector):
+            return None
+        z1, z2 = self.projector(g1), self.projector(g2)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return simsiam_loss(p1, z2, p2, z1)
+
+    def _combine(
+        self, d12: tuple[LossOutput, Tensor | None], d21: tuple[LossOutput, Tensor | None],
+        glob: Tensor | None,
+    ) -> LossOutput:
+        """All loss weights in one place: ``0.5 * (L_12 + L_21) + weight_global * L_g``."""
+        (loc12, reg12), (loc21, reg21) = d12, d21
+        total = 0.5 * (loc12.total + loc21.total)
+        terms: dict[str, tuple[float, float]] = {}
+        for name in loc12.terms.keys() & loc21.terms.keys():
+            (w1, r1), (w2, r2) = loc12.terms[name], loc21.terms[name]
+            terms[name] = (0.5 * (w1 + w2), 0.5 * (r1 + r2))
+        if reg12 is not None and reg21 is not None:
+            raw = 0.5 * (reg12 + reg21)
+            total = total + self.opts.weight_region * raw
+            terms["loss_region"] = (float(self.opts.weight_region * raw.detach()),
+                                    float(raw.detach()))
+        if glob is not None:
+            total = total + self.opts.weight_global * glob
+            terms["loss_global"] = (float(self.opts.weight_global * glob.detach()),
+                                    float(glob.detach()))
+        return LossOutput(total=total, terms=dict(sorted(terms.items())))
+
+
+def _is_sync_bn(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+
+
+def build_siamese_task(cfg: RunConfig) -> SiameseDETR:
+    """Build the task from ``cfg`` (``cfg.pretrain.siamese`` options, ``cfg.model`` detector).
+
+    Raises:
+        ConfigError: backbone not fully frozen, or ``num_queries`` not a multiple of
+            ``num_regions``.
+    """
+    from siamese_detr.losses.set_criterion import SetCriterion
+    from siamese_detr.matcher import HungarianMatcher
+    from siamese_detr.models.detector import build_detector
+
+    opts = cfg.pretrain.siamese
+    if cfg.model.backbone.freeze != "all":
+        raise ConfigError("Siamese DETR pretraining needs model.backbone.freeze=all")
+    if cfg.model.num_queries % opts.num_regions != 0:
+        raise ConfigError(
+            f"model.num_queries={cfg.model.num_queries} must be a multiple of "
+            f"pretrain.siamese.num_regions={opts.num_regions}"
+        )
+    # build_detector loads cfg.model.backbone.weights (models.backbone.load_backbone_weights)
+    detector = build_detector(cfg.model, num_logits=2)
+    matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, cls_loss="ce")
+    criterion = SetCriterion(
+        num_classes=1, matcher=matcher, cls_loss="ce", eos_coef=0.1, focal_alpha=0.25,
+        focal_gamma=2.0, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
+        aux_loss=True,  # every decoder layer, as in all official configs
+    )
+    return SiameseDETR(detector, opts, criterion)
