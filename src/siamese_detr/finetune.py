@@ -162,7 +162,6 @@ def run_finetune(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
     from siamese_detr.engine.loop import Schedule, resume, train
     from siamese_detr.engine.optim import build_optimizer, resolve_schedule
     from siamese_detr.losses.set_criterion import build_criterion, num_logits
-    from siamese_detr.models.backbone import load_backbone_weights
     from siamese_detr.models.detector import build_detector
 
     log = get_logger()
@@ -170,11 +169,8 @@ def run_finetune(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
     torch.manual_seed(cfg.seed)
     train_set, val_set = build_datasets(cfg)
     detector = build_detector(cfg.model, num_logits(cfg.model, cfg.loss))
-    bb = cfg.model.backbone
-    if bb.weights:
-        rep = load_backbone_weights(detector.backbone, bb.weights, bb.weights_format,
-                                    bb.allow_missing_keys)
-        log.info("backbone weights %s: %s", bb.weights, rep)
+    if cfg.model.backbone.weights:  # loaded by build_detector
+        log.info("backbone weights: %s", cfg.model.backbone.weights)
     if cfg.init:
         log.info("init from %s: %s", cfg.init, load_init(detector, cfg.init,
                                                          cfg.model.variant).summary())

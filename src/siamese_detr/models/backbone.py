@@ -1,0 +1,252 @@
+"""ResNet feature extractor with DETR's frozen batch norm, and backbone weight loading.
+
+Parameter names follow torchvision (``body.conv1.weight``, ``body.layer1.0.conv1.weight``,
+``body.layer1.0.downsample.1.running_mean``, ...), so in the detector they read
+``backbone.body.*``. Every parameter that trains in the backbone lies under ``backbone.``
+(use that prefix for the backbone learning-rate group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet18, resnet34, resnet50
+
+from siamese_detr.config import ConfigError
+
+__all__ = ["Backbone", "FrozenBatchNorm2d", "LoadReport", "load_backbone_weights"]
+
+Freeze = Literal["all", "stem+layer1", "none"]
+WeightsFormat = Literal["auto", "swav", "torchvision", "safetensors"]
+_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (DETR semantics, eps 1e-5).
+
+    Buffers ``weight``, ``bias``, ``running_mean``, ``running_var`` have the same names as in
+    ``nn.BatchNorm2d``, so its state dicts load here; ``num_batches_tracked`` is ignored.
+    ``[B, C, H, W] -> [B, C, H, W]``: ``(x - running_mean) / sqrt(running_var + eps) * weight
+    + bias`` in every mode.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:  # type: ignore[override]
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class _Body(nn.Module):
+    """The ResNet trunk without ``avgpool``/``fc``; returns the requested stage outputs."""
+
+    def __init__(self, resnet: nn.Module, return_stages: Sequence[str]) -> None:
+        super().__init__()
+        last = max(_STAGES.index(s) for s in return_stages)
+        for name in _STAGES[: last + 1]:
+            self.add_module(name, getattr(resnet, name))
+        self.return_stages = tuple(return_stages)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out: list[Tensor] = []
+        for name, module in self.named_children():
+            x = module(x)
+            if name in self.return_stages:
+                out.append(x)
+        return out
+
+
+class Backbone(nn.Module):
+    """torchvision ResNet-18/34/50 (``weights=None``) returning C5 or several levels.
+
+    Args:
+        depth: 18, 34 or 50.
+        return_levels: ResNet levels to return, from {2, 3, 4, 5} (``C_l`` has stride
+            ``2**l``), e.g. ``(5,)`` or ``(3, 4, 5)``.
+        frozen_bn: use :class:`FrozenBatchNorm2d` instead of ``nn.BatchNorm2d``.
+        freeze: "all" (no parameter trains), "stem+layer1" (DETR fine-tuning: conv1/bn1 and
+            layer1 frozen) or "none".
+
+    Attributes:
+        strides: stride of each returned level, e.g. ``[8, 16, 32]``.
+        num_channels: channels of each returned level, e.g. ``[512, 1024, 2048]`` (R50).
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        return_levels: Sequence[int] = (5,),
+        frozen_bn: bool = True,
+        freeze: Freeze = "stem+layer1",
+    ) -> None:
+        super().__init__()
+        norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        match depth:
+            case 18:
+                resnet, base = resnet18(weights=None, norm_layer=norm_layer), 64
+            case 34:
+                resnet, base = resnet34(weights=None, norm_layer=norm_layer), 64
+            case 50:
+                resnet, base = resnet50(weights=None, norm_layer=norm_layer), 256
+            case _:
+                raise ConfigError(f"model.backbone.depth={depth} is not supported (18, 34, 50)")
+        levels = sorted(set(return_levels))
+        if not levels or any(level not in (2, 3, 4, 5) for level in levels):
+            raise ValueError(f"return_levels must be a subset of (2, 3, 4, 5), got {return_levels}")
+        self.depth = depth
+        self.freeze: Freeze = freeze
+        self.body = _Body(resnet, [f"layer{level - 1}" for level in levels])
+        self.strides = [2**level for level in levels]
+        self.num_channels = [base * 2 ** (level - 2) for level in levels]
+        match freeze:
+            case "all":
+                trainable: tuple[str, ...] = ()
+            case "stem+layer1":
+                trainable = ("layer2", "layer3", "layer4")
+            case "none":
+                trainable = _STAGES
+            case _:
+                raise ConfigError(
+                    f"model.backbone.freeze={freeze!r} is not one of all, stem+layer1, none"
+                )
+        for name, param in self.body.named_parameters():
+            param.requires_grad_(name.split(".")[0] in trainable)
+
+    @property
+    def fully_frozen(self) -> bool:
+        """True when no backbone parameter trains (features can be computed under no_grad)."""
+        return not any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode: bool = True) -> Backbone:
+        # a completely frozen backbone never updates batch-norm statistics
+        super().train(mode and self.freeze != "all")
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """``images [B, 3, H, W]`` -> per level ``[B, C_l, ceil(H/s_l), ceil(W/s_l)]``."""
+        return self.body(images)
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_backbone_weights` did (keys in torchvision naming, no ``body.``)."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # backbone keys the file lacks
+    unexpected: list[str] = field(default_factory=list)  # file keys the backbone lacks
+    dropped: list[str] = field(default_factory=list)  # known extras: heads, fc, counters
+
+
+def _read(path: Path, fmt: WeightsFormat) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"model.backbone.weights: file {str(path)!r} does not exist")
+    use_st = fmt == "safetensors" or (fmt == "auto" and path.suffix == ".safetensors")
+    try:
+        if use_st:
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a user-facing file problem
+        kind = "safetensors" if use_st else "torch"
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"model.backbone.weights: cannot read {str(path)!r} as a {kind} file ({msg})"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConfigError(
+            f"model.backbone.weights: {str(path)!r} does not hold a state dict of tensors"
+        )
+    return obj
+
+
+def _is_dropped(key: str, fmt: WeightsFormat) -> bool:
+    if key.endswith("num_batches_tracked"):
+        return True
+    swav = key.startswith(("projection_head.", "prototypes."))
+    tv = key.startswith("fc.")
+    match fmt:
+        case "swav":
+            return swav
+        case "torchvision":
+            return tv
+        case "auto" | "safetensors":
+            return swav or tv
+    return False
+
+
+def load_backbone_weights(
+    backbone: Backbone,
+    path: str | Path,
+    fmt: WeightsFormat = "auto",
+    allow_missing: bool = False,
+) -> LoadReport:
+    """Load ResNet weights into ``backbone.body`` (non-strict on extras, strict on coverage).
+
+    Accepted files: a SwAV release (optionally ``{"state_dict": ...}``, keys prefixed
+    ``module.``, extra ``projection_head.*`` / ``prototypes.*``), a torchvision ResNet state
+    dict (``fc.*`` dropped) or a ``.safetensors`` file with torchvision key names.
+    ``torch.load`` is always called with ``weights_only=True``.
+
+    Raises:
+        ConfigError: unreadable file, shape mismatch, or backbone keys missing from the file
+            (unless ``allow_missing``).
+    """
+    path = Path(path)
+    raw = _read(path, fmt)
+    target = backbone.body.state_dict()
+    report = LoadReport()
+    to_load: dict[str, Tensor] = {}
+    for key, value in raw.items():
+        name = key.removeprefix("module.")
+        if name in target:
+            if tuple(value.shape) != tuple(target[name].shape):
+                raise ConfigError(
+                    f"model.backbone.weights: {str(path)!r} key {name!r} has shape "
+                    f"{tuple(value.shape)}, the ResNet-{backbone.depth} backbone expects "
+                    f"{tuple(target[name].shape)} (check model.backbone.depth)"
+                )
+            to_load[name] = value.to(target[name].dtype)
+            report.loaded.append(name)
+        elif _is_dropped(name, fmt):
+            report.dropped.append(name)
+        else:
+            report.unexpected.append(name)
+    report.missing = [
+        k for k in target if k not in to_load and not k.endswith("num_batches_tracked")
+    ]
+    if report.missing and not allow_missing:
+        shown = ", ".join(report.missing[:5])
+        raise ConfigError(
+            f"model.backbone.weights: {str(path)!r} lacks {len(report.missing)} backbone keys "
+            f"(first: {shown}); set model.backbone.allow_missing_keys=true to accept this"
+        )
+    backbone.body.load_state_dict(to_load, strict=False)
+    return report
