@@ -68,8 +68,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, code-carrying pickles
-        raise ConfigError(f"checkpoint {path} cannot be read safely "
-                          f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})") from None
+        if "Weights only load failed" in str(exc) and "GLOBAL" in str(exc):
+            raise ConfigError(f"checkpoint {path} cannot be read safely: it holds Python objects "
+                              "besides tensors (it could run code); if you trust it, load it "
+                              "yourself and re-save its state dict") from None
+        raise ConfigError(f"checkpoint {path} cannot be read safely: not a readable PyTorch "
+                          f"checkpoint (corrupt, truncated or another format; "
+                          f"{exc.__class__.__name__})") from None
     if not isinstance(ckpt, dict):
         raise ConfigError(f"checkpoint {path} is not a dict of tensors")
     return ckpt
