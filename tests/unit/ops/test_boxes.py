@@ -1,0 +1,63 @@
+"""Box conversions and overlaps against hand-computed values."""
+
+import pytest
+import torch
+
+from siamese_detr.ops.boxes import (
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xyxy_to_cxcywh,
+    clip_xyxy,
+    denormalize_cxcywh,
+    generalized_box_iou,
+    jitter_xyxy,
+    normalize_xyxy,
+)
+
+
+def test_conversions_by_hand():
+    xyxy = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
+    cxcywh = torch.tensor([[20.0, 40.0, 20.0, 40.0]])
+    assert torch.equal(box_xyxy_to_cxcywh(xyxy), cxcywh)
+    assert torch.equal(box_cxcywh_to_xyxy(cxcywh), xyxy)
+
+
+def test_normalise_round_trip_and_values():
+    xyxy = torch.tensor([[0.0, 0.0, 50.0, 100.0], [25.0, 50.0, 75.0, 150.0]])
+    n = normalize_xyxy(xyxy, height=200, width=100)
+    assert torch.allclose(n, torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]]))
+    assert torch.allclose(denormalize_cxcywh(n, 200, 100), xyxy)
+    batched = denormalize_cxcywh(n[None].repeat(2, 1, 1), torch.tensor([200.0, 100.0]),
+                                 torch.tensor([100.0, 50.0]))
+    assert torch.allclose(batched[0], xyxy) and torch.allclose(batched[1], xyxy / 2)
+
+
+def test_iou_and_giou_hand_values():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [3.0, 0.0, 4.0, 1.0]])
+    # overlap 1, union 7; hull 9 -> giou = 1/7 - (9-7)/9
+    assert torch.allclose(box_iou(a, b), torch.tensor([[1 / 7, 1.0, 0.0]]))
+    expected = torch.tensor([[1 / 7 - 2 / 9, 1.0, 0.0 - (8 - 5) / 8]])
+    assert torch.allclose(generalized_box_iou(a, b), expected)
+
+
+def test_clip_and_jitter():
+    boxes = torch.tensor([[-5.0, 2.0, 120.0, 50.0]])
+    assert torch.equal(clip_xyxy(boxes, 40, 100), torch.tensor([[0.0, 2.0, 100.0, 40.0]]))
+    g = torch.Generator().manual_seed(0)
+    base = torch.tensor([[10.0, 10.0, 30.0, 50.0]]).repeat(1000, 1)
+    j = jitter_xyxy(base, 0.1, generator=g)
+    d = (j - base).abs()
+    assert (d[:, 0] < 0.1 * 20 + 1e-6).all() and (d[:, 1] < 0.1 * 40 + 1e-6).all()
+    assert d.max() > 0.5  # it does move
+    assert torch.equal(jitter_xyxy(base, 0.0), base)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_giou_bounds_random(seed):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(20, 2, generator=g)
+    boxes = torch.cat([xy, xy + torch.rand(20, 2, generator=g) + 0.01], 1)
+    giou = generalized_box_iou(boxes, boxes)
+    assert torch.allclose(torch.diagonal(giou), torch.ones(20))
+    assert (giou <= 1 + 1e-6).all() and (giou >= -1 - 1e-6).all()
