@@ -99,3 +99,42 @@ def test_paper_pretraining_recipes_match_official_configs():
     assert (coco.optim.length, coco.optim.lr_drops) == (120_000, (80_000,))
     assert (coco.pretrain.siamese.weight_global, coco.pretrain.siamese.weight_region) == (0.3, 3.0)
     assert coco.pretrain.siamese.base_scales == tuple(range(480, 801, 32))
+
+
+def test_cli_overrides_may_be_interleaved_with_options(monkeypatch):
+    import siamese_detr.cli.finetune as ft
+
+    seen = {}
+
+    def fake_run(args):
+        seen["cfg"] = ft.config_from_args(args, "finetune")
+        return 0
+
+    monkeypatch.setattr(ft, "run", fake_run)
+    from siamese_detr.cli import main as cli_main
+
+    parser_args = ["finetune", "optim.lr=1e-3", "--out", "somewhere", "--preset",
+                   "tiny/vanilla/finetune", "model.num_queries=10"]
+    monkeypatch.setattr(cli_main, "build_parser", _parser_with(ft, fake_run))
+    assert cli_main.main(parser_args) == 0
+    cfg = seen["cfg"]
+    assert (cfg.optim.lr, cfg.model.num_queries, cfg.output_dir) == (1e-3, 10, "somewhere")
+    assert cfg.model.variant == "vanilla"
+
+
+def _parser_with(module, func):
+    import argparse
+
+    def build():
+        p = argparse.ArgumentParser(prog="siamese-detr")
+        sub = p.add_subparsers(dest="command")
+        module.register(sub)
+        sub.choices["finetune"].set_defaults(func=func)
+        return p
+    return build
+
+
+def test_cli_unknown_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "--no-such-flag"])
+    assert exc.value.code == 2

@@ -44,7 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from siamese_detr.config import ConfigError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may be interleaved with options (argparse only collects the first run)
+    leftovers = [a for a in extra if a.startswith("-") or "=" not in a]
+    if leftovers or (extra and not hasattr(args, "overrides")):
+        parser.parse_args(argv)  # prints the usual usage error and exits 2
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
