@@ -53,10 +53,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--size", type=int, default=160)
+    ap.add_argument("--variant", choices=["vanilla", "conditional", "deformable"], default=None,
+                    help="one variant in this process (peak RSS is then per variant); default: "
+                         "each variant in its own subprocess")
     args = ap.parse_args()
+    if args.variant is None:
+        import subprocess
+        import sys
+
+        for v in ("vanilla", "conditional", "deformable"):
+            subprocess.run([sys.executable, __file__, "--variant", v, "--iters", str(args.iters),
+                            "--size", str(args.size)], check=True)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, torch threads {torch.get_num_threads()}, image {args.size}px")
-    for variant in ("vanilla", "conditional", "deformable"):
+    print(f"[{args.variant}] device {device}, torch threads {torch.get_num_threads()}, "
+          f"image {args.size}px")
+    for variant in (args.variant,):
         cfg = get_preset(f"tiny/{variant}/siamese")
         task = build_siamese_task(cfg).to(device)
         opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)

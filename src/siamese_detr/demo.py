@@ -37,18 +37,18 @@ class DemoPlan:
     n_val: int = 32
     n_unlabeled: int = 160
     image_size: tuple[int, int] = (160, 160)
-    pretrain_iters: int = 300
-    finetune_iters: int = 300
-    variant: str = "conditional"
+    pretrain_iters: int = 800
+    finetune_iters: int = 600
+    variant: str = "deformable"
     seed: int = 0
 
     @staticmethod
-    def scaled(minutes: float, variant: str = "conditional", seed: int = 0) -> DemoPlan:
+    def scaled(minutes: float, variant: str = "deformable", seed: int = 0) -> DemoPlan:
         f = max(minutes, 0.1) / 10.0
         if minutes <= 0.5:  # smoke scale for tests
             return DemoPlan(n_train=8, n_val=4, n_unlabeled=8, pretrain_iters=3,
                             finetune_iters=3, variant=variant, seed=seed)
-        return DemoPlan(pretrain_iters=max(10, int(300 * f)), finetune_iters=max(10, int(300 * f)),
+        return DemoPlan(pretrain_iters=max(10, int(800 * f)), finetune_iters=max(10, int(600 * f)),
                         variant=variant, seed=seed)
 
 
