@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -172,8 +173,10 @@ def train(
     if engine.progress and dist_info.is_main:
         from tqdm import tqdm
 
+        interactive = sys.stderr.isatty()
         pbar = tqdm(total=schedule.total_steps, initial=start.step, desc=checkpoint_meta.get(
-            "kind", "train"), dynamic_ncols=True, leave=False)
+            "kind", "train"), dynamic_ncols=True, leave=False,
+            mininterval=0.5 if interactive else 30.0)  # keep redirected logs small
 
     def save(step: int) -> None:
         if not dist_info.is_main:
