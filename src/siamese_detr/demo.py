@@ -33,7 +33,7 @@ from siamese_detr.presets import get_preset
 class DemoPlan:
     """Sizes of one demo run; ``scaled`` derives them from a time budget in minutes."""
 
-    n_train: int = 96
+    n_train: int = 24  # scarce labels: the regime self-supervised pretraining is for
     n_val: int = 32
     n_unlabeled: int = 160
     image_size: tuple[int, int] = (160, 160)

@@ -87,7 +87,7 @@ def predictions_figure(ann_file: Path, images_dir: Path, predictions: dict[str, 
         preds = json.loads(pred_path.read_text()) if pred_path.is_file() else []
         for im in images:
             dets = [p for p in preds if p["image_id"] == im["id"] and p["score"] >= min_score]
-            dets = sorted(dets, key=lambda p: -p["score"])[:5]
+            dets = sorted(dets, key=lambda p: -p["score"])[:3]
             base = Image.open(images_dir / im["file_name"]).convert("RGB")
             draw = ImageDraw.Draw(base)
             for a in gt["annotations"]:
@@ -125,7 +125,7 @@ def write_report(out: Path, plan: Any, seconds: float) -> Path:
     predictions_figure(det / "val.json", det / "val", {
         "scratch": out / "runs" / "finetune_scratch" / "predictions.json",
         "siamese": out / "runs" / "finetune_siamese" / "predictions.json"},
-        fig / "predictions.png")
+        fig / "predictions.png", min_score=0.25)
     table = results_table(out)
     rows = []
     for name, label in (("scratch", "from scratch"), ("siamese", "Siamese DETR init")):
@@ -151,6 +151,8 @@ def _views_figure(out: Path, plan: Any, path: Path) -> None:
         sample = dataset[index]
         if sample is not None:
             draw_views(sample, path)
+            im = Image.open(path)
+            im.resize((im.width * 2, im.height * 2), Image.Resampling.NEAREST).save(path)
             return
 
 
@@ -158,8 +160,9 @@ REPORT = """# siamese-detr demo report
 
 **This is a toy-scale run** ({minutes:.1f} min on CPU): a {variant} DETR with a ResNet-18
 backbone (seeded random weights, frozen during pretraining: no SwAV weights can be downloaded
-here), {n_unlabeled} unlabeled images, {n_train} labeled training images and {n_val} held-out
-images generated from photos shipped with scikit-image. The numbers say that the pipeline runs
+here), {n_unlabeled} unlabeled images, only {n_train} labeled training images (scarce labels,
+the setting self-supervised pretraining is meant for) and {n_val} held-out images, all
+generated from photos shipped with scikit-image. The numbers say that the pipeline runs
 end to end; they say nothing about the paper's results. The real recipes are in the README
 (`siamese-detr config list` shows them).
 
@@ -182,7 +185,7 @@ Region 0 is the overlap of the two views; the others are proposals that survive 
 ![fine-tuning losses](figures/finetune_loss.png)
 
 Predictions on held-out images (white: ground truth; top row: from scratch, bottom row:
-Siamese DETR initialisation; score >= 0.3):
+Siamese DETR initialisation; the 3 best detections with score >= 0.25):
 
 ![predictions](figures/predictions.png)
 

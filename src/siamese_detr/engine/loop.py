@@ -239,7 +239,7 @@ def train(
             window.setdefault("data_time", []).append(t_data)
             if pbar is not None:
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{window['loss'][-1]:.3f}")
+                pbar.set_postfix(loss=f"{window['loss'][-1]:.3f}", refresh=False)
             if done % engine.log_every == 0 or done == schedule.total_steps:
                 now = time.perf_counter()
                 record = {k: sum(v) / len(v) for k, v in window.items()}
