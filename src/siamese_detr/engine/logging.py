@@ -16,7 +16,7 @@ LOGGER_NAME = "siamese_detr"
 def setup_logging(is_main: bool = True, log_file: Path | None = None) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    logger.propagate = False
+    logger.propagate = True  # root has no handler unless a host app (or pytest) adds one
     for h in list(logger.handlers):
         logger.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
