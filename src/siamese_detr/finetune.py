@@ -9,7 +9,6 @@ reported.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from siamese_detr.config import ConfigError, RunConfig, resolved_cls_loss
-from siamese_detr.configio import save_yaml, to_dict
+from siamese_detr.configio import to_dict
 from siamese_detr.engine.checkpoint import detector_state_from_checkpoint, load_checkpoint
 from siamese_detr.engine.distributed import DistInfo
 from siamese_detr.engine.logging import get_logger
@@ -143,6 +142,19 @@ def score(results: list[dict[str, Any]], dataset: Any, metric: str) -> dict[str,
     return metrics
 
 
+def describe_metrics(metrics: dict[str, float]) -> str:
+    """Every number with its definition (COCO block, then VOC AP50 if present)."""
+    from siamese_detr.eval.coco import format_metrics
+
+    lines = [format_metrics({k.split("/", 1)[1]: v for k, v in metrics.items()
+                             if k.startswith("coco/")}, "coco")]
+    for k, v in metrics.items():
+        if not k.startswith("coco/"):
+            kind = "VOC2007 11-point" if k.startswith("voc07") else "VOC area-under-curve"
+            lines.append(f"{k} = {v:.4f}  ({kind} AP@IoU>0.5)")
+    return "\n".join(lines)
+
+
 def evaluate_detector(detector: nn.Module, dataset: Any, cfg: RunConfig, device: torch.device,
                       out_dir: Path | None = None) -> dict[str, float]:
     results = predict(detector, dataset, cfg, device)
@@ -159,8 +171,8 @@ def run_finetune(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
                  ) -> dict[str, float]:
     """Fine-tune ``cfg``'s detector (from ``cfg.init`` or from scratch), then evaluate."""
     from siamese_detr.data.loaders import build_detection_loader
-    from siamese_detr.engine.loop import Schedule, resume, train
-    from siamese_detr.engine.optim import build_optimizer, resolve_schedule
+    from siamese_detr.engine.loop import train
+    from siamese_detr.engine.setup import prepare_training
     from siamese_detr.losses.set_criterion import build_criterion, num_logits
     from siamese_detr.models.detector import build_detector
 
@@ -176,35 +188,21 @@ def run_finetune(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
                                                          cfg.model.variant).summary())
     task: nn.Module = DetectionTask(detector, build_criterion(cfg.model, cfg.loss)).to(
         dist_info.device)
-    optimizer = build_optimizer(task, cfg.optim)
-    world_batch = cfg.data.batch_size * dist_info.world_size * cfg.engine.accum_steps
-    total, drops = resolve_schedule(cfg.optim, math.ceil(len(train_set) / world_batch))
-    scaler = torch.amp.GradScaler("cuda") if (cfg.engine.amp == "fp16" and
-                                              dist_info.device.type == "cuda") else None
-    start = None
-    if resume_path:
-        start = resume(resume_path, task, optimizer, scaler)
-        log.info("resumed from %s at step %d", resume_path, start.step)
-    if dist_info.is_main:
-        save_yaml(cfg, run_dir / "config.yaml")
+    prep = prepare_training(task, cfg, dist_info, len(train_set), cfg.data.batch_size,
+                            resume_path)
     log.info("fine-tuning %s: %d iterations (lr drops at %s), %d train images, global batch %d",
-             cfg.model.variant, total, list(drops), len(train_set), world_batch)
-    model: nn.Module = task
-    if dist_info.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            task, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None)
+             cfg.model.variant, prep.schedule.total_steps, list(prep.schedule.lr_drops),
+             len(train_set), prep.global_batch)
 
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(train_set, cfg.data.batch_size, cfg.data.num_workers,
                                       cfg.seed, start_step=position)
 
     result = train(
-        task=model, batches=batches, optimizer=optimizer,
-        schedule=Schedule(total, drops, cfg.optim.gamma, cfg.optim.warmup_iters,
-                          cfg.optim.clip_max_norm),
+        task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
         engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
         checkpoint_meta={"kind": "finetune", "config": to_dict(cfg)},
-        start=start, scaler=scaler,
+        start=prep.start, scaler=prep.scaler,
         evaluate=lambda t: evaluate_detector(t.detector, val_set, cfg, dist_info.device, run_dir),
     )
     if dist_info.is_main:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from siamese_detr.config import ConfigError, RunConfig
-from siamese_detr.configio import save_yaml, to_dict
+from siamese_detr.configio import to_dict
 from siamese_detr.engine.distributed import DistInfo
 from siamese_detr.engine.logging import get_logger
 
@@ -57,34 +57,19 @@ def run_pretrain(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
                  ) -> dict[str, float]:
     from siamese_detr.data.loaders import build_detection_loader
     from siamese_detr.data.pretrain import collate_siamese
-    from siamese_detr.engine.loop import Schedule, resume, train
-    from siamese_detr.engine.optim import build_optimizer, resolve_schedule
+    from siamese_detr.engine.loop import train
+    from siamese_detr.engine.setup import prepare_training
 
     log = get_logger()
     run_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     dataset = build_pretrain_dataset(cfg)
     task = build_task(cfg).to(dist_info.device)
-    optimizer = build_optimizer(task, cfg.optim)
-    world_batch = cfg.pretrain.batch_size * dist_info.world_size * cfg.engine.accum_steps
-    total, drops = resolve_schedule(cfg.optim, -(-len(dataset) // world_batch))
-    scaler = torch.amp.GradScaler("cuda") if (cfg.engine.amp == "fp16" and
-                                              dist_info.device.type == "cuda") else None
-    start = None
-    if resume_path:
-        start = resume(resume_path, task, optimizer, scaler)
-        log.info("resumed from %s at step %d", resume_path, start.step)
-    if dist_info.is_main:
-        save_yaml(cfg, run_dir / "config.yaml")
+    prep = prepare_training(task, cfg, dist_info, len(dataset), cfg.pretrain.batch_size,
+                            resume_path, sync_bn=True)  # SyncBN in the global projector
     log.info("pretraining %s/%s: %d images, %d iterations (lr drops at %s), global batch %d",
-             cfg.pretrain.method, cfg.model.variant, len(dataset), total, list(drops),
-             world_batch)
-    model: nn.Module = task
-    if dist_info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(task)
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda"
-            else None)
+             cfg.pretrain.method, cfg.model.variant, len(dataset), prep.schedule.total_steps,
+             list(prep.schedule.lr_drops), prep.global_batch)
 
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(dataset, cfg.pretrain.batch_size,
@@ -92,11 +77,9 @@ def run_pretrain(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
                                       collate_fn=collate_siamese)
 
     result = train(
-        task=model, batches=batches, optimizer=optimizer,
-        schedule=Schedule(total, drops, cfg.optim.gamma, cfg.optim.warmup_iters,
-                          cfg.optim.clip_max_norm),
+        task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
         engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
         checkpoint_meta={"kind": "pretrain", "config": to_dict(cfg)},
-        start=start, scaler=scaler,
+        start=prep.start, scaler=prep.scaler,
     )
     return result.last_metrics

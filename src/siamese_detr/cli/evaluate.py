@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from siamese_detr.configio import apply_overrides, from_dict
     from siamese_detr.engine.checkpoint import detector_state_from_checkpoint, load_checkpoint
     from siamese_detr.engine.distributed import init_distributed
-    from siamese_detr.eval.coco import format_metrics, write_json_atomic
-    from siamese_detr.finetune import build_datasets, predict, score
+    from siamese_detr.eval.coco import write_json_atomic
+    from siamese_detr.finetune import build_datasets, describe_metrics, predict, score
     from siamese_detr.losses.set_criterion import num_logits
     from siamese_detr.models.detector import build_detector
 
@@ -57,9 +57,5 @@ def run(args: argparse.Namespace) -> int:
     metrics = score(results, val_set, cfg.eval.metric)
     if args.predictions:
         write_json_atomic(Path(args.predictions), results)
-    print(format_metrics({k.split("/", 1)[1]: v for k, v in metrics.items()
-                          if k.startswith("coco/")}, "coco"))
-    for k, v in metrics.items():
-        if not k.startswith("coco/"):
-            print(f"{k} = {v:.4f}  ({'VOC2007 11-point' if 'voc07' in k else 'VOC area'} AP@0.5)")
+    print(describe_metrics(metrics))
     return 0

@@ -44,11 +44,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup()
     if info.is_main:
-        from siamese_detr.eval.coco import format_metrics
+        from siamese_detr.finetune import describe_metrics
 
-        print(format_metrics({k.split("/", 1)[1]: v for k, v in metrics.items()
-                              if k.startswith("coco/")}, "coco"))
-        for k, v in metrics.items():
-            if not k.startswith("coco/"):
-                print(f"{k} = {v:.4f}")
+        print(describe_metrics(metrics))
     return 0

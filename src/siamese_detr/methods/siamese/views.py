@@ -26,6 +26,7 @@ from PIL import Image, ImageFilter
 from torch import Tensor
 
 from siamese_detr.config import SiameseOptions
+from siamese_detr.data.transforms import get_size
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SiameseSample", "ViewGeometry", "ViewPlan",
@@ -102,16 +103,9 @@ class ViewPlan:
 
 
 def detr_resize_size(width: int, height: int, short: int, max_size: int | None) -> tuple[int, int]:
-    """DETR's ``get_size_with_aspect_ratio``: output ``(H, W)`` for a shorter-side target."""
-    if max_size is not None:
-        lo, hi = float(min(width, height)), float(max(width, height))
-        if hi / lo * short > max_size:
-            short = int(round(max_size * lo / hi))
-    if (width <= height and width == short) or (height <= width and height == short):
-        return height, width
-    if width < height:
-        return int(short * height / width), short
-    return short, int(short * width / height)
+    """DETR's ``get_size_with_aspect_ratio`` (see :func:`siamese_detr.data.transforms.get_size`):
+    output ``(H, W)`` for a shorter-side target."""
+    return get_size((height, width), short, max_size)
 
 
 def sample_outer_rect(

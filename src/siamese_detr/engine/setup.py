@@ -1,0 +1,55 @@
+"""What every training run does before the loop: optimiser, schedule, scaler, resume, DDP."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from siamese_detr.config import RunConfig
+from siamese_detr.configio import save_yaml
+from siamese_detr.engine.distributed import DistInfo
+from siamese_detr.engine.logging import get_logger
+from siamese_detr.engine.loop import ResumeState, Schedule, resume
+from siamese_detr.engine.optim import build_optimizer, resolve_schedule
+
+
+@dataclass
+class Prepared:
+    model: nn.Module  # the task, DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler | None
+    start: ResumeState | None
+    global_batch: int
+
+
+def prepare_training(task: nn.Module, cfg: RunConfig, dist_info: DistInfo, dataset_len: int,
+                     per_process_batch: int, resume_path: str | None = None,
+                     sync_bn: bool = False) -> Prepared:
+    """Build the optimiser and schedule (epochs resolved with the global batch), restore a
+    checkpoint when ``resume_path`` is given, write ``config.yaml`` and wrap in DDP."""
+    global_batch = per_process_batch * dist_info.world_size * cfg.engine.accum_steps
+    total, drops = resolve_schedule(cfg.optim, math.ceil(dataset_len / global_batch))
+    optimizer = build_optimizer(task, cfg.optim)
+    scaler = None
+    if cfg.engine.amp == "fp16" and dist_info.device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda")
+    start = None
+    if resume_path:
+        start = resume(resume_path, task, optimizer, scaler)
+        get_logger().info("resumed from %s at step %d", resume_path, start.step)
+    if dist_info.is_main:
+        save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
+    model = task
+    if dist_info.distributed:
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    schedule = Schedule(total, drops, cfg.optim.gamma, cfg.optim.warmup_iters,
+                        cfg.optim.clip_max_norm)
+    return Prepared(model, optimizer, schedule, scaler, start, global_batch)
