@@ -4,8 +4,9 @@ Stages, each resumable (a finished stage is skipped on a re-run, an interrupted 
 continues from its last checkpoint):
 
 1. data: a labeled toy detection set and unlabeled images (real photos shipped in
-   scikit-image, see :mod:`siamese_detr.data.synthetic`), plus one seeded random ResNet-18
-   backbone shared by every run (no download is possible here, so no SwAV weights);
+   scikit-image, see :mod:`siamese_detr.data.synthetic`), plus the ResNet-18 backbone shared
+   by every run, warmed up without labels on the same photos
+   (:mod:`siamese_detr.data.photo_backbone`; SwAV weights cannot be downloaded here);
 2. EdgeBoxes proposals of the unlabeled images;
 3. Siamese DETR pretraining (frozen backbone);
 4. fine-tuning from scratch and from the pretrained checkpoint, same budget, then COCO AP;
@@ -28,6 +29,8 @@ from siamese_detr.engine.distributed import DistInfo
 from siamese_detr.engine.logging import get_logger, read_jsonl
 from siamese_detr.presets import get_preset
 
+BACKBONE_FILE = "backbone_resnet18_photo_ids.pth"
+
 
 @dataclass(frozen=True)
 class DemoPlan:
@@ -37,6 +40,7 @@ class DemoPlan:
     n_val: int = 32
     n_unlabeled: int = 160
     image_size: tuple[int, int] = (160, 160)
+    backbone_steps: int = 300  # label-free photo-id warm-up of the shared ResNet-18
     pretrain_iters: int = 800
     finetune_iters: int = 600
     variant: str = "deformable"
@@ -46,8 +50,8 @@ class DemoPlan:
     def scaled(minutes: float, variant: str = "deformable", seed: int = 0) -> DemoPlan:
         f = max(minutes, 0.1) / 10.0
         if minutes <= 0.5:  # smoke scale for tests
-            return DemoPlan(n_train=8, n_val=4, n_unlabeled=8, pretrain_iters=3,
-                            finetune_iters=3, variant=variant, seed=seed)
+            return DemoPlan(n_train=8, n_val=4, n_unlabeled=8, backbone_steps=3,
+                            pretrain_iters=3, finetune_iters=3, variant=variant, seed=seed)
         return DemoPlan(pretrain_iters=max(10, int(800 * f)), finetune_iters=max(10, int(600 * f)),
                         variant=variant, seed=seed)
 
@@ -74,12 +78,11 @@ def make_data(out: Path, plan: DemoPlan) -> None:
                        seed=plan.seed)
     make_unlabeled_set(out / "data" / "unlabeled", plan.n_unlabeled, plan.image_size,
                        seed=plan.seed + 1)
-    import torchvision
+    from siamese_detr.data.photo_backbone import train_photo_backbone
 
-    torch.manual_seed(plan.seed)
-    backbone = torchvision.models.resnet18(weights=None)
-    torch.save(backbone.state_dict(), out / "data" / "backbone_resnet18_seeded.pth")
-    _mark(out, "data")
+    loss = train_photo_backbone(out / "data" / BACKBONE_FILE, steps=plan.backbone_steps,
+                                seed=plan.seed)
+    _mark(out, "data", {"backbone_loss": loss})
 
 
 def make_proposals(out: Path) -> None:
@@ -93,7 +96,7 @@ def make_proposals(out: Path) -> None:
 
 
 def _common(cfg: RunConfig, out: Path, plan: DemoPlan, run: str, iters: int) -> RunConfig:
-    backbone = str(out / "data" / "backbone_resnet18_seeded.pth")
+    backbone = str(out / "data" / BACKBONE_FILE)
     return apply_overrides(replace(cfg, output_dir=str(out / "runs" / run), seed=plan.seed), [
         f"model.backbone.weights={backbone}", "model.backbone.weights_format=torchvision",
         f"optim.length={iters}", f"optim.lr_drops={int(iters * 0.8)}",

@@ -50,6 +50,8 @@ __all__ = [
     "compose_image",
     "make_detection_set",
     "make_unlabeled_set",
+    "photo_names",
+    "shipped_photo",
 ]
 
 # (id, name, skimage loader, (y0, y1, x0, x1), border RGB)
@@ -82,6 +84,16 @@ class DetectionSetPaths:
     val_images: Path
     val_ann: Path
     num_classes: int = NUM_CLASSES
+
+
+def photo_names() -> list[str]:
+    """Every scikit-image photo the generator uses (backgrounds and plain crops)."""
+    return sorted(set(_BACKGROUNDS) | set(_PLAIN))
+
+
+def shipped_photo(name: str) -> np.ndarray:
+    """One of :func:`photo_names` as ``[H, W, 3]`` uint8 RGB."""
+    return _photo(name)
 
 
 @cache

@@ -1,0 +1,69 @@
+"""A label-free stand-in for SwAV at toy scale: a ResNet-18 that learns which shipped photo a
+random crop comes from (photo-id pseudo-labels, no annotation used).
+
+The paper freezes a *self-supervised* ImageNet backbone during pretraining; the demo cannot
+download one, and a random backbone gives region features and crop embeddings with nothing
+semantic to transfer. Telling apart the 12 photos from scale-, flip- and brightness-augmented
+crops is a cheap pretext that yields texture/colour/object-sensitive features in about two
+minutes on two CPU cores. The file it writes is a torchvision ResNet-18 state dict (``fc``
+dropped) whose BatchNorm statistics come from the same crops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from siamese_detr.data.synthetic import photo_names, shipped_photo
+
+_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+
+def _crops(photos: list[torch.Tensor], rng: np.random.Generator, n: int, size: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` augmented square crops ``[n, 3, size, size]`` (normalised) and photo ids."""
+    xs, ys = [], []
+    for _ in range(n):
+        k = int(rng.integers(len(photos)))
+        photo = photos[k]
+        h, w = photo.shape[1:]
+        side = int(rng.uniform(0.15, 0.7) * min(h, w))
+        y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = F.interpolate(photo[None, :, y0:y0 + side, x0:x0 + side], size=(size, size),
+                             mode="bilinear", align_corners=False)[0]
+        crop = crop * float(rng.uniform(0.5, 1.2)) + float(rng.uniform(-0.1, 0.1))
+        if rng.random() < 0.5:
+            crop = crop.flip(-1)
+        xs.append((crop.clamp(0, 1) - _MEAN) / _STD)
+        ys.append(k)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def train_photo_backbone(path: str | Path, steps: int = 300, batch_size: int = 32,
+                         crop_size: int = 96, seed: int = 0) -> float:
+    """Train and save the backbone; returns the mean loss of the last 50 steps."""
+    names = photo_names()
+    photos = [torch.from_numpy(shipped_photo(n)).permute(2, 0, 1).float() / 255 for n in names]
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(weights=None, num_classes=len(names))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    losses = []
+    for _ in range(steps):
+        x, y = _crops(photos, rng, batch_size, crop_size)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return float(np.mean(losses[-50:]))
