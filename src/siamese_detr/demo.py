@@ -26,7 +26,7 @@ import torch
 from siamese_detr.config import RunConfig
 from siamese_detr.configio import apply_overrides
 from siamese_detr.engine.distributed import DistInfo
-from siamese_detr.engine.logging import get_logger, read_jsonl
+from siamese_detr.engine.logging import get_logger
 from siamese_detr.presets import get_preset
 
 BACKBONE_FILE = "backbone_resnet18_photo_ids.pth"
@@ -169,7 +169,3 @@ def results_table(out: Path) -> dict[str, dict[str, float]]:
         path = out / "runs" / f"finetune_{name}" / "eval_metrics.json"
         table[name] = json.loads(path.read_text()) if path.is_file() else {}
     return table
-
-
-def loss_history(run_dir: Path) -> list[dict[str, Any]]:
-    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]

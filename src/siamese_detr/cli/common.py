@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from siamese_detr.config import ConfigError, RunConfig
 from siamese_detr.configio import apply_overrides, load_yaml
@@ -32,3 +35,23 @@ def config_from_args(args: argparse.Namespace, task: str) -> RunConfig:
         raise ConfigError(f"preset '{args.preset}' is a {cfg.task} recipe; use "
                           f"`siamese-detr {cfg.task}` or a {task} preset")
     return cfg
+
+
+def run_training(cfg: RunConfig, resume: str | None,
+                 runner: Callable[[RunConfig, Any, str | None], dict[str, float]]
+                 ) -> tuple[dict[str, float], bool]:
+    """Initialise torch.distributed and logging, resolve ``--resume`` (``auto`` = OUT/last.pt),
+    run ``runner(cfg, dist_info, resume_path)``; returns its metrics and whether this is rank 0."""
+    from siamese_detr.engine.distributed import cleanup, init_distributed
+    from siamese_detr.engine.logging import setup_logging
+
+    info = init_distributed(cfg.engine.device)
+    run_dir = Path(cfg.output_dir)
+    setup_logging(info.is_main, run_dir / "log.txt")
+    resume_path = None
+    if resume:
+        resume_path = str(run_dir / "last.pt") if resume == "auto" else resume
+    try:
+        return runner(cfg, info, resume_path), info.is_main
+    finally:
+        cleanup()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 
-from siamese_detr.cli.common import add_config_arguments, config_from_args
+from siamese_detr.cli.common import add_config_arguments, config_from_args, run_training
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,25 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from siamese_detr.engine.distributed import cleanup, init_distributed
-    from siamese_detr.engine.logging import setup_logging
-    from siamese_detr.finetune import run_finetune
+    from siamese_detr.finetune import describe_metrics, run_finetune
 
     cfg = config_from_args(args, "finetune")
     if args.init:
         cfg = replace(cfg, init=args.init)
-    info = init_distributed(cfg.engine.device)
-    run_dir = Path(cfg.output_dir)
-    setup_logging(info.is_main, run_dir / "log.txt")
-    resume_path = None
-    if args.resume:
-        resume_path = str(run_dir / "last.pt") if args.resume == "auto" else args.resume
-    try:
-        metrics = run_finetune(cfg, info, resume_path)
-    finally:
-        cleanup()
-    if info.is_main:
-        from siamese_detr.finetune import describe_metrics
-
+    metrics, is_main = run_training(cfg, args.resume, run_finetune)
+    if is_main:
         print(describe_metrics(metrics))
     return 0

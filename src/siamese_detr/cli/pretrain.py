@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamese_detr.cli.common import add_config_arguments, config_from_args
+from siamese_detr.cli.common import add_config_arguments, config_from_args, run_training
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,23 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from siamese_detr.engine.distributed import cleanup, init_distributed
-    from siamese_detr.engine.logging import setup_logging
     from siamese_detr.pretrain import run_pretrain
 
     cfg = config_from_args(args, "pretrain")
-    info = init_distributed(cfg.engine.device)
-    run_dir = Path(cfg.output_dir)
-    setup_logging(info.is_main, run_dir / "log.txt")
-    resume_path = None
-    if args.resume:
-        resume_path = str(run_dir / "last.pt") if args.resume == "auto" else args.resume
-    try:
-        metrics = run_pretrain(cfg, info, resume_path)
-    finally:
-        cleanup()
-    if info.is_main:
+    metrics, is_main = run_training(cfg, args.resume, run_pretrain)
+    if is_main:
         print("final losses: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                            if k.startswith("loss")))
-        print(f"checkpoint: {run_dir / 'last.pt'}  (fine-tune with --init)")
+        print(f"checkpoint: {Path(cfg.output_dir) / 'last.pt'}  (fine-tune with --init)")
     return 0

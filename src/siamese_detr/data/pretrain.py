@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import colorsys
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from siamese_detr.config import ProposalReadConfig, SiameseOptions
 from siamese_detr.data.collate import pad_images
+from siamese_detr.data.loaders import PositionedSampler  # re-exported (was a copy)
 from siamese_detr.methods.siamese.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -60,22 +61,6 @@ def sample_rng(seed: int, index: int, position: int = 0) -> np.random.Generator:
     """The generator of one sample: a pure function of ``(seed, index, stream position)``."""
     mask = (1 << 64) - 1
     return np.random.default_rng([seed & mask, index & mask, position & mask])
-
-
-class PositionedSampler:
-    """Wraps an index sampler and yields ``(index, position)`` with ``position = start + k``
-    (the global count of samples drawn), so a resumed stream re-creates the same samples."""
-
-    def __init__(self, sampler: Iterable[int], start: int = 0) -> None:
-        self.sampler = sampler
-        self.start = start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for k, index in enumerate(self.sampler):
-            yield int(index), self.start + k
-
-    def __len__(self) -> int:
-        return len(self.sampler)  # type: ignore[arg-type]
 
 
 class PretrainDataset(Dataset):

@@ -126,8 +126,8 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _check_finite(out: LossOutput, step: int) -> None:
-    if not math.isfinite(float(out.total.detach())):
+def _check_finite(value: float, out: LossOutput, step: int) -> None:
+    if not math.isfinite(value):
         terms = ", ".join(f"{k}={w:.4g} (raw {r:.4g})" for k, (w, r) in out.terms.items())
         raise NonFiniteLossError(f"non-finite loss at step {step}: {terms}")
 
@@ -211,13 +211,14 @@ def train(
                 ctx = contextlib.nullcontext() if sync else task.no_sync()
                 with ctx, autocast_context(engine.amp, device):
                     out: LossOutput = task(batch)
-                _check_finite(out, step)
+                logged = out.log_dict()  # one device sync for the loss value per micro-batch
+                _check_finite(logged["loss"], out, step)
                 loss = out.total / engine.accum_steps
                 if scaler is not None:
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
-                for k, v in out.log_dict().items():
+                for k, v in logged.items():
                     window.setdefault(k, []).append(v)
             if scaler is not None:
                 scaler.unscale_(optimizer)

@@ -22,7 +22,7 @@ from siamese_detr.models.transformer.vanilla import (
     Flat,
     TransformerEncoder,
     TransformerEncoderLayer,
-    flatten_levels,
+    encode_single_level,
 )
 
 __all__ = ["ConditionalTransformer", "ProjectionFreeAttention", "gen_sineembed_for_position"]
@@ -228,10 +228,7 @@ class ConditionalTransformer(nn.Module):
 
     def encode(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> Flat:
         """See the Transformer protocol in docs/internals.md; exactly one level."""
-        if len(srcs) != 1:
-            raise ValueError(f"{type(self).__name__} takes one feature level, got {len(srcs)}")
-        src, mask, pos_flat, shapes, starts, ratios = flatten_levels(srcs, masks, pos)
-        return self.encoder(src, mask, pos_flat), mask, pos_flat, shapes, starts, ratios
+        return encode_single_level(self, self.encoder, srcs, masks, pos)
 
     def decode(
         self,

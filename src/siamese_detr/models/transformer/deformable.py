@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from siamese_detr.models.heads import inverse_sigmoid
 from siamese_detr.ops.deform_attn import MSDeformAttn
 
 __all__ = [
@@ -36,12 +37,6 @@ __all__ = [
     "DeformableTransformerDecoder",
     "inverse_sigmoid",
 ]
-
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """``logit(x)`` with the input clamped to ``[eps, 1 - eps]`` (upstream helper)."""
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 class DeformableTransformerEncoderLayer(nn.Module):

@@ -49,6 +49,16 @@ def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -
     )
 
 
+def encode_single_level(owner: nn.Module, encoder: nn.Module, srcs: list[Tensor],
+                        masks: list[Tensor], pos: list[Tensor]) -> Flat:
+    """The protocol's ``encode`` for the single-scale transformers (DETR, Conditional DETR):
+    flatten the one level and run DETR's encoder on it."""
+    if len(srcs) != 1:
+        raise ValueError(f"{type(owner).__name__} takes one feature level, got {len(srcs)}")
+    src, mask, pos_flat, shapes, starts, ratios = flatten_levels(srcs, masks, pos)
+    return encoder(src, mask, pos_flat), mask, pos_flat, shapes, starts, ratios
+
+
 def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
 
@@ -189,11 +199,7 @@ class Transformer(nn.Module):
 
     def encode(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> Flat:
         """See the Transformer protocol in docs/internals.md; exactly one level."""
-        if len(srcs) != 1:
-            raise ValueError(f"{type(self).__name__} takes one feature level, got {len(srcs)}")
-        src, mask, pos_flat, shapes, starts, ratios = flatten_levels(srcs, masks, pos)
-        memory = self.encoder(src, mask, pos_flat)
-        return memory, mask, pos_flat, shapes, starts, ratios
+        return encode_single_level(self, self.encoder, srcs, masks, pos)
 
     def decode(
         self,
