@@ -164,8 +164,9 @@ the setting self-supervised pretraining is meant for) and {n_val} held-out image
 generated from photos shipped with scikit-image. SwAV weights cannot be downloaded here, so
 the frozen backbone is a stand-in warmed up without any label (it learns which shipped photo a
 crop comes from) and shared by both fine-tuning runs. The numbers say that the pipeline runs
-end to end; on 32 held-out images they move by several AP points from seed to seed, and they
-say nothing about the paper's results. The real recipes are in the README
+end to end and that pretraining transfers on this toy data; on {n_val} held-out images they move
+by several AP points from seed to seed (README: means over seeds), and they say nothing about
+the paper's results. The real recipes are in the README
 (`siamese-detr config list` shows them).
 
 ## 1. Offline EdgeBoxes proposals (top 10 per image)

@@ -14,8 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "checkpoint, evaluate both (COCO AP) and write OUT/report.md. Re-running continues an "
         "interrupted demo.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--minutes", type=float, default=10.0,
-                   help="approximate time budget on 2 CPU cores (default 10)")
+    p.add_argument("--minutes", type=float, default=16.0,
+                   help="approximate time budget on 2 CPU cores (default 16); training "
+                        "iterations scale with it")
     p.add_argument("--variant", choices=["vanilla", "conditional", "deformable"],
                    default="deformable",
                    help="detector (default: deformable, 2 levels: it learns fastest on CPU)")
