@@ -105,23 +105,25 @@ def main() -> None:
         save_yaml(cfg, path)
         return path
 
-    def pretrain_then_finetune(s: int) -> None:
+    def pretrain(s: int) -> None:
         _train("pretrain", pre_cfg(s), out / "runs" / f"pre_s{s}", "done")
         (out / "runs" / f"pre_s{s}" / "done").touch()
-        ckpt = str(out / "runs" / f"pre_s{s}" / "last.pt")
-        for f in a.finetune_seeds:
-            name = f"siam_p{s}_f{f}"
-            _train("finetune", ft_cfg(name, f, ckpt), out / "runs" / name, "eval_metrics.json")
 
-    def scratch(f: int) -> None:
-        name = f"scratch_f{f}"
-        _train("finetune", ft_cfg(name, f, ""), out / "runs" / name, "eval_metrics.json")
+    def finetune(name: str, f: int, init: str) -> None:
+        _train("finetune", ft_cfg(name, f, init), out / "runs" / name, "eval_metrics.json")
 
+    # phase 1: every pretraining run and the scratch baselines; phase 2: every fine-tuning
+    # from a pretrained checkpoint (so no core idles while one chain fine-tunes in sequence)
     with ThreadPoolExecutor(a.jobs) as pool:
-        futures = [pool.submit(pretrain_then_finetune, s) for s in a.pretrain_seeds]
-        futures += [pool.submit(scratch, f) for f in a.finetune_seeds]
-        for fut in futures:
-            fut.result()
+        jobs = [pool.submit(pretrain, s) for s in a.pretrain_seeds]
+        jobs += [pool.submit(finetune, f"scratch_f{f}", f, "") for f in a.finetune_seeds]
+        for job in jobs:
+            job.result()
+        jobs = [pool.submit(finetune, f"siam_p{s}_f{f}", f,
+                            str(out / "runs" / f"pre_s{s}" / "last.pt"))
+                for s in a.pretrain_seeds for f in a.finetune_seeds]
+        for job in jobs:
+            job.result()
 
     def ap(name: str) -> float:
         m = json.loads((out / "runs" / name / "eval_metrics.json").read_text())
