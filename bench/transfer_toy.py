@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from siamese_detr.config import RunConfig
 from siamese_detr.configio import apply_overrides, save_yaml
 from siamese_detr.demo import DemoPlan, finetune_config, make_data, make_proposals, pretrain_config
 
@@ -40,24 +41,19 @@ def _run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {rc}; see {log}")
 
 
-def _train(kind: str, cfg_path: Path, run_dir: Path, marker: str) -> float:
-    """Run one training job unless its ``marker`` file exists; returns seconds spent."""
+def _train(kind: str, cfg: RunConfig, marker: str) -> None:
+    """Run one training job (``cfg.output_dir``) unless its ``marker`` file exists; an
+    interrupted job continues from its ``last.pt``."""
+    run_dir = Path(cfg.output_dir)
     if (run_dir / marker).is_file():
-        return 0.0
-    t0 = time.perf_counter()
-    cmd = ["siamese-detr", kind, "--preset", _preset_of(cfg_path), "--config", str(cfg_path)]
+        return
+    cfg_path = run_dir.parent.parent / "configs" / f"{run_dir.name}.yaml"
+    save_yaml(cfg, cfg_path)
+    cmd = ["siamese-detr", kind, "--preset", cfg.name, "--config", str(cfg_path)]
     if (run_dir / "last.pt").is_file():
         cmd += ["--resume", "auto"]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     _run(cmd, run_dir.with_suffix(".log"))
-    return time.perf_counter() - t0
-
-
-def _preset_of(cfg_path: Path) -> str:
-    for line in cfg_path.read_text().splitlines():
-        if line.startswith("name:"):
-            return line.split(":", 1)[1].strip()
-    raise SystemExit(f"{cfg_path} has no 'name:' line")
 
 
 def main() -> None:
@@ -87,30 +83,20 @@ def main() -> None:
     make_data(out, plan)
     make_proposals(out)
     print(f"data + proposals ready in {time.perf_counter() - t0:.0f} s", flush=True)
-    (out / "configs").mkdir(parents=True, exist_ok=True)
 
-    def pre_cfg(s: int) -> Path:
-        cfg = pretrain_config(out, plan)
-        cfg = apply_overrides(replace(cfg, seed=s, output_dir=str(out / "runs" / f"pre_s{s}")),
-                              ["engine.progress=false", *a.pretrain_overrides])
-        path = out / "configs" / f"pre_s{s}.yaml"
-        save_yaml(cfg, path)
-        return path
-
-    def ft_cfg(name: str, s: int, init: str) -> Path:
-        cfg = finetune_config(out, plan, init)
-        cfg = apply_overrides(replace(cfg, seed=s, output_dir=str(out / "runs" / name)),
-                              ["engine.progress=false"])
-        path = out / "configs" / f"{name}.yaml"
-        save_yaml(cfg, path)
-        return path
+    def run_config(cfg: RunConfig, name: str, seed: int, extra: list[str]) -> RunConfig:
+        return apply_overrides(replace(cfg, seed=seed, output_dir=str(out / "runs" / name)),
+                               ["engine.progress=false", *extra])
 
     def pretrain(s: int) -> None:
-        _train("pretrain", pre_cfg(s), out / "runs" / f"pre_s{s}", "done")
-        (out / "runs" / f"pre_s{s}" / "done").touch()
+        name = f"pre_s{s}"
+        _train("pretrain", run_config(pretrain_config(out, plan), name, s, a.pretrain_overrides),
+               "done")
+        (out / "runs" / name / "done").touch()
 
     def finetune(name: str, f: int, init: str) -> None:
-        _train("finetune", ft_cfg(name, f, init), out / "runs" / name, "eval_metrics.json")
+        _train("finetune", run_config(finetune_config(out, plan, init), name, f, []),
+               "eval_metrics.json")
 
     # phase 1: every pretraining run and the scratch baselines; phase 2: every fine-tuning
     # from a pretrained checkpoint (so no core idles while one chain fine-tunes in sequence)
@@ -129,12 +115,13 @@ def main() -> None:
         m = json.loads((out / "runs" / name / "eval_metrics.json").read_text())
         return 100 * m["coco/AP"]
 
-    rows = {"scratch": [ap(f"scratch_f{f}") for f in a.finetune_seeds]}
+    scratch = [ap(f"scratch_f{f}") for f in a.finetune_seeds]
+    rows = {"scratch": scratch}
     for s in a.pretrain_seeds:
         rows[f"siamese, pretrain seed {s}"] = [ap(f"siam_p{s}_f{f}") for f in a.finetune_seeds]
-    siam_all = [v for k, vs in rows.items() if k != "scratch" for v in vs]
-    diffs = [ap(f"siam_p{s}_f{f}") - ap(f"scratch_f{f}")
-             for s in a.pretrain_seeds for f in a.finetune_seeds]
+    siam_rows = [vs for k, vs in rows.items() if k != "scratch"]
+    siam_all = [v for vs in siam_rows for v in vs]
+    diffs = [v - sc for vs in siam_rows for v, sc in zip(vs, scratch)]
 
     def ms(xs: list[float]) -> str:
         sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
@@ -152,9 +139,8 @@ def main() -> None:
     wins = sum(d > 0 for d in diffs)
     print(f"paired difference (siamese - scratch, same fine-tuning seed): {ms(diffs)}, "
           f"wins {wins}/{len(diffs)}")
-    (out / "summary.json").write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path)
-                                                               else v) for k, v in vars(a).items()},
-                                                  "ap": rows, "paired_diff": diffs}, indent=1))
+    (out / "summary.json").write_text(json.dumps(
+        {"args": vars(a), "ap": rows, "paired_diff": diffs}, indent=1, default=str))
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 

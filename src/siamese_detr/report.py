@@ -150,9 +150,7 @@ def _views_figure(out: Path, plan: Any, path: Path) -> None:
     for index in range(len(dataset)):
         sample = dataset[index]
         if sample is not None:
-            draw_views(sample, path)
-            im = Image.open(path)
-            im.resize((im.width * 2, im.height * 2), Image.Resampling.NEAREST).save(path)
+            draw_views(sample, path, scale=2)
             return
 
 

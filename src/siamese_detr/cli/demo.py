@@ -14,9 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "checkpoint, evaluate both (COCO AP) and write OUT/report.md. Re-running continues an "
         "interrupted demo.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--minutes", type=float, default=16.0,
-                   help="approximate time budget on 2 CPU cores (default 16); training "
-                        "iterations scale with it")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="approximate time budget on 2 CPU cores (default: the full plan, "
+                        "about 16); training iterations scale with it")
     p.add_argument("--variant", choices=["vanilla", "conditional", "deformable"],
                    default="deformable",
                    help="detector (default: deformable, 2 levels: it learns fastest on CPU)")
@@ -27,13 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from siamese_detr.demo import DemoPlan, results_table, run_demo
+    from siamese_detr.demo import DEFAULT_MINUTES, DemoPlan, results_table, run_demo
     from siamese_detr.engine.logging import setup_logging
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     setup_logging(True, out / "demo.log")
-    plan = DemoPlan.scaled(args.minutes, args.variant, args.seed)
+    minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes
+    plan = DemoPlan.scaled(minutes, args.variant, args.seed)
     report = run_demo(out, plan)
     table = results_table(out)
     print(f"\nreport: {report}")

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 import torchvision
 
 from siamese_detr.data.synthetic import photo_names, shipped_photo
+from siamese_detr.engine.checkpoint import save_checkpoint
+from siamese_detr.methods.siamese.views import IMAGENET_MEAN, IMAGENET_STD
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+_MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
+_STD = torch.tensor(IMAGENET_STD)[:, None, None]
 
 
 def _crops(photos: list[torch.Tensor], rng: np.random.Generator, n: int, size: int
@@ -62,8 +64,5 @@ def train_photo_backbone(path: str | Path, steps: int = 300, batch_size: int = 3
         opt.step()
         losses.append(float(loss.detach()))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    save_checkpoint(state, path)  # atomic
     return float(np.mean(losses[-50:]))

@@ -21,7 +21,6 @@ from torch.utils.data import Dataset
 
 from siamese_detr.config import ProposalReadConfig, SiameseOptions
 from siamese_detr.data.collate import pad_images
-from siamese_detr.data.loaders import PositionedSampler  # re-exported (was a copy)
 from siamese_detr.methods.siamese.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,7 +30,6 @@ from siamese_detr.methods.siamese.views import (
 from siamese_detr.structures import ImageBatch
 
 __all__ = [
-    "PositionedSampler",
     "PretrainDataset",
     "SiameseBatch",
     "collate_siamese",
@@ -234,9 +232,10 @@ def _palette(n: int) -> list[tuple[int, int, int]]:
     return colours
 
 
-def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8) -> Path:
+def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8, scale: int = 1) -> Path:
     """Save a PNG: view 1 | view 2 side by side, region ``j`` drawn in the same colour in both
-    (region 0, the intersection, on top with a thicker outline). Returns the path written."""
+    (region 0, the intersection, on top with a thicker outline), enlarged ``scale`` times
+    (nearest neighbour). Returns the path written."""
     left, right = _to_pil(sample.view1), _to_pil(sample.view2)
     canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)),
                        (255, 255, 255))
@@ -249,6 +248,9 @@ def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8) -> Path:
             draw.rectangle([x0 + offset, y0, x1 + offset, y1], outline=colours[j],
                            width=3 if j == 0 else 2)
             draw.text((x0 + offset + 2, y0 + 1), str(j), fill=colours[j])
+    if scale != 1:
+        canvas = canvas.resize((canvas.width * scale, canvas.height * scale),
+                               Image.Resampling.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")

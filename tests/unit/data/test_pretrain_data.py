@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from siamese_detr.config import ProposalReadConfig, SiameseOptions
+from siamese_detr.data.loaders import PositionedSampler
 from siamese_detr.data.pretrain import (
-    PositionedSampler,
     PretrainDataset,
     collate_siamese,
     draw_views,
