@@ -25,12 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from siamese_detr.demo import DEFAULT_MINUTES, DemoPlan, results_table, run_demo
     from siamese_detr.engine.logging import setup_logging
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     setup_logging(True, out / "demo.log")
     minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes

@@ -238,15 +238,17 @@ class SiameseDETR(nn.Module):
         for name in loc12.terms.keys() & loc21.terms.keys():
             (w1, r1), (w2, r2) = loc12.terms[name], loc21.terms[name]
             terms[name] = (0.5 * (w1 + w2), 0.5 * (r1 + r2))
+        extra: dict[str, tuple[float, Tensor]] = {}  # name -> (weight, raw value)
         if reg12 is not None and reg21 is not None:
-            raw = 0.5 * (reg12 + reg21)
-            total = total + self.opts.weight_region * raw
-            terms["loss_region"] = (float(self.opts.weight_region * raw.detach()),
-                                    float(raw.detach()))
+            extra["loss_region"] = (self.opts.weight_region, 0.5 * (reg12 + reg21))
         if glob is not None:
-            total = total + self.opts.weight_global * glob
-            terms["loss_global"] = (float(self.opts.weight_global * glob.detach()),
-                                    float(glob.detach()))
+            extra["loss_global"] = (self.opts.weight_global, glob)
+        for weight, raw in extra.values():
+            total = total + weight * raw
+        if extra:  # one device sync for both logged values
+            values = torch.stack([raw.detach() for _, raw in extra.values()]).tolist()
+            for (name, (weight, _)), value in zip(extra.items(), values):
+                terms[name] = (weight * value, value)
         return LossOutput(total=total, terms=dict(sorted(terms.items())))
 
 
