@@ -171,12 +171,15 @@ def run_finetune(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
                  ) -> dict[str, float]:
     """Fine-tune ``cfg``'s detector (from ``cfg.init`` or from scratch), then evaluate."""
     from siamese_detr.data.loaders import build_detection_loader
+    from siamese_detr.engine.batching import apply_global_batch
     from siamese_detr.engine.loop import train
     from siamese_detr.engine.setup import prepare_training
     from siamese_detr.losses.set_criterion import build_criterion, num_logits
     from siamese_detr.models.detector import build_detector
 
     log = get_logger()
+    cfg, batch_plan = apply_global_batch(cfg, dist_info.world_size)
+    log.info("%s", batch_plan.describe())
     run_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     train_set, val_set = build_datasets(cfg)

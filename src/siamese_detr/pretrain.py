@@ -57,10 +57,13 @@ def run_pretrain(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
                  ) -> dict[str, float]:
     from siamese_detr.data.loaders import build_detection_loader
     from siamese_detr.data.pretrain import collate_siamese
+    from siamese_detr.engine.batching import apply_global_batch
     from siamese_detr.engine.loop import train
     from siamese_detr.engine.setup import prepare_training
 
     log = get_logger()
+    cfg, batch_plan = apply_global_batch(cfg, dist_info.world_size)
+    log.info("%s", batch_plan.describe())
     run_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     dataset = build_pretrain_dataset(cfg)
