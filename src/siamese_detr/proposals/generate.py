@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from siamese_detr.cli.main import UserError
 from siamese_detr.data.sources import ImageRecord, list_images, source_kind
+from siamese_detr.errors import UserError
 from siamese_detr.proposals import methods
 from siamese_detr.proposals.store import (
     ImageProposals,
