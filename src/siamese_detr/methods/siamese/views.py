@@ -1,6 +1,7 @@
 """Siamese DETR data side: one image + its proposals -> two overlapping views with shared regions.
 
-Implements ``/work/shared/design/method.md`` section 2.1-2.2 (official ``SiameseDETRDataset``).
+Implements the view sampling of the official ``SiameseDETRDataset`` (Zx55/SiameseDETR; see
+docs/method.md, "One training step").
 
 Coordinate frames (all boxes are absolute **xyxy**, float):
 
