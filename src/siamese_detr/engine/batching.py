@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from siamese_detr.config import ConfigError, RunConfig
+from siamese_detr.config import RunConfig
+from siamese_detr.errors import ConfigError
 
 __all__ = ["BatchPlan", "apply_global_batch", "plan_batch"]
 

@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from siamese_detr.config import ConfigError, OptimConfig
+from siamese_detr.config import OptimConfig
 from siamese_detr.configio import apply_overrides
 from siamese_detr.engine.batching import apply_global_batch, plan_batch
 from siamese_detr.engine.optim import build_optimizer, param_groups, set_lr
+from siamese_detr.errors import ConfigError
 from siamese_detr.presets import get_preset
 
 
@@ -110,9 +111,9 @@ def test_without_global_batch_accumulation_comes_from_the_engine() -> None:
 def test_start_up_line_prints_the_effective_global_batch(tmp_path, caplog) -> None:
     """A 1-iteration tiny fine-tuning run with ``data.global_batch=8`` on one process logs
     the plan (4 per process x 1 x 2 accumulation steps) and trains with that accumulation."""
-    from siamese_detr.data.synthetic import make_detection_set
+    from siamese_detr.demo.synthetic import make_detection_set
     from siamese_detr.engine.distributed import DistInfo
-    from siamese_detr.finetune import run_finetune
+    from siamese_detr.runner import run
 
     paths = make_detection_set(tmp_path / "det", 4, 2, (64, 64), seed=0)
     cfg = apply_overrides(get_preset("tiny/vanilla/finetune"), [
@@ -124,7 +125,7 @@ def test_start_up_line_prints_the_effective_global_batch(tmp_path, caplog) -> No
     ])
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with caplog.at_level(logging.INFO):
-        run_finetune(cfg, info)
+        run(cfg, info)
     text = caplog.text
     assert "effective global batch 8 = 4 per process x 1 process x 2 accumulation steps" in text
     saved = (tmp_path / "run" / "config.yaml").read_text()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from siamese_detr.config import ConfigError
 from siamese_detr.configio import apply_overrides
+from siamese_detr.errors import ConfigError
 from siamese_detr.presets import PRESETS, get_preset
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from siamese_detr.data.pretrain import _palette, draw_views
+from siamese_detr.methods.siamese.data import _palette, draw_views
 from siamese_detr.methods.siamese.views import SiameseSample
 
 
