@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     print(f"{args.checkpoint} -> {args.target}")
     print(report.summary())
+    if report.upstream_args and not report.blockers:
+        print(f"upstream model arguments: {report.upstream_args}")
     if not report.ok and not args.allow_unmapped:
         print(f"not written: {len(report.unmapped)} unmapped key(s) "
               "(re-run with --allow-unmapped to write anyway)")

@@ -50,8 +50,6 @@ class ConversionReport:
         if self.blockers:
             lines.append("FOR SIAMESE-DETR'S OWN CODE ONLY, upstream cannot use it: "
                          + "; ".join(self.blockers))
-        elif self.upstream_args:
-            lines.append(f"upstream model arguments: {self.upstream_args}")
         reasons: dict[str, int] = {}
         for _, why in self.dropped:
             reasons[why] = reasons.get(why, 0) + 1

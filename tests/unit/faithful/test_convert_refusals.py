@@ -71,13 +71,21 @@ def test_configurations_upstream_builds_are_not_refused(variant, depth, hidden, 
     assert upstream_blockers(config, TARGET[variant]) == []
 
 
-def test_detr_resnet18_converts_with_the_upstream_arguments() -> None:
-    state, report = convert_checkpoint(_ckpt("vanilla", 18, 64), "detr")
+def test_detr_resnet18_converts_with_the_upstream_arguments(tmp_path: Path, capsys) -> None:
+    from siamese_detr.cli.main import main
+
+    ckpt = _ckpt("vanilla", 18, 64)
+    state, report = convert_checkpoint(ckpt, "detr")
     assert report.ok and not report.blockers
-    assert "--backbone resnet18" in report.upstream_args
-    assert "--hidden_dim 64" in report.upstream_args
-    assert "upstream model arguments: --backbone resnet18" in report.summary()
+    assert report.upstream_args == ("--backbone resnet18 --hidden_dim 64 --nheads 4 "
+                                    "--enc_layers 1 --dec_layers 1 --dim_feedforward 32 "
+                                    "--num_queries 4")
     assert state["input_proj.weight"].shape == (64, 512, 1, 1)  # upstream resnet18 width
+    torch.save(ckpt, tmp_path / "last.pt")
+    assert main(["convert", "--checkpoint", str(tmp_path / "last.pt"), "--to", "detr",
+                 "--out", str(tmp_path / "detr.pth")]) == 0
+    assert "upstream model arguments: --backbone resnet18 --hidden_dim 64" in (
+        capsys.readouterr().out)
 
 
 def test_cli_refuses_then_writes_a_marked_file_with_the_flag(tmp_path: Path, capsys) -> None:
