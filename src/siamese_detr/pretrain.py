@@ -22,6 +22,10 @@ def build_pretrain_dataset(cfg: RunConfig) -> Any:
     from siamese_detr.proposals.store import ProposalStore
 
     pre = cfg.pretrain
+    if pre.method == "updetr":
+        from siamese_detr.methods.updetr.data import build_updetr_dataset
+
+        return build_updetr_dataset(cfg)
     if not pre.images:
         raise ConfigError("pretrain.images is empty: give an image folder, list file or COCO "
                           "json, e.g. pretrain.images=data/imagenet/train")
@@ -46,7 +50,11 @@ def build_task(cfg: RunConfig) -> nn.Module:
             from siamese_detr.methods.siamese.task import build_siamese_task
 
             return build_siamese_task(cfg)
-        case "updetr" | "detreg":
+        case "updetr":
+            from siamese_detr.methods.updetr.task import build_updetr_task
+
+            return build_updetr_task(cfg)
+        case "detreg":
             raise ConfigError(f"pretrain.method={cfg.pretrain.method} is not implemented yet; "
                               "use pretrain.method=siamese")
         case _:
@@ -71,10 +79,16 @@ def run_pretrain(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
              cfg.pretrain.method, cfg.model.variant, len(dataset), prep.schedule.total_steps,
              list(prep.schedule.lr_drops), prep.global_batch)
 
+    collate_fn: Any = collate_siamese
+    if cfg.pretrain.method == "updetr":
+        from siamese_detr.methods.updetr.data import collate_updetr
+
+        collate_fn = collate_updetr
+
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(dataset, cfg.pretrain.batch_size,
                                       cfg.pretrain.num_workers, cfg.seed, start_step=position,
-                                      collate_fn=collate_siamese)
+                                      collate_fn=collate_fn)
 
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
