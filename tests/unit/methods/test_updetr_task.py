@@ -302,3 +302,27 @@ def test_checkpoint_converts_and_inits_like_siamese(variant: str, levels: int, t
     for k, v in task.detector_state_dict().items():
         if not k.startswith("class_embed"):
             assert torch.equal(ft.state_dict()[k], v), k
+
+
+def test_official_vanilla_preset_values() -> None:
+    """updetr/detr/in1k carries dddzg/up-detr's recipe (docs/method.md, UP-DETR table)."""
+    from siamese_detr.presets import get_preset
+
+    cfg = get_preset("updetr/detr/in1k")
+    u, o, m = cfg.pretrain.updetr, cfg.optim, cfg.model
+    assert (cfg.task, cfg.pretrain.method, m.variant) == ("pretrain", "updetr", "vanilla")
+    assert (u.num_patches, u.feature_recon, u.query_shuffle, u.mask_ratio) == (10, True, False,
+                                                                              0.1)
+    assert (u.patch_size, u.min_patch, u.weight_recon, u.base_max_size) == (128, 8, 1.0, 600)
+    assert u.base_scales == (320, 336, 352, 368, 400, 416, 432, 448, 464, 480)
+    assert (m.num_queries, m.enc_layers, m.dec_layers, m.hidden_dim, m.nheads) == (
+        100, 6, 6, 256, 8)
+    assert (m.dim_feedforward, m.dropout, m.aux_loss, m.backbone.freeze) == (
+        2048, 0.1, True, "all")
+    assert (o.lr, o.lr_backbone, o.weight_decay, o.clip_max_norm) == (1e-4, 0.0, 1e-4, 0.1)
+    assert (o.unit, o.length, o.lr_drops, o.gamma) == ("epoch", 60, (40,), 0.1)
+    assert (cfg.pretrain.batch_size, cfg.seed) == (32, 42)
+    for name in ("updetr/conditional-100q/in1k", "updetr/deformable-ms-300q/in1k"):
+        c = get_preset(name)
+        assert (c.optim.unit, c.optim.length, c.optim.lr_drops) == ("iter", 300_000, (200_000,))
+        assert c.model.num_queries % c.pretrain.updetr.num_patches == 0
