@@ -275,7 +275,7 @@ def test_backbone_must_be_frozen() -> None:
 def test_checkpoint_converts_and_inits_like_siamese(variant: str, levels: int, tmp_path) -> None:
     from siamese_detr.configio import to_dict
     from siamese_detr.convert import convert_checkpoint, to_internal
-    from siamese_detr.finetune import load_init
+    from siamese_detr.eval.loading import init_from_checkpoint
     from siamese_detr.models.detector import build_detector
 
     task = make_task(variant, levels)
@@ -296,7 +296,7 @@ def test_checkpoint_converts_and_inits_like_siamese(variant: str, levels: int, t
     path = tmp_path / "pre.pt"
     torch.save(ckpt, path)
     ft = build_detector(replace(cfg.model, backbone=BackboneConfig(depth=18)), 6)
-    report_init = load_init(ft, path, variant)
+    report_init = init_from_checkpoint(ft, path, variant)
     assert report_init.unexpected == [] and all(
         k.startswith("class_embed") for k in report_init.missing)
     for k, v in task.detector_state_dict().items():

@@ -29,10 +29,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from siamese_detr.config import ConfigError, RunConfig, UPDETROptions
+from siamese_detr.config import RunConfig, UPDETROptions
 from siamese_detr.data.collate import pad_images
-from siamese_detr.data.pretrain import sample_rng
 from siamese_detr.data.transforms import get_size
+from siamese_detr.errors import ConfigError
+from siamese_detr.methods.siamese.data import sample_rng
 from siamese_detr.methods.siamese.views import colour_augment, to_normalised_tensor
 from siamese_detr.structures import ImageBatch
 

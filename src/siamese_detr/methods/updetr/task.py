@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from siamese_detr.config import ConfigError, RunConfig, UPDETROptions
+from siamese_detr.config import RunConfig, UPDETROptions
+from siamese_detr.errors import ConfigError
 from siamese_detr.losses.discrimination import region_discrimination_loss
 from siamese_detr.methods.base import global_pool_features
 from siamese_detr.models.heads import MLP
@@ -193,8 +194,7 @@ def build_updetr_task(cfg: RunConfig) -> UPDETR:
         ConfigError: backbone not fully frozen, ``num_queries`` not a multiple of
             ``num_patches``, or an option out of range.
     """
-    from siamese_detr.losses.set_criterion import SetCriterion
-    from siamese_detr.matcher import HungarianMatcher
+    from siamese_detr.methods.siamese.task import build_pretext_criterion
     from siamese_detr.models.detector import build_detector
 
     opts = cfg.pretrain.updetr
@@ -214,12 +214,9 @@ def build_updetr_task(cfg: RunConfig) -> UPDETR:
         raise ConfigError(f"{key}.weight_recon={opts.weight_recon} must be >= 0")
     # build_detector loads cfg.model.backbone.weights (models.backbone.load_backbone_weights)
     detector = build_detector(cfg.model, num_logits=2)
-    matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, cls_loss="ce")
-    criterion = SetCriterion(
-        num_classes=1, matcher=matcher, cls_loss="ce", eos_coef=0.1, focal_alpha=0.25,
-        focal_gamma=2.0, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
-        aux_loss=cfg.model.aux_loss,
-    )
+    # one "patch" class + no-object, softmax CE, every decoder layer; costs and weights from
+    # cfg.loss (the presets: 1 / 5 / 2 and eos_coef 0.1, as up-detr), shared with Siamese DETR
+    criterion = build_pretext_criterion(cfg)
     return UPDETR(detector, opts, criterion)
 
 
