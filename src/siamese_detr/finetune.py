@@ -56,9 +56,21 @@ class InitReport:
 
 
 def load_init(detector: nn.Module, path: str | Path, variant: str) -> InitReport:
-    """Initialise ``detector`` from a checkpoint; the class head is re-initialised when its
-    shape differs (a pretext head or another label set)."""
-    ckpt = load_checkpoint(path)
+    """Initialise ``detector`` from a checkpoint, one of our folders (``model.safetensors`` +
+    ``config.yaml``) or a transformers DETR / Conditional / Deformable DETR directory; the
+    class head is re-initialised when its shape differs (a pretext head or another label
+    set)."""
+    hint = ""
+    if Path(path).is_dir():
+        from siamese_detr.convert.source import read_source
+
+        ckpt = read_source(path)
+        model = ckpt["config"]["model"]
+        hint = " (its config: " + " ".join(
+            f"model.{k}={model[k]}" for k in ("hidden_dim", "nheads", "enc_layers", "dec_layers",
+                                                "dim_feedforward", "num_queries")) + ")"
+    else:
+        ckpt = load_checkpoint(path)
     stored = ckpt.get("config", {}).get("model", {}).get("variant") if isinstance(
         ckpt.get("config"), dict) else None
     if stored is not None and stored != variant:
@@ -74,7 +86,7 @@ def load_init(detector: nn.Module, path: str | Path, variant: str) -> InitReport
                 continue
             raise ConfigError(f"--init {path}: '{k}' has shape {tuple(v.shape)} but the model "
                               f"expects {tuple(own[k].shape)} (check model.num_queries, "
-                              "hidden_dim and layer counts)")
+                              f"hidden_dim and layer counts){hint}")
         usable[k] = v
     result = detector.load_state_dict(usable, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("class_embed")]
@@ -83,6 +95,14 @@ def load_init(detector: nn.Module, path: str | Path, variant: str) -> InitReport
                           "this model: is it a checkpoint of the same detector?")
     return InitReport(len(usable), skipped, list(result.missing_keys),
                       list(result.unexpected_keys))
+
+
+def categories_of(dataset: Any) -> list[dict[str, Any]]:
+    """``[{"id", "name"}]`` of a COCO-format data set, sorted by id (stored in fine-tuning
+    checkpoints so that exports and predictions can name the labels)."""
+    coco = dataset.coco
+    return [{"id": int(c["id"]), "name": str(c["name"])}
+            for c in sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])]
 
 
 def build_datasets(cfg: RunConfig, train: bool = True) -> tuple[Any, Any]:
@@ -201,7 +221,8 @@ def run_finetune(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
         engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
-        checkpoint_meta={"kind": "finetune", "config": to_dict(cfg)},
+        checkpoint_meta={"kind": "finetune", "config": to_dict(cfg),
+                         "categories": categories_of(train_set)},
         start=prep.start, scaler=prep.scaler,
         evaluate=lambda t: evaluate_detector(t.detector, val_set, cfg, dist_info.device, run_dir),
     )

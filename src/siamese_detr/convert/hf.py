@@ -29,6 +29,11 @@ from torch import Tensor
 
 __all__ = [
     "HF_ARCH",
+    "HfError",
+    "HfExport",
+    "export_hf_dir",
+    "id2label_from_categories",
+    "model_card",
     "HfImport",
     "from_hf_state",
     "hf_config",
@@ -250,8 +255,6 @@ def hf_config(model: Mapping[str, Any], id2label: Mapping[int, str]) -> dict[str
             decoder_n_points=int(model["dec_n_points"]),
             with_box_refine=bool(model["box_refine"]),
             two_stage=False,
-            # box refinement: one class head per layer (upstream clones them), not tied
-            tie_word_embeddings=not bool(model["box_refine"]),
         )
     return out
 
@@ -521,3 +524,141 @@ def id2label_from_categories(categories: list[Mapping[str, Any]] | None,
     names = {int(c["id"]): str(c["name"]) for c in categories or []}
     return {i: names.get(i, "N/A" if names else f"LABEL_{i}") for i in range(num_classes)}
 
+
+
+# ----------------------------------------------------------------------------- directory
+@dataclass
+class HfExport:
+    """What :func:`export_hf_dir` wrote."""
+
+    folder: Path
+    architecture: str
+    num_tensors: int
+    class_head: bool  # False: pretraining checkpoint, class head left out
+    notes: list[str]
+
+
+def _licence_line(backbone: Mapping[str, Any]) -> str:
+    weights = str(backbone.get("weights") or "")
+    fmt = str(backbone.get("weights_format") or "auto")
+    if fmt == "swav" or "swav" in weights.lower():
+        return ("The ResNet backbone was initialised from SwAV (Caron et al. 2020, "
+                "facebookresearch/swav), whose weights are released under **CC BY-NC 4.0** "
+                "(non-commercial use only); this model inherits that restriction.")
+    if weights:
+        return (f"The ResNet backbone was initialised from `{Path(weights).name}`; check that "
+                "file's licence before redistributing these weights.")
+    return ("The ResNet backbone was trained from random initialisation in this run (no "
+            "third-party weights).")
+
+
+def model_card(source: Mapping[str, Any], config: Mapping[str, Any], class_head: bool) -> str:
+    """README.md of an exported directory: method, data, recipe, backbone licence."""
+    run = source["config"]
+    model, optim = run.get("model", {}), run.get("optim", {})
+    arch = config["architectures"][0]
+    kind = source.get("kind", "finetune")
+    pre = run.get("pretrain", {})
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: object-detection",
+        "tags: [object-detection, detr, siamese-detr]",
+        "---",
+        "",
+        f"# {run.get('name', 'siamese-detr')} ({arch})",
+        "",
+        f"Exported by `siamese-detr export --to hf` from a **{kind}** checkpoint. Load it with "
+        f"`transformers.{arch}.from_pretrained(DIR)` and the image processor in this folder.",
+        "",
+        "## Method",
+        "",
+    ]
+    if kind == "pretrain":
+        lines += [
+            f"Self-supervised pretraining ({pre.get('method', 'siamese')}) of a "
+            f"{model.get('variant')} DETR with a frozen backbone, on unlabeled images "
+            f"(`{pre.get('images', '')}`). The pretext class head does not fit downstream "
+            "classes and is **not included**: `from_pretrained` reports "
+            "`class_labels_classifier`/`class_embed` as newly initialised; pass "
+            "`num_labels=K` to fine-tune on K classes.",
+        ]
+    else:
+        data = run.get("data", {})
+        init = run.get("init") or "random initialisation (from scratch)"
+        lines += [
+            f"Supervised fine-tuning of a {model.get('variant')} DETR on COCO-format data "
+            f"(train `{data.get('train_ann', '')}`, evaluated on `{data.get('val_ann', '')}`), "
+            f"starting from `{init}`.",
+        ]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        f"- backbone: ResNet-{model.get('backbone', {}).get('depth')} with frozen batch norm "
+        f"(freeze: {model.get('backbone', {}).get('freeze')})",
+        f"- transformer: d_model {model.get('hidden_dim')}, {model.get('nheads')} heads, "
+        f"{model.get('enc_layers')} encoder / {model.get('dec_layers')} decoder layers, "
+        f"FFN {model.get('dim_feedforward')}, {model.get('num_queries')} queries",
+        f"- optimiser: AdamW lr {optim.get('lr')}, backbone lr {optim.get('lr_backbone')}, "
+        f"weight decay {optim.get('weight_decay')}, {optim.get('length')} {optim.get('unit')}s, "
+        f"lr drops at {optim.get('lr_drops')}",
+        f"- seed {run.get('seed')}; the full config is in the source run's `config.yaml`",
+        "- `auxiliary_loss` is false in config.json: transformers 5.23's DETR decoder feeds the "
+        "normalised intermediate output to the next layer when it is true, which changes "
+        "inference; set it only for training",
+        "",
+        "## Labels",
+        "",
+        ("Label indices are the COCO category ids of the training json (`id2label`)."
+         if class_head else "No class head (see Method)."),
+        "",
+        "## Licence of the weights",
+        "",
+        _licence_line(model.get("backbone", {})),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_hf_dir(source: Mapping[str, Any], out: str | Path, check: bool = True) -> HfExport:
+    """Write a transformers directory for a :func:`~siamese_detr.convert.source.read_source`
+    dict: ``config.json``, ``preprocessor_config.json``, ``model.safetensors``, ``README.md``.
+
+    Raises :class:`HfError` for what transformers cannot represent (see
+    :func:`unsupported_reason`).
+    """
+    from siamese_detr.config import LossConfig, resolved_cls_loss
+    from siamese_detr.configio import from_dict
+    from siamese_detr.convert.folder import safetensors_bytes, write_bytes_atomic
+
+    run = source["config"]
+    cfg = from_dict({k: v for k, v in run.items() if k != "init"})
+    model = run["model"]
+    class_head = source.get("kind", "finetune") != "pretrain"
+    loss = cfg.loss if class_head else LossConfig()
+    reason = unsupported_reason(model, resolved_cls_loss(cfg.model, loss))
+    if reason:
+        raise HfError(f"transformers cannot represent this detector: {reason}")
+    notes: list[str] = []
+    if class_head:
+        id2label = id2label_from_categories(source.get("categories"), cfg.model.num_classes)
+        if not source.get("categories"):
+            notes.append("the checkpoint stores no category names: labels are LABEL_<id>")
+    else:
+        id2label = {0: "object"}
+        notes.append("pretraining checkpoint: the pretext class head is not exported; "
+                     "from_pretrained initialises the class head (pass num_labels=K)")
+    config = hf_config(model, id2label)
+    if check:
+        validate_config(config)
+    state = to_hf_state(source["model"], model, with_class_head=class_head)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(folder / "model.safetensors", safetensors_bytes(state, {"format": "pt"}))
+    write_bytes_atomic(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    pre = hf_preprocessor_config(model["variant"], run.get("data", {}))
+    write_bytes_atomic(folder / "preprocessor_config.json",
+                       (json.dumps(pre, indent=2) + "\n").encode())
+    write_bytes_atomic(folder / "README.md", model_card(source, config, class_head).encode())
+    return HfExport(folder, config["architectures"][0], len(state), class_head, notes)
