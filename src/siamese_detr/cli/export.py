@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamese_detr.cli.main import UserError
+from siamese_detr.errors import UserError
 
 _EXTRA = 'install the export extra: pip install "siamese-detr[export]"'
 
@@ -70,7 +70,6 @@ def _to_hf(source: dict, out: Path) -> int:
 def _to_onnx(source: dict, out: Path, size: list[int] | None) -> int:
     import torch
 
-    from siamese_detr.config import resolved_cls_loss
     from siamese_detr.convert.onnx import OnnxDetector, check_onnx, export_onnx
     from siamese_detr.convert.source import build_from_source
 
@@ -80,7 +79,7 @@ def _to_onnx(source: dict, out: Path, size: list[int] | None) -> int:
         raise UserError("--to onnx needs a fine-tuned detector; this is a pretraining "
                         "checkpoint (its class head is the pretext head): fine-tune it first")
     detector, cfg = build_from_source(source)
-    wrapper = OnnxDetector(detector, resolved_cls_loss(cfg.model, cfg.loss))
+    wrapper = OnnxDetector(detector)
     h, w = size or (cfg.data.val_size, cfg.data.val_size)
     path = export_onnx(wrapper, out / "model.onnx", h, w)
     images = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))

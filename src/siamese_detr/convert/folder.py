@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,10 @@ from typing import Any
 import yaml
 from torch import Tensor
 
-__all__ = ["FORMAT_VERSION", "is_folder", "load_folder", "save_folder", "write_bytes_atomic"]
+from siamese_detr.files import write_bytes
+
+__all__ = ["FORMAT_VERSION", "FolderError", "is_folder", "load_folder", "safetensors_bytes",
+           "save_folder"]
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
@@ -32,20 +33,6 @@ WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 
 class FolderError(ValueError):
     """A folder that is not a readable siamese-detr detector folder (one line)."""
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def safetensors_bytes(state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
@@ -68,9 +55,9 @@ def save_folder(path: str | Path, state: Mapping[str, Tensor], config: Mapping[s
         "siamese_detr.categories": json.dumps(
             [{"id": int(c["id"]), "name": str(c["name"])} for c in categories or []]),
     }
-    write_bytes_atomic(folder / WEIGHTS, safetensors_bytes(state, meta))
+    write_bytes(folder / WEIGHTS, safetensors_bytes(state, meta))
     text = yaml.safe_dump(json.loads(json.dumps(dict(config))), sort_keys=False)
-    write_bytes_atomic(folder / CONFIG, text.encode())
+    write_bytes(folder / CONFIG, text.encode())
     return folder
 
 

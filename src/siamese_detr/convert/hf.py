@@ -262,7 +262,7 @@ def hf_config(model: Mapping[str, Any], id2label: Mapping[int, str]) -> dict[str
 def hf_preprocessor_config(variant: str, data: Mapping[str, Any]) -> dict[str, Any]:
     """``preprocessor_config.json``: our evaluation resize (shorter side ``val_size``, longer
     side at most ``max_size``), /255 rescale and ImageNet normalisation."""
-    from siamese_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 
     return {
         "image_processor_type": HF_ARCH[variant][2],
@@ -630,7 +630,8 @@ def export_hf_dir(source: Mapping[str, Any], out: str | Path, check: bool = True
     """
     from siamese_detr.config import LossConfig, resolved_cls_loss
     from siamese_detr.configio import from_dict
-    from siamese_detr.convert.folder import safetensors_bytes, write_bytes_atomic
+    from siamese_detr.convert.folder import safetensors_bytes
+    from siamese_detr.files import write_bytes
 
     run = source["config"]
     cfg = from_dict({k: v for k, v in run.items() if k != "init"})
@@ -655,10 +656,10 @@ def export_hf_dir(source: Mapping[str, Any], out: str | Path, check: bool = True
     state = to_hf_state(source["model"], model, with_class_head=class_head)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(folder / "model.safetensors", safetensors_bytes(state, {"format": "pt"}))
-    write_bytes_atomic(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes(folder / "model.safetensors", safetensors_bytes(state, {"format": "pt"}))
+    write_bytes(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     pre = hf_preprocessor_config(model["variant"], run.get("data", {}))
-    write_bytes_atomic(folder / "preprocessor_config.json",
+    write_bytes(folder / "preprocessor_config.json",
                        (json.dumps(pre, indent=2) + "\n").encode())
-    write_bytes_atomic(folder / "README.md", model_card(source, config, class_head).encode())
+    write_bytes(folder / "README.md", model_card(source, config, class_head).encode())
     return HfExport(folder, config["architectures"][0], len(state), class_head, notes)

@@ -31,14 +31,12 @@ __all__ = ["OnnxCheck", "OnnxDetector", "check_onnx", "export_onnx"]
 
 class OnnxDetector(nn.Module):
     """``images -> (scores, boxes)`` around a :class:`~siamese_detr.models.detector.Detector`
-    (see the module docstring); ``cls_loss`` is "ce" or "focal"."""
+    (see the module docstring); the scores follow ``detector.head_activation``."""
 
-    def __init__(self, detector: nn.Module, cls_loss: str) -> None:
+    def __init__(self, detector: nn.Module) -> None:
         super().__init__()
-        if cls_loss not in ("ce", "focal"):
-            raise ValueError(f"cls_loss must be 'ce' or 'focal', got {cls_loss!r}")
         self.detector = detector
-        self.cls_loss = cls_loss
+        self.softmax = detector.head_activation == "softmax"
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         B, _, H, W = images.shape
@@ -46,7 +44,7 @@ class OnnxDetector(nn.Module):
         sizes = torch.tensor([[H, W]], device=images.device).expand(B, 2)
         out = self.detector(ImageBatch(images=images, mask=mask, sizes=sizes))
         logits, boxes = out.logits[-1], out.boxes[-1]
-        scores = logits.softmax(-1)[..., :-1] if self.cls_loss == "ce" else logits.sigmoid()
+        scores = logits.softmax(-1)[..., :-1] if self.softmax else logits.sigmoid()
         scale = torch.stack([torch.tensor(W), torch.tensor(H)]).to(boxes).repeat(2)
         return scores, box_cxcywh_to_xyxy(boxes) * scale
 
@@ -54,31 +52,26 @@ class OnnxDetector(nn.Module):
 def export_onnx(wrapper: OnnxDetector, path: str | Path, height: int, width: int,
                 opset: int = 17) -> Path:
     """Trace ``wrapper`` at ``[1, 3, height, width]`` and write the ONNX file ``path``
-    (atomically: written next to it, then renamed)."""
-    import os
-    import tempfile
+    (atomically, through :func:`siamese_detr.files.write_bytes`)."""
+    import io
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from siamese_detr.files import write_bytes
+
     variant = getattr(wrapper.detector, "variant", "")
     axes: dict[int, str] = {0: "batch"}
     if variant != "deformable":
         axes.update({2: "height", 3: "width"})
     example = torch.zeros(1, 3, height, width)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about python-side shape checks
-            torch.onnx.export(
-                wrapper.eval(), (example,), tmp, dynamo=False, opset_version=opset,
-                input_names=["images"], output_names=["scores", "boxes"],
-                dynamic_axes={"images": axes, "scores": {0: "batch"}, "boxes": {0: "batch"}},
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about python-side shape checks
+        torch.onnx.export(
+            wrapper.eval(), (example,), buffer, dynamo=False, opset_version=opset,
+            input_names=["images"], output_names=["scores", "boxes"],
+            dynamic_axes={"images": axes, "scores": {0: "batch"}, "boxes": {0: "batch"}},
+        )
+    path = Path(path)
+    write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -268,12 +268,11 @@ def test_transformers_configs_we_cannot_import_are_refused(change, needle) -> No
 def test_onnx_matches_pytorch(name, tmp_path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from siamese_detr.config import resolved_cls_loss
     from siamese_detr.convert.onnx import OnnxDetector, check_onnx, export_onnx
 
     ckpt = _checkpoint(name)
-    det, cfg = build_from_source(read_source_dict(ckpt))
-    wrapper = OnnxDetector(det, resolved_cls_loss(cfg.model, cfg.loss))
+    det, _ = build_from_source(read_source_dict(ckpt))
+    wrapper = OnnxDetector(det)
     path = export_onnx(wrapper, tmp_path / "model.onnx", 64, 96)
     g = torch.Generator().manual_seed(2)
     check = check_onnx(wrapper, path, torch.randn(2, 3, 64, 96, generator=g))
@@ -344,7 +343,7 @@ def test_not_a_detector_folder_is_one_line(tmp_path, capsys) -> None:
 def test_load_init_from_transformers_dir_reinitialises_only_class_head(tmp_path,
                                                                        transformers) -> None:
     from siamese_detr.convert.hf import export_hf_dir
-    from siamese_detr.finetune import load_init
+    from siamese_detr.eval.loading import init_from_checkpoint as load_init
     from siamese_detr.models.detector import build_detector
 
     ckpt = _checkpoint("conditional")
