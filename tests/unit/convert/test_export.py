@@ -360,3 +360,22 @@ def test_load_init_from_transformers_dir_reinitialises_only_class_head(tmp_path,
     wrong = build_detector(ModelConfig(**{**cfg.model.__dict__, "num_queries": 7}), 4)
     with pytest.raises(Exception, match="model.num_queries=5"):
         load_init(wrong, tmp_path / "hf", "conditional")
+
+
+def test_load_detector_reads_folder_without_torch_load(tmp_path, monkeypatch) -> None:
+    """The redesign's load_detector takes our folder; no pickle reader is touched."""
+    from siamese_detr.eval.loading import load_detector
+
+    ckpt = _checkpoint("vanilla")
+    logits, boxes = _ours("vanilla")
+    save_folder(tmp_path / "f", ckpt["model"], ckpt["config"], "finetune", CATEGORIES)
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    loaded = load_detector(tmp_path / "f")
+    assert loaded.kind == "finetune" and loaded.missing == []
+    with torch.no_grad():
+        out = loaded.detector(_batch())
+    assert torch.equal(out.logits[-1], logits) and torch.equal(out.boxes[-1], boxes)
