@@ -1,0 +1,175 @@
+"""Host reads (device-to-host syncs) per training step, counted on CPU through the real loop.
+
+On a GPU every host read waits for the device to drain its queue; a training step may have at
+most one outside logging (the batched Hungarian cost matrices). Counted with ``OpCounter``
+for a fine-tuning step of each detector (aux losses on) and a Siamese pretraining step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from siamese_detr.config import BackboneConfig, EngineConfig, LossConfig, ModelConfig
+from siamese_detr.engine.distributed import DistInfo
+from siamese_detr.engine.loop import Schedule, train
+from siamese_detr.engine.optim import param_groups
+from siamese_detr.engine.profiling import OpCounter
+from siamese_detr.structures import BoxTargets, ImageBatch
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+VARIANTS = ("vanilla", "conditional", "deformable")
+STEPS = 3
+
+
+class StepCounter(nn.Module):
+    """Wraps a task; ``after_step`` (called by the loop once per step, before any logging)
+    records the host reads of each step."""
+
+    def __init__(self, task: nn.Module, counter: OpCounter) -> None:
+        super().__init__()
+        self.task, self.counter = task, counter
+        self.syncs: list[int] = []
+        self.sites: list[Counter[str]] = []
+        self._last = (0, Counter[str]())
+
+    def forward(self, batch: Any) -> Any:
+        return self.task(batch)
+
+    def after_step(self, step: int) -> None:
+        n, sites = self.counter.syncs, Counter(self.counter.sync_sites)
+        self.syncs.append(n - self._last[0])
+        self.sites.append(sites - self._last[1])
+        self._last = (n, sites)
+
+
+def _model_cfg(variant: str, num_classes: int, freeze: str) -> ModelConfig:
+    return ModelConfig(variant=variant, backbone=BackboneConfig(depth=18, freeze=freeze),
+                       hidden_dim=32, nheads=4, enc_layers=1, dec_layers=3, dim_feedforward=64,
+                       dropout=0.1, num_queries=8, num_classes=num_classes, enc_n_points=2,
+                       dec_n_points=2, aux_loss=True)
+
+
+def _images(g: torch.Generator, sizes: list[tuple[int, int]]) -> ImageBatch:
+    H, W = max(h for h, _ in sizes), max(w for _, w in sizes)
+    images = torch.zeros(len(sizes), 3, H, W)
+    mask = torch.ones(len(sizes), H, W, dtype=torch.bool)
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+        mask[i, :h, :w] = False
+    return ImageBatch(images, mask, torch.tensor(sizes))
+
+
+def finetune_batches(n: int, seed: int = 0) -> list[tuple[ImageBatch, list[BoxTargets]]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        targets = []
+        for k in (2, 3):
+            cxcy = 0.3 + 0.4 * torch.rand(k, 2, generator=g)
+            wh = 0.1 + 0.2 * torch.rand(k, 2, generator=g)
+            targets.append(BoxTargets(torch.cat([cxcy, wh], 1),
+                                      torch.randint(0, 4, (k,), generator=g)))
+        out.append((_images(g, [(64, 80), (56, 64)]), targets))
+    return out
+
+
+def pretrain_batches(n: int, seed: int = 0) -> list[Any]:
+    from siamese_detr.data.pretrain import SiameseBatch
+
+    g = torch.Generator().manual_seed(seed)
+    sizes, M = [(64, 80), (56, 64)], 4
+    out = []
+    for _ in range(n):
+        boxes = []
+        for _view in range(2):
+            xy = torch.rand(2, M, 2, generator=g) * 24
+            boxes.append(torch.cat([xy, xy + 16 + torch.rand(2, M, 2, generator=g) * 16], -1))
+        out.append(SiameseBatch(
+            view1=_images(g, sizes), view2=_images(g, sizes), boxes1=boxes[0], boxes2=boxes[1],
+            crops1=torch.randn(2, M, 3, 32, 32, generator=g),
+            crops2=torch.randn(2, M, 3, 32, 32, generator=g), image_ids=["a", "b"]))
+    return out
+
+
+def finetune_task(variant: str) -> nn.Module:
+    from siamese_detr.finetune import DetectionTask
+    from siamese_detr.losses.set_criterion import build_criterion, num_logits
+    from siamese_detr.models.detector import build_detector
+
+    torch.manual_seed(0)
+    cfg = _model_cfg(variant, 4, "stem+layer1")
+    return DetectionTask(build_detector(cfg, num_logits(cfg, LossConfig())),
+                         build_criterion(cfg, LossConfig()))
+
+
+def pretrain_task(variant: str) -> nn.Module:
+    from siamese_detr.config import PretrainConfig, RunConfig, SiameseOptions
+    from siamese_detr.methods.siamese.task import build_siamese_task
+
+    torch.manual_seed(0)
+    opts = SiameseOptions(num_regions=4, crop_size=32, weight_region=3.0, weight_global=1.0)
+    cfg = RunConfig(task="pretrain", model=_model_cfg(variant, 2, "all"),
+                    pretrain=PretrainConfig(siamese=opts))
+    return build_siamese_task(cfg)
+
+
+def fused_adamw(task: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(task, 1e-4, 1e-5, 1e-4), fused=True)
+
+
+def count_steps(task: nn.Module, batches: list[Any], tmp_path: Path,
+                optimizer: torch.optim.Optimizer | None = None, clip: float = 0.1,
+                log_every: int = 100) -> StepCounter:
+    """Train ``len(batches)`` steps under an ``OpCounter``; per-step host reads (logging and the
+    final checkpoint come after the last ``after_step``)."""
+    counter = OpCounter()
+    wrapped = StepCounter(task, counter)
+    opt = optimizer or fused_adamw(task)
+
+    def stream(position: int) -> Iterator[Any]:
+        return iter(batches[position:])
+
+    eng = EngineConfig(log_every=log_every, ckpt_every=0, progress=False, keep_checkpoints=0)
+    with counter:
+        train(task=wrapped, batches=stream, optimizer=opt,
+              schedule=Schedule(len(batches), (), 0.1, 0, clip), engine=eng, run_dir=tmp_path,
+              dist_info=CPU, checkpoint_meta={"kind": "test", "config": {}},
+              state_dict_of=task.state_dict)
+    return wrapped
+
+
+# the deformable attention core and encoder read the level shapes from the device; they are
+# rewritten by the issue-13 kernel work (ops/deform_attn.py, models/transformer/), which owns
+# them; until it lands, their reads make the deformable cases xfail instead of pass
+FOREIGN = ("ops/deform_attn.py", "models/transformer/")
+
+
+def _explain(counted: StepCounter) -> str:
+    return "; ".join(f"step {i}: {n} {dict(s)}" for i, (n, s) in
+                     enumerate(zip(counted.syncs, counted.sites)))
+
+
+def _check(counted: StepCounter) -> None:
+    assert len(counted.syncs) == STEPS
+    own = [sum(n for site, n in sites.items() if not any(f in site for f in FOREIGN))
+           for sites in counted.sites]
+    assert max(own) <= 1, _explain(counted)
+    if max(counted.syncs) > 1:
+        pytest.xfail(f"host reads in the deformable kernels: {_explain(counted)}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_finetune_step_has_at_most_one_host_read(variant, tmp_path):
+    _check(count_steps(finetune_task(variant), finetune_batches(STEPS), tmp_path))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pretrain_step_has_at_most_one_host_read(variant, tmp_path):
+    _check(count_steps(pretrain_task(variant), pretrain_batches(STEPS), tmp_path))
