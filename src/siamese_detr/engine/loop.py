@@ -225,7 +225,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor,
         scaler.step(optimizer)
         scaler.update()
     elif getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.found_inf = found_inf.float()  # type: ignore[attr-defined]
+        # the kernels skip only on exactly 1.0 (2.0 would also shift the step counts)
+        optimizer.found_inf = (found_inf > 0).float()  # type: ignore[attr-defined]
         try:
             optimizer.step()
         finally:

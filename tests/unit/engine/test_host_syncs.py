@@ -47,6 +47,8 @@ class StepCounter(nn.Module):
         self.syncs.append(n - self._last[0])
         self.sites.append(sites - self._last[1])
         self._last = (n, sites)
+        if hasattr(self.task, "after_step"):
+            self.task.after_step(step)
 
 
 def _model_cfg(variant: str, num_classes: int, freeze: str) -> ModelConfig:
@@ -173,3 +175,90 @@ def test_finetune_step_has_at_most_one_host_read(variant, tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pretrain_step_has_at_most_one_host_read(variant, tmp_path):
     _check(count_steps(pretrain_task(variant), pretrain_batches(STEPS), tmp_path))
+
+
+# --------------------------------------------------------------------------- non-finite losses
+class PoisonedTask(nn.Module):
+    """Linear regression whose loss is NaN at the steps in ``poisoned`` (by call count);
+    ``after_step`` keeps a copy of the weights after every step."""
+
+    def __init__(self, poisoned: set[int]) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.poisoned, self.calls = poisoned, 0
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        from siamese_detr.structures import LossOutput
+
+        x, y = batch
+        loss = ((self.lin(x).squeeze(-1) - y) ** 2).mean()
+        if self.calls in self.poisoned:
+            loss = loss * float("nan")
+        self.calls += 1
+        return LossOutput(total=loss, names=["loss_mse"], weights=[1.0], raw=loss.reshape(1))
+
+    def after_step(self, step: int) -> None:
+        self.snapshots.append({k: v.clone() for k, v in self.state_dict().items()})
+
+
+def _regression(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(x, x.sum(1)) for x in (torch.randn(8, 4, generator=g) for _ in range(n))]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nan_loss_never_reaches_the_weights(fused, tmp_path):
+    from siamese_detr.engine.loop import NonFiniteLossError
+
+    torch.manual_seed(0)
+    task = PoisonedTask(poisoned={1})
+    opt = (torch.optim.AdamW(task.parameters(), lr=0.1, fused=True) if fused
+           else torch.optim.SGD(task.parameters(), lr=0.1))
+    counter = OpCounter()
+    wrapped = StepCounter(task, counter)
+    batches = _regression(4)
+    eng = EngineConfig(log_every=4, ckpt_every=0, progress=False, keep_checkpoints=0)
+    with counter, pytest.raises(NonFiniteLossError, match=r"steps 0 and 3.*loss_mse=nan"):
+        train(task=wrapped, batches=lambda p: iter(batches[p:]), optimizer=opt,
+              schedule=Schedule(4, (), 0.1, 0, 1.0), engine=eng, run_dir=tmp_path,
+              dist_info=CPU, checkpoint_meta={"kind": "test", "config": {}},
+              state_dict_of=task.state_dict)
+    before, poisoned, after = task.snapshots[0], task.snapshots[1], task.snapshots[2]
+    for k in before:
+        assert torch.equal(poisoned[k], before[k]), k  # the NaN step changed nothing
+        assert torch.isfinite(after[k]).all() and not torch.equal(after[k], before[k]), k
+    if fused:  # skipped on the device: no host read; Adam's step count did not advance
+        assert wrapped.syncs == [0, 0, 0, 0]
+        assert all(int(s["step"]) == 3 for s in opt.state.values())
+    else:  # other optimisers read the flag once per step
+        assert wrapped.syncs == [1, 1, 1, 1]
+    assert not (tmp_path / "last.pt").exists()  # nothing was saved after the NaN
+
+
+def test_logged_values_are_window_means_of_device_terms(tmp_path):
+    from siamese_detr.engine.logging import read_jsonl
+    from siamese_detr.structures import LossOutput
+
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, batch: torch.Tensor) -> LossOutput:
+            c = batch + 0 * self.w.sum()
+            return LossOutput(total=3 * c, names=["a", "b"], weights=[2.0, 0.5],
+                              raw=torch.cat([c, 2 * c]))
+
+    task = Fixed()
+    batches = [torch.tensor([v]) for v in (1.0, 2.0, 4.0, 8.0, 16.0)]
+    eng = EngineConfig(log_every=2, ckpt_every=0, progress=False, keep_checkpoints=0)
+    train(task=task, batches=lambda p: iter(batches[p:]), optimizer=fused_adamw(task),
+          schedule=Schedule(5, (), 0.1, 0, 0.0), engine=eng, run_dir=tmp_path, dist_info=CPU,
+          checkpoint_meta={"kind": "test", "config": {}})
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    for r, mean in zip(rows, (1.5, 6.0, 16.0)):
+        assert r["loss"] == pytest.approx(3 * mean)
+        assert r["a_unscaled"] == pytest.approx(mean) and r["a"] == pytest.approx(2 * mean)
+        assert r["b_unscaled"] == pytest.approx(2 * mean) and r["b"] == pytest.approx(mean)
