@@ -302,6 +302,7 @@ def train(
             factor = lr_factor(step, schedule.lr_drops, schedule.gamma, schedule.warmup_iters)
             set_lr(optimizer, factor)
             t_data = 0.0
+            found_inf = torch.zeros((), device=device)  # > 0: skip this step (non-finite)
             for micro in range(engine.accum_steps):
                 t0 = time.perf_counter()
                 batch = next(stream)
@@ -318,7 +319,7 @@ def train(
                 with ctx, autocast_context(engine.amp, device):
                     out: LossOutput = task(batch)
                 found = window.add(out, step)  # on the device: no host read
-                found_inf = found if micro == 0 else found_inf + found
+                found_inf = found_inf + found
                 loss = out.total / engine.accum_steps
                 if scaler is not None:
                     scaler.scale(loss).backward()

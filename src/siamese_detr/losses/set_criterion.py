@@ -168,7 +168,7 @@ class SetCriterion(nn.Module):
                 f"the data has label {high} but model.num_classes={self.num_classes}; set "
                 f"model.num_classes to at least {high + 1} (largest category id + 1)")
         results = []
-        for (out, targets), job, m in zip(items, jobs, matchings):
+        for (out, _), job, m in zip(items, jobs, matchings):
             results.append((self._loss(job, m, out.num_layers), m))
         return results
 

@@ -27,15 +27,14 @@ from torch import Tensor, nn
 
 from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
+from siamese_detr.matcher import Matching
 from siamese_detr.methods.base import global_pool_features, roi_pool_features
 from siamese_detr.methods.siamese.heads import FeatureAlign, build_predictor, build_projector
-from siamese_detr.matcher import Matching
 from siamese_detr.ops.boxes import box_xyxy_to_cxcywh, jitter_xyxy
 from siamese_detr.structures import (
     BoxTargets,
     DetectorOutput,
     Encoded,
-    ImageBatch,
     LossOutput,
     QueryInputs,
 )
