@@ -115,9 +115,11 @@ def predict(detector: nn.Module, dataset: Any, cfg: RunConfig, device: torch.dev
     was_training = detector.training
     detector.eval()
     results: list[dict[str, Any]] = []
-    loader = build_eval_loader(dataset, cfg.data.batch_size, cfg.data.num_workers)
+    cuda = device.type == "cuda"
+    loader = build_eval_loader(dataset, cfg.data.batch_size, cfg.data.num_workers,
+                               pin_memory=cuda)
     for images, targets in loader:
-        out = detector(images.to(device))
+        out = detector(images.to(device, non_blocking=cuda))
         orig = torch.stack([t.orig_size for t in targets]).to(device)
         dets = postprocess(out.logits[-1], out.boxes[-1], orig, cls_loss,
                            cfg.eval.max_detections, cfg.eval.score_threshold)
@@ -196,7 +198,8 @@ def run_finetune(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
 
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(train_set, cfg.data.batch_size, cfg.data.num_workers,
-                                      cfg.seed, start_step=position)
+                                      cfg.seed, start_step=position,
+                                      pin_memory=dist_info.device.type == "cuda")
 
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,

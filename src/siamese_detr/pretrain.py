@@ -74,7 +74,8 @@ def run_pretrain(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(dataset, cfg.pretrain.batch_size,
                                       cfg.pretrain.num_workers, cfg.seed, start_step=position,
-                                      collate_fn=collate_siamese)
+                                      collate_fn=collate_siamese,
+                                      pin_memory=dist_info.device.type == "cuda")
 
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
