@@ -21,19 +21,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from torch import Tensor
-from torchvision.ops import roi_align
 
 from siamese_detr.config import SiameseOptions
 from siamese_detr.data.transforms import get_size
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SiameseSample", "ViewGeometry", "ViewPlan",
-    "colour_augment", "colour_augment_batch", "detr_resize_size", "region_crops",
-    "image_to_view", "plan_views", "region_boxes",
+    "colour_augment", "detr_resize_size", "image_to_view", "plan_views", "region_boxes",
     "sample_outer_rect", "sample_views", "to_normalised_tensor", "two_view_boxes",
     "view_to_image",
 ]
@@ -367,120 +364,20 @@ def to_normalised_tensor(img: Image.Image) -> Tensor:
     return (arr - mean) / std
 
 
-# ----------------------------------------------------------------------------- batched colour
-
-
-def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
-    """``factor * a + (1 - factor) * b`` clamped to [0, 1]; ``factor [N]`` per image."""
-    f = factor.view(-1, 1, 1, 1)
-    return (f * a + (1 - f) * b).clamp(0.0, 1.0)
-
-
-def _gray(img: Tensor) -> Tensor:
-    """``[N, 3, H, W]`` -> ``[N, 1, H, W]`` luma (ITU-R 601-2, as torchvision and PIL)."""
-    r, g, b = img.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
-
-
-def _shift_hue(img: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the hue of each ``[3, H, W]`` image by ``shift[n]`` turns (RGB -> HSV -> RGB,
-    the HSV -> RGB step in its closed form ``v - v s clamp(min(k, 4 - k), 0, 1)``)."""
-    maxc = img.amax(1)
-    delta = maxc - img.amin(1)
-    sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    d = torch.where(delta > 0, delta, torch.ones_like(delta))
-    r, g, b = img.unbind(1)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(delta > 0, hue, torch.zeros_like(hue))  # in sixths of a turn
-    hue = hue + 6.0 * shift.view(-1, 1, 1)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=img.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + hue[:, None], 6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return maxc[:, None] - (maxc * sat)[:, None] * ramp
-
-
-def _gaussian_blur(img: Tensor, sigma: Tensor, radius: int = 6) -> Tensor:
-    """Separable Gaussian blur, ``sigma[n]`` per image, kernel ``2 * radius + 1`` (reflect
-    padding as ``torchvision``'s ``gaussian_blur``)."""
-    N, C, H, W = img.shape
-    x = torch.arange(-radius, radius + 1, dtype=img.dtype)
-    k = torch.exp(-0.5 * (x[None] / sigma[:, None]) ** 2)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [N*C, K]
-    mode = "reflect" if min(H, W) > radius else "replicate"
-    out = F.pad(img.reshape(1, N * C, H, W), (radius, radius, radius, radius), mode=mode)
-    out = F.conv2d(out, k[:, None, None, :], groups=N * C)
-    out = F.conv2d(out, k[:, None, :, None], groups=N * C)
-    return out.reshape(N, C, H, W)
-
-
-def colour_augment_batch(img: Tensor, rng: np.random.Generator) -> Tensor:
-    """:func:`colour_augment` for ``N`` images ``[N, 3, H, W]`` in [0, 1] at once, each with
-    its own random parameters and jitter order (no per-image Python work)."""
-    N = int(img.shape[0])
-    jitter = rng.random(N) < JITTER_P
-    factors = torch.from_numpy(rng.uniform(1 - JITTER_BCS, 1 + JITTER_BCS, (N, 3))).float()
-    hue = torch.from_numpy(rng.uniform(-JITTER_HUE, JITTER_HUE, N)).float()
-    order = np.argsort(rng.random((N, 4)), axis=1)  # a random op order per image
-    gray = torch.from_numpy(rng.random(N) < GRAYSCALE_P)
-    blur = torch.from_numpy(rng.random(N) < BLUR_P)
-    sigma = torch.from_numpy(rng.uniform(*BLUR_SIGMA, N)).float()
-    img = img.clone()
-    for stage in range(4):
-        for op in range(4):
-            sel = torch.from_numpy(np.flatnonzero(jitter & (order[:, stage] == op)))
-            if len(sel) == 0:
-                continue
-            x = img[sel]
-            if op == 0:
-                x = _blend(x, torch.zeros_like(x), factors[sel, 0])
-            elif op == 1:
-                x = _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), factors[sel, 1])
-            elif op == 2:
-                x = _blend(x, _gray(x), factors[sel, 2])
-            else:
-                x = _shift_hue(x, hue[sel])
-            img[sel] = x
-    if gray.any():
-        img[gray] = _gray(img[gray]).expand(-1, 3, -1, -1)
-    if blur.any():
-        img[blur] = _gaussian_blur(img[blur], sigma[blur])
-    return img
-
-
-def _normalise(img: Tensor) -> Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (img - mean) / std
-
-
-def _as_float(images: list[Image.Image]) -> Tensor:
-    """Equal-size PIL RGB images -> ``[N, 3, H, W]`` float32 in [0, 1] (one conversion)."""
-    arr = np.stack([np.asarray(im) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def region_crops(views: Tensor, boxes: list[np.ndarray], size: int, rng: np.random.Generator
-                 ) -> Tensor:
-    """Crops of every region of every view at once: ``views [V, 3, H, W]`` in [0, 1],
-    ``boxes[v]`` ``[M, 4]`` xyxy view pixels -> ``[V, M, 3, size, size]`` normalised.
-
-    Each box (at least one pixel, inside the view) is resampled to ``size x size`` (aspect not
-    kept) by ``roi_align`` (bilinear, the mean of 2 x 2 samples per output pixel), then every
-    crop gets its own colour pipeline
-    (:func:`colour_augment_batch`)."""
-    V, _, H, W = views.shape
-    b = np.concatenate([np.asarray(x, np.float64).reshape(-1, 4) for x in boxes])
-    x0, y0 = np.clip(b[:, 0], 0.0, W - 1.0), np.clip(b[:, 1], 0.0, H - 1.0)
-    x1 = np.maximum(np.clip(b[:, 2], 0.0, float(W)), x0 + 1.0)
-    y1 = np.maximum(np.clip(b[:, 3], 0.0, float(H)), y0 + 1.0)
-    owner = np.repeat(np.arange(V), [len(x) for x in boxes])
-    rois = torch.from_numpy(np.stack([owner, x0, y0, x1, y1], 1)).float()
-    # aligned=True: box edges in continuous pixel coordinates, as PIL's resize(box=...)
-    crops = roi_align(views, rois, output_size=size, spatial_scale=1.0, sampling_ratio=2,
-                      aligned=True)
-    crops = _normalise(colour_augment_batch(crops.clamp(0.0, 1.0), rng))
-    return crops.view(V, -1, 3, size, size)
+def _region_crops(
+    view: Image.Image, boxes: np.ndarray, size: int, rng: np.random.Generator
+) -> Tensor:
+    """Crop each xyxy view-pixel box, resize to ``size x size`` (aspect not kept), then an
+    independent colour pipeline per crop -> ``[M, 3, size, size]``."""
+    W, H = view.size
+    crops = []
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
+        x0, x1 = min(max(x0, 0.0), W - 1.0), min(max(x1, 0.0), float(W))
+        y0, y1 = min(max(y0, 0.0), H - 1.0), min(max(y1, 0.0), float(H))
+        x1, y1 = max(x1, x0 + 1.0), max(y1, y0 + 1.0)  # at least one pixel
+        crop = view.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
+        crops.append(to_normalised_tensor(colour_augment(crop, rng)))
+    return torch.stack(crops)
 
 
 def sample_views(
@@ -500,11 +397,11 @@ def sample_views(
     if plan is None:
         return None
     crops1 = crops2 = None
-    both = _as_float([plan.view1, plan.view2])  # [2, 3, H, W]
     if opts.region_discrimination:  # from the resized views, before their colour pipeline
-        crops1, crops2 = region_crops(both, [plan.boxes1, plan.boxes2], opts.crop_size,
-                                      rng).unbind(0)
-    view1, view2 = _normalise(colour_augment_batch(both, rng)).unbind(0)
+        crops1 = _region_crops(plan.view1, plan.boxes1, opts.crop_size, rng)
+        crops2 = _region_crops(plan.view2, plan.boxes2, opts.crop_size, rng)
+    view1 = to_normalised_tensor(colour_augment(plan.view1, rng))
+    view2 = to_normalised_tensor(colour_augment(plan.view2, rng))
     return SiameseSample(
         view1=view1, view2=view2,
         boxes1=torch.from_numpy(plan.boxes1), boxes2=torch.from_numpy(plan.boxes2),
