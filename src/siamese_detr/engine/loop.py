@@ -9,6 +9,11 @@ every ``eval_every``. A task is any ``nn.Module`` whose ``forward(batch)`` retur
 
 Resume is exact: the checkpoint stores the step, model, optimiser, scaler, every RNG state and
 the number of micro-batches consumed, and the caller rebuilds the data stream from there.
+
+The loop itself reads nothing from the device between logs: loss terms are summed on the
+device (:class:`LossWindow`) and read once per ``log_every`` steps, and a non-finite loss or
+gradient norm is a device flag the optimiser step consumes (:func:`optimizer_step`); the
+next log or checkpoint raises :class:`NonFiniteLossError`.
 """
 
 from __future__ import annotations

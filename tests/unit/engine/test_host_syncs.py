@@ -262,3 +262,18 @@ def test_logged_values_are_window_means_of_device_terms(tmp_path):
         assert r["loss"] == pytest.approx(3 * mean)
         assert r["a_unscaled"] == pytest.approx(mean) and r["a"] == pytest.approx(2 * mean)
         assert r["b_unscaled"] == pytest.approx(2 * mean) and r["b"] == pytest.approx(mean)
+
+
+def test_the_configured_optimizer_steps_without_a_host_read(tmp_path):
+    """The optimiser the runners build (``engine.optim.build_optimizer``) must take the
+    ``found_inf`` flag (fused AdamW), else every step pays one more read."""
+    from siamese_detr.config import OptimConfig
+    from siamese_detr.engine.optim import build_optimizer
+
+    task = finetune_task("conditional")
+    opt = build_optimizer(task, OptimConfig())
+    counted = count_steps(task, finetune_batches(STEPS), tmp_path, optimizer=opt)
+    if not getattr(opt, "_step_supports_amp_scaling", False):
+        assert max(counted.syncs) == 2, _explain(counted)  # matching + the flag
+        pytest.xfail("engine.optim.build_optimizer does not build a fused AdamW yet")
+    assert max(counted.syncs) <= 1, _explain(counted)
