@@ -274,6 +274,8 @@ def test_the_configured_optimizer_steps_without_a_host_read(tmp_path):
     opt = build_optimizer(task, OptimConfig())
     counted = count_steps(task, finetune_batches(STEPS), tmp_path, optimizer=opt)
     if not getattr(opt, "_step_supports_amp_scaling", False):
-        assert max(counted.syncs) == 2, _explain(counted)  # matching + the flag
-        pytest.xfail("engine.optim.build_optimizer does not build a fused AdamW yet")
+        # one read of the flag per step (plus, counted on CPU only, the for-loop AdamW's
+        # item() of its CPU step counters)
+        pytest.xfail("engine.optim.build_optimizer does not build a fused AdamW yet: "
+                     + _explain(counted))
     assert max(counted.syncs) <= 1, _explain(counted)
