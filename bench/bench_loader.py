@@ -33,7 +33,7 @@ from siamese_detr.presets import get_preset
 
 
 def build_data(root: Path, n: int, size: int) -> dict[str, Any]:
-    from siamese_detr.data.synthetic import make_detection_set, make_unlabeled_set
+    from siamese_detr.demo.synthetic import make_detection_set, make_unlabeled_set
     from siamese_detr.proposals.generate import generate_proposals
 
     det = make_detection_set(root / "det", n_train=n, n_val=4, image_size=(size, size), seed=0)
@@ -55,8 +55,8 @@ def finetune_set(data: dict[str, Any], size: int) -> Any:
 
 
 def pretrain_set(data: dict[str, Any], opts: SiameseOptions) -> Any:
-    from siamese_detr.data.pretrain import PretrainDataset
     from siamese_detr.data.sources import list_images
+    from siamese_detr.methods.siamese.data import PretrainDataset
     from siamese_detr.proposals.store import ProposalStore
 
     return PretrainDataset(list_images(data["unlabeled"]), ProposalStore.open(data["proposals"]),
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     args = ap.parse_args()
     from siamese_detr.data.collate import collate_detection
-    from siamese_detr.data.pretrain import collate_siamese
+    from siamese_detr.methods.siamese.data import collate_siamese
 
     torch.set_num_threads(1)  # a loader worker runs one thread
     tiny = get_preset("tiny/deformable/siamese").pretrain.siamese

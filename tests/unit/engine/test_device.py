@@ -50,7 +50,7 @@ def test_every_preset_defaults_to_auto():
 
 
 def test_demo_stages_run_on_the_gpu_when_present(fake_gpu, tmp_path: Path):
-    from siamese_detr import demo
+    from siamese_detr.demo import demo
 
     plan = demo.DemoPlan.scaled(0.1)
     assert plan.device == "auto"

@@ -83,7 +83,7 @@ def finetune_batches(n: int, seed: int = 0) -> list[tuple[ImageBatch, list[BoxTa
 
 
 def pretrain_batches(n: int, seed: int = 0) -> list[Any]:
-    from siamese_detr.data.pretrain import SiameseBatch
+    from siamese_detr.methods.siamese.data import SiameseBatch
 
     g = torch.Generator().manual_seed(seed)
     sizes, M = [(64, 80), (56, 64)], 4
@@ -101,8 +101,8 @@ def pretrain_batches(n: int, seed: int = 0) -> list[Any]:
 
 
 def finetune_task(variant: str) -> nn.Module:
-    from siamese_detr.finetune import DetectionTask
     from siamese_detr.losses.set_criterion import build_criterion, num_logits
+    from siamese_detr.methods.supervised import DetectionTask
     from siamese_detr.models.detector import build_detector
 
     torch.manual_seed(0)
