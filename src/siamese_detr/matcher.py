@@ -11,8 +11,11 @@ normalised cxcywh boxes, the GIoU term on the same boxes converted to xyxy.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -20,7 +23,10 @@ from torch import Tensor
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from siamese_detr.structures import BoxTargets
 
-__all__ = ["HungarianMatcher", "pairwise_cost"]
+__all__ = ["HungarianMatcher", "MatchJob", "Matching", "pairwise_cost", "solve_assignments",
+           "match_all"]
+
+Indices = list[tuple[Tensor, Tensor]]
 
 ClsLoss = Literal["ce", "focal"]
 
@@ -104,6 +110,34 @@ class HungarianMatcher:
         self.focal_gamma = float(focal_gamma)
 
     @torch.no_grad()
+    def cost_matrix(self, logits: Tensor, boxes: Tensor, targets: list[BoxTargets]) -> Tensor:
+        """Cost of every prediction against every target of the batch, on the device.
+
+        Args:
+            logits: ``[..., B, Q, C]`` class logits (any leading dims, e.g. decoder layers).
+            boxes: ``[..., B, Q, 4]`` predicted normalised cxcywh boxes.
+            targets: ``B`` ground truths; their targets are concatenated in order.
+
+        Returns:
+            ``[..., B, Q, T]`` float32 (``T`` = all targets of the batch), non-finite entries
+            replaced by a prohibitive ``1e8`` (scipy refuses them).
+        """
+        lead = logits.shape[:-1]
+        # a label out of range is reported by the caller after the transfer (SetCriterion)
+        labels = torch.cat([t.labels for t in targets]).clamp(0, logits.shape[-1] - 1)
+        tgt_boxes = torch.cat([t.boxes for t in targets])
+        # fp32 even inside an autocast region
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            cost = pairwise_cost(
+                logits.flatten(0, -2), boxes.flatten(0, -2), labels, tgt_boxes,
+                cost_class=self.cost_class, cost_bbox=self.cost_bbox, cost_giou=self.cost_giou,
+                cls_loss=self.cls_loss, focal_alpha=self.focal_alpha,
+                focal_gamma=self.focal_gamma,
+            )
+        cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
+        return cost.view(*lead, -1)
+
+    @torch.no_grad()
     def __call__(
         self, logits: Tensor, boxes: Tensor, targets: list[BoxTargets]
     ) -> list[tuple[Tensor, Tensor]]:
@@ -118,37 +152,139 @@ class HungarianMatcher:
             For each image ``(pred_idx [K], tgt_idx [K])`` int64 CPU tensors with
             ``K = min(Q, T_i)``, sorted by ``pred_idx``; empty when the image has no target.
         """
-        B, Q = logits.shape[:2]
-        if len(targets) != B:
-            raise ValueError(f"{len(targets)} targets for a batch of {B} predictions")
-        sizes = [len(t) for t in targets]
-        empty = torch.empty(0, dtype=torch.int64)
-        if sum(sizes) == 0:
-            return [(empty, empty.clone()) for _ in range(B)]
-        labels = torch.cat([t.labels for t in targets])
-        tgt_boxes = torch.cat([t.boxes for t in targets])
-        # one cost matrix for all predictions against all targets, split per image below;
-        # fp32 even inside an autocast region
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            cost = pairwise_cost(
-                logits.flatten(0, 1), boxes.flatten(0, 1), labels, tgt_boxes,
-                cost_class=self.cost_class, cost_bbox=self.cost_bbox, cost_giou=self.cost_giou,
-                cls_loss=self.cls_loss, focal_alpha=self.focal_alpha,
-                focal_gamma=self.focal_gamma,
-            )
-        # non-finite costs (degenerate boxes) would make scipy raise; make them prohibitive
-        cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
-        cost = cost.view(B, Q, -1).cpu()
-        out: list[tuple[Tensor, Tensor]] = []
-        for i, chunk in enumerate(cost.split(sizes, dim=-1)):
-            if sizes[i] == 0:
-                out.append((empty.clone(), empty.clone()))
-                continue
-            rows, cols = linear_sum_assignment(chunk[i].numpy())
-            out.append((torch.as_tensor(rows, dtype=torch.int64),
-                        torch.as_tensor(cols, dtype=torch.int64)))
-        return out
+        if len(targets) != logits.shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {logits.shape[0]} "
+                             "predictions")
+        indices, _ = solve_assignments([MatchJob(self, logits[None], boxes[None], targets)])
+        return indices[0][0]
 
     def __repr__(self) -> str:
         return (f"HungarianMatcher(cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, "
                 f"cost_giou={self.cost_giou}, cls_loss={self.cls_loss!r})")
+
+
+@dataclass
+class MatchJob:
+    """One set of predictions to match: ``logits [L, B, Q, C]``, ``boxes [L, B, Q, 4]`` (``L``
+    decoder layers, matched independently) against the batch's ``targets``."""
+
+    matcher: HungarianMatcher
+    logits: Tensor
+    boxes: Tensor
+    targets: list[BoxTargets]
+
+
+@dataclass
+class Matching:
+    """The assignment of every layer of one :class:`MatchJob`.
+
+    Behaves as the sequence ``indices[l][b] = (pred_idx, tgt_idx)`` (CPU int64, per image).
+    ``batch_idx``, ``pred_idx`` and ``tgt_idx`` (``[L, N]`` int64 on the predictions' device,
+    ``N = sum_b min(Q, T_b)``, the same for every layer) hold the same pairs flattened, with
+    ``tgt_idx`` indexing the batch's concatenated targets, for losses without Python loops.
+    """
+
+    indices: list[Indices]
+    batch_idx: Tensor
+    pred_idx: Tensor
+    tgt_idx: Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, layer: int) -> Indices:
+        return self.indices[layer]
+
+    def __iter__(self) -> Iterator[Indices]:
+        return iter(self.indices)
+
+
+def _solve(jobs: Sequence[MatchJob], extra: Tensor | None
+           ) -> tuple[list[list[list[tuple[np.ndarray, np.ndarray]]]], np.ndarray]:
+    """:func:`solve_assignments` with NumPy index arrays."""
+    costs, flat = [], []
+    for job in jobs:
+        if sum(len(t) for t in job.targets) == 0:
+            costs.append(None)
+            continue
+        cost = job.matcher.cost_matrix(job.logits, job.boxes, job.targets)
+        costs.append(tuple(cost.shape))
+        flat.append(cost.reshape(-1))
+    if extra is not None:
+        flat.append(extra.detach().reshape(-1).float())
+    host = torch.cat(flat).cpu().numpy() if flat else np.zeros(0, np.float32)  # the transfer
+    none = np.zeros(0, np.int64)
+    out = []
+    offset = 0
+    for job, shape in zip(jobs, costs):
+        L, B = int(job.logits.shape[0]), int(job.logits.shape[1])
+        if shape is None:
+            out.append([[(none, none) for _ in range(B)] for _ in range(L)])
+            continue
+        n = int(np.prod(shape))
+        block = host[offset : offset + n].reshape(shape)
+        offset += n
+        starts = np.cumsum([0] + [len(t) for t in job.targets])
+        layers = []
+        for layer in range(L):
+            per_image = []
+            for b in range(B):
+                if starts[b + 1] == starts[b]:
+                    per_image.append((none, none))
+                    continue
+                rows, cols = linear_sum_assignment(block[layer, b, :, starts[b] : starts[b + 1]])
+                per_image.append((rows.astype(np.int64), cols.astype(np.int64)))
+            layers.append(per_image)
+        out.append(layers)
+    return out, host[offset:]
+
+
+def _as_tensors(layers: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[Indices]:
+    return [[(torch.from_numpy(r), torch.from_numpy(c)) for r, c in per_image]
+            for per_image in layers]
+
+
+def solve_assignments(jobs: Sequence[MatchJob], extra: Tensor | None = None
+                      ) -> tuple[list[list[Indices]], np.ndarray]:
+    """Hungarian assignment of every layer of every job with ONE device-to-host transfer.
+
+    The cost matrices of all jobs (and the optional small ``extra`` tensor, e.g. values a
+    caller needs on the host anyway) are flattened into one tensor, copied to the host once,
+    and ``scipy.optimize.linear_sum_assignment`` runs on each ``[Q, T_b]`` block.
+
+    Returns:
+        ``(indices, extra_host)``: ``indices[j][l][b] = (pred_idx, tgt_idx)`` CPU int64 for
+        job ``j``, layer ``l``, image ``b``; ``extra_host`` the flattened float32 ``extra``.
+    """
+    solved, extra_host = _solve(jobs, extra)
+    return [_as_tensors(layers) for layers in solved], extra_host
+
+
+def match_all(jobs: Sequence[MatchJob], extra: Tensor | None = None
+              ) -> tuple[list[Matching], np.ndarray]:
+    """:func:`solve_assignments`, plus the flattened pairs of every job on the device in one
+    non-blocking host-to-device copy (pinned memory on CUDA)."""
+    solved, extra_host = _solve(jobs, extra)
+    parts, shapes = [], []
+    for job, layers in zip(jobs, solved):
+        starts = np.cumsum([0] + [len(t) for t in job.targets])
+        rows = []
+        for per_image in layers:  # [3, N]: image, prediction, target in the whole batch
+            rows.append(np.concatenate(
+                [np.stack([np.full(len(src), b), src, tgt + starts[b]])
+                 for b, (src, tgt) in enumerate(per_image)], axis=1).astype(np.int64))
+        arr = np.stack(rows, axis=1)  # [3, L, N]
+        shapes.append(arr.shape)
+        parts.append(arr.reshape(-1))
+    device = jobs[0].logits.device if jobs else torch.device("cpu")
+    flat = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    out, offset = [], 0
+    for layers, shape in zip(solved, shapes):
+        n = int(np.prod(shape))
+        b_idx, p_idx, t_idx = flat[offset : offset + n].view(shape).unbind(0)
+        offset += n
+        out.append(Matching(_as_tensors(layers), b_idx, p_idx, t_idx))
+    return out, extra_host

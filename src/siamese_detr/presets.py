@@ -337,7 +337,7 @@ def _tiny_finetune(variant: str) -> Callable[[], RunConfig]:
             data=_TINY_DATA,
             optim=OptimConfig(lr=2e-4, lr_backbone=2e-5, clip_max_norm=0.1, unit="iter",
                               length=300, lr_drops=(240,)),
-            engine=EngineConfig(log_every=10, ckpt_every=100, device="cpu"),
+            engine=EngineConfig(log_every=10, ckpt_every=100),
         )
     return preset
 
@@ -359,7 +359,7 @@ def _tiny_siamese(variant: str) -> Callable[[], RunConfig]:
             loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
             optim=OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300,
                               lr_drops=(240,)),
-            engine=EngineConfig(log_every=10, ckpt_every=100, device="cpu"),
+            engine=EngineConfig(log_every=10, ckpt_every=100),
         )
     return preset
 
@@ -380,7 +380,7 @@ def _tiny_updetr(variant: str) -> Callable[[], RunConfig]:
             loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
             optim=OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300,
                               lr_drops=(240,)),
-            engine=EngineConfig(log_every=10, ckpt_every=100, device="cpu"),
+            engine=EngineConfig(log_every=10, ckpt_every=100),
         )
     return preset
 

@@ -99,7 +99,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
 
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(dataset, task.batch_size, task.num_workers, cfg.seed,
-                                      start_step=position, **extra)
+                                      start_step=position,
+                                      pin_memory=dist_info.device.type == "cuda", **extra)
 
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,

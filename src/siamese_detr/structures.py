@@ -11,6 +11,7 @@ Conventions used everywhere in the package:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -38,6 +39,11 @@ class ImageBatch:
             sizes=self.sizes.to(device, non_blocking=non_blocking),
         )
 
+    def pin_memory(self) -> ImageBatch:
+        """Page-locked copy (``DataLoader(pin_memory=True)`` calls this)."""
+        return ImageBatch(self.images.pin_memory(), self.mask.pin_memory(),
+                          self.sizes.pin_memory())
+
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
@@ -64,12 +70,18 @@ class BoxTargets:
     area: Tensor | None = None
     iscrowd: Tensor | None = None
 
-    def to(self, device: torch.device | str) -> BoxTargets:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BoxTargets:
         changes = {
-            f.name: getattr(self, f.name).to(device)
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)
             if isinstance(getattr(self, f.name), Tensor)
         }
+        return replace(self, **changes)
+
+    def pin_memory(self) -> BoxTargets:
+        """Page-locked copy (``DataLoader(pin_memory=True)`` calls this)."""
+        changes = {f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                   if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, **changes)
 
     def __len__(self) -> int:
@@ -112,6 +124,8 @@ class Encoded:
         features: raw backbone feature maps ``[B, C_l, h_l, w_l]`` of the levels taken from the
             backbone (before ``input_proj``), for RoIAlign by pretext tasks.
         strides: stride in pixels of each entry of ``features``.
+        level_shapes: ``spatial_shapes`` as host ints (known without reading the device);
+            empty when the producer did not fill it.
     """
 
     memory: Tensor
@@ -122,13 +136,22 @@ class Encoded:
     valid_ratios: Tensor
     features: list[Tensor]
     strides: list[int]
+    level_shapes: list[tuple[int, int]] = field(default_factory=list)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """``(h, w)`` of each level, from ``level_shapes`` (else one host read)."""
+        if self.level_shapes:
+            return list(self.level_shapes)
+        return [(int(h), int(w)) for h, w in self.spatial_shapes.tolist()]
 
     def level_maps(self) -> list[Tensor]:
         """Memory reshaped per level to ``[B, D, h, w]``."""
         out = []
         B, _, D = self.memory.shape
-        for (h, w), start in zip(self.spatial_shapes.tolist(), self.level_start_index.tolist()):
+        start = 0
+        for h, w in self.shapes():
             out.append(self.memory[:, start : start + h * w].transpose(1, 2).reshape(B, D, h, w))
+            start += h * w
         return out
 
 
@@ -153,17 +176,41 @@ class DetectorOutput:
         return int(self.logits.shape[0])
 
 
-@dataclass
 class LossOutput:
     """What a criterion or pretext task returns.
 
+    The loss terms for logging come either as host floats (``terms``) or, without a host
+    read, as one device vector: ``raw[i]`` is the unweighted value of ``names[i]`` and
+    ``weights[i]`` its weight. The training loop sums ``raw`` on the device and reads it
+    once per ``log_every`` steps; :attr:`terms` reads it (one host read) when asked.
+
     Attributes:
         total: scalar tensor to back-propagate (already weighted).
-        terms: for each canonical loss name, ``(weighted, raw)`` detached scalars for logging.
+        terms: for each canonical loss name, ``(weighted, raw)`` floats.
     """
 
-    total: Tensor
-    terms: dict[str, tuple[float, float]] = field(default_factory=dict)
+    def __init__(self, total: Tensor, terms: dict[str, tuple[float, float]] | None = None, *,
+                 names: Sequence[str] = (), weights: Sequence[float] = (),
+                 raw: Tensor | None = None) -> None:
+        if raw is not None and not (len(names) == len(weights) == raw.numel()):
+            raise ValueError(f"{len(names)} names, {len(weights)} weights, {raw.numel()} values")
+        self.total = total
+        self.names = tuple(names)
+        self.weights = tuple(float(w) for w in weights)
+        self.raw = None if raw is None else raw.detach().reshape(-1)
+        self._terms = dict(terms) if terms is not None else None
+
+    @property
+    def terms(self) -> dict[str, tuple[float, float]]:
+        if self._terms is None:
+            values = self.raw.tolist() if self.raw is not None else []
+            self._terms = {n: (w * v, v) for n, w, v in zip(self.names, self.weights, values)}
+        return self._terms
+
+    @property
+    def host_terms(self) -> dict[str, tuple[float, float]]:
+        """The terms given as host floats (empty when they live on the device)."""
+        return self._terms if self._terms is not None and self.raw is None else {}
 
     def log_dict(self) -> dict[str, float]:
         out: dict[str, float] = {"loss": float(self.total.detach())}

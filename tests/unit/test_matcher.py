@@ -118,3 +118,43 @@ def test_obvious_assignment_and_more_targets_than_queries() -> None:
     # 2 queries, 3 targets: only 2 matches
     ((r, c),) = matcher(torch.zeros(1, 2, 2), boxes[:, :2], tgt)
     assert r.tolist() == [0, 1] and c.tolist() == perm[:2].tolist()
+
+
+def test_all_layers_and_jobs_in_one_transfer_match_each_block_alone() -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    from siamese_detr.engine.profiling import OpCounter
+    from siamese_detr.matcher import MatchJob, match_all, pairwise_cost
+
+    g = torch.Generator().manual_seed(3)
+    m = HungarianMatcher(cost_class=2.0, cls_loss="focal")
+    jobs = []
+    for sizes in ([2, 0, 3], [1, 4, 1]):
+        L, B, Q = 3, len(sizes), 5
+        jobs.append(MatchJob(m, torch.randn(L, B, Q, 4, generator=g),
+                             _random_boxes(L * B * Q, g).view(L, B, Q, 4),
+                             _targets(sizes, 4, g)))
+    with OpCounter() as c:
+        matchings, _ = match_all(jobs)
+    assert c.syncs == 1
+    for job, matching in zip(jobs, matchings):
+        starts = [0]
+        for t in job.targets:
+            starts.append(starts[-1] + len(t))
+        flat = []
+        for layer in range(3):
+            for b, t in enumerate(job.targets):
+                src, tgt = matching[layer][b]
+                if len(t) == 0:
+                    assert len(src) == 0
+                    continue
+                cost = pairwise_cost(job.logits[layer, b], job.boxes[layer, b], t.labels,
+                                     t.boxes, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0,
+                                     cls_loss="focal")
+                rows, cols = linear_sum_assignment(cost.numpy())
+                assert src.tolist() == rows.tolist() and tgt.tolist() == cols.tolist()
+                flat += [(layer, b, int(s), int(j) + starts[b]) for s, j in zip(src, tgt)]
+        L, N = matching.batch_idx.shape
+        got = [(layer, int(matching.batch_idx[layer, n]), int(matching.pred_idx[layer, n]),
+                int(matching.tgt_idx[layer, n])) for layer in range(L) for n in range(N)]
+        assert sorted(got) == sorted(flat)

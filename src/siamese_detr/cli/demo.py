@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    default="deformable",
                    help="detector (default: deformable, 2 levels: it learns fastest on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where every stage runs (default: auto = the GPU when one is present)")
     p.set_defaults(func=run)
 
 
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     setup_logging(True, out / "demo.log")
     minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes
-    plan = DemoPlan.scaled(minutes, args.variant, args.seed)
+    plan = DemoPlan.scaled(minutes, args.variant, args.seed, args.device)
     report = run_demo(out, plan)
     table = results_table(out)
     print(f"\nreport: {report}")

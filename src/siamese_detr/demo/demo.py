@@ -21,12 +21,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from siamese_detr.config import RunConfig
 from siamese_detr.configio import apply_overrides
 from siamese_detr.demo.report import results_table, write_report
-from siamese_detr.engine.distributed import DistInfo
+from siamese_detr.engine.distributed import single_process
 from siamese_detr.engine.logging import get_logger
 from siamese_detr.presets import get_preset
 
@@ -52,17 +50,20 @@ class DemoPlan:
     finetune_iters: int = 600
     variant: str = "deformable"
     seed: int = 0
+    device: str = "auto"  # engine.device of every stage: a GPU when present
 
     @staticmethod
-    def scaled(minutes: float, variant: str = "deformable", seed: int = 0) -> DemoPlan:
+    def scaled(minutes: float, variant: str = "deformable", seed: int = 0,
+               device: str = "auto") -> DemoPlan:
         f = max(minutes, 0.1) / DEFAULT_MINUTES
         if minutes <= 0.5:  # smoke scale for tests
             return DemoPlan(n_train=8, n_val=4, n_unlabeled=8, backbone_steps=3,
-                            pretrain_iters=3, finetune_iters=3, variant=variant, seed=seed)
+                            pretrain_iters=3, finetune_iters=3, variant=variant, seed=seed,
+                            device=device)
         base = DemoPlan()
         return DemoPlan(pretrain_iters=max(10, int(base.pretrain_iters * f)),
                         finetune_iters=max(10, int(base.finetune_iters * f)),
-                        variant=variant, seed=seed)
+                        variant=variant, seed=seed, device=device)
 
 
 def _stage_done(out: Path, name: str) -> bool:
@@ -72,10 +73,6 @@ def _stage_done(out: Path, name: str) -> bool:
 def _mark(out: Path, name: str, info: dict[str, Any] | None = None) -> None:
     (out / "stages").mkdir(parents=True, exist_ok=True)
     (out / "stages" / f"{name}.done").write_text(json.dumps(info or {}))
-
-
-def _cpu() -> DistInfo:
-    return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def make_data(out: Path, plan: DemoPlan) -> None:
@@ -90,7 +87,7 @@ def make_data(out: Path, plan: DemoPlan) -> None:
     from siamese_detr.demo.photo_backbone import train_photo_backbone
 
     loss = train_photo_backbone(out / "data" / BACKBONE_FILE, steps=plan.backbone_steps,
-                                seed=plan.seed)
+                                seed=plan.seed, device=single_process(plan.device).device)
     _mark(out, "data", {"backbone_loss": loss})
 
 
@@ -110,7 +107,7 @@ def _common(cfg: RunConfig, out: Path, plan: DemoPlan, run: str, iters: int) -> 
         f"model.backbone.weights={backbone}", "model.backbone.weights_format=torchvision",
         f"optim.length={iters}", f"optim.lr_drops={int(iters * 0.8)}",
         f"engine.ckpt_every={max(1, iters // 3)}", f"engine.log_every={max(1, iters // 30)}",
-        "engine.keep_checkpoints=0",
+        "engine.keep_checkpoints=0", f"engine.device={plan.device}",
     ])
 
 
@@ -138,7 +135,7 @@ def _train_stage(out: Path, name: str, cfg: RunConfig, fn: Any) -> None:
         return
     last = Path(cfg.output_dir) / "last.pt"
     t0 = time.perf_counter()
-    fn(cfg, _cpu(), str(last) if last.is_file() else None)
+    fn(cfg, single_process(cfg.engine.device), str(last) if last.is_file() else None)
     _mark(out, name, {"seconds": time.perf_counter() - t0})
 
 

@@ -47,22 +47,25 @@ def _crops(photos: list[torch.Tensor], rng: np.random.Generator, n: int, size: i
 
 
 def train_photo_backbone(path: str | Path, steps: int = 300, batch_size: int = 32,
-                         crop_size: int = 96, seed: int = 0) -> float:
-    """Train and save the backbone; returns the mean loss of the last 50 steps."""
+                         crop_size: int = 96, seed: int = 0,
+                         device: torch.device | str = "cpu") -> float:
+    """Train (on ``device``) and save the backbone; returns the mean loss of the last 50
+    steps."""
     names = photo_names()
     photos = [torch.from_numpy(shipped_photo(n)).permute(2, 0, 1).float() / 255 for n in names]
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    model = torchvision.models.resnet18(weights=None, num_classes=len(names))
+    model = torchvision.models.resnet18(weights=None, num_classes=len(names)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     losses = []
     for _ in range(steps):
         x, y = _crops(photos, rng, batch_size, crop_size)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        losses.append(loss.detach())  # read once at the end
+    tail = torch.stack(losses[-50:]).mean().item() if losses else float("nan")
+    state = {k: v.cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     save_checkpoint(state, path)  # atomic
-    return float(np.mean(losses[-50:]))
+    return float(tail)

@@ -34,15 +34,32 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``engine.device`` -> the device: ``auto`` is this process's GPU (``cuda:local_rank``)
+    when CUDA is available, else the CPU; ``cuda`` without a GPU is a config error."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"engine.device={requested} is not one of auto, cpu, cuda")
     if requested == "cpu":
         return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("engine.device=cuda but no CUDA device is visible; use engine.device=cpu")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
+    if requested == "cuda":
+        raise ConfigError("engine.device=cuda but no CUDA device is visible; use "
+                          "engine.device=auto or engine.device=cpu")
     return torch.device("cpu")
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """:func:`resolve_device`, making a GPU the current CUDA device."""
+    device = resolve_device(requested, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def single_process(requested: str = "auto") -> DistInfo:
+    """A one-process run on the device ``engine.device`` resolves to (the demo's stages)."""
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=pick_device(requested))
 
 
 def init_distributed(requested_device: str = "auto") -> DistInfo:

@@ -9,12 +9,16 @@ every ``eval_every``. A task is any ``nn.Module`` whose ``forward(batch)`` retur
 
 Resume is exact: the checkpoint stores the step, model, optimiser, scaler, every RNG state and
 the number of micro-batches consumed, and the caller rebuilds the data stream from there.
+
+The loop itself reads nothing from the device between logs: loss terms are summed on the
+device (:class:`LossWindow`) and read once per ``log_every`` steps, and a non-finite loss or
+gradient norm is a device flag the optimiser step consumes (:func:`optimizer_step`); the
+next log or checkpoint raises :class:`NonFiniteLossError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
@@ -75,10 +79,12 @@ def batch_size_of(batch: Any) -> int:
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
+    """Move a batch (tensors, containers with ``to``, tuples/lists of them) to ``device``;
+    asynchronous on CUDA (the loader pins memory), so the host does not wait."""
     if isinstance(batch, tuple | list):
         return type(batch)(move_to(b, device) for b in batch)
     if hasattr(batch, "to"):
-        return batch.to(device)
+        return batch.to(device, non_blocking=device.type == "cuda")
     return batch
 
 
@@ -126,10 +132,112 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _check_finite(value: float, out: LossOutput, step: int) -> None:
-    if not math.isfinite(value):
-        terms = ", ".join(f"{k}={w:.4g} (raw {r:.4g})" for k, (w, r) in out.terms.items())
-        raise NonFiniteLossError(f"non-finite loss at step {step}: {terms}")
+class LossWindow:
+    """Loss values of the steps since the last log, summed on the device and read once.
+
+    ``add`` costs no host read: the device terms of a :class:`LossOutput` (``raw``) and the
+    total are added to a device vector, host-float terms to host lists. ``read`` makes the
+    one device-to-host transfer of a logging step. ``bad`` counts, on the device, the steps
+    whose loss (or gradient norm) was not finite.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, ...], list[Any]] = {}  # names -> [device sum, count]
+        self.weights: dict[str, float] = {}
+        self.host: dict[str, list[float]] = {}
+        self.bad: torch.Tensor | None = None
+        self.first_step: int | None = None
+
+    def add(self, out: LossOutput, step: int) -> torch.Tensor:
+        """Record one micro-batch; returns its device flag (1.0 when the loss is not finite)."""
+        total = out.total.detach().float().reshape(1)
+        if out.raw is not None:
+            names = ("loss", *out.names)
+            values = torch.cat([total, out.raw.float()])
+            self.weights.update(zip(out.names, out.weights))
+        else:
+            names, values = ("loss",), total
+        self._add(names, values)
+        for name, (weighted, raw) in out.host_terms.items():
+            self.host.setdefault(name, []).append(weighted)
+            self.host.setdefault(name + "_unscaled", []).append(raw)
+        if self.first_step is None:
+            self.first_step = step
+        return self.flag(total)
+
+    def add_value(self, name: str, value: torch.Tensor) -> None:
+        self._add((name,), value.detach().float().reshape(1))
+
+    def flag(self, value: torch.Tensor) -> torch.Tensor:
+        """``1.0`` on the device when ``value`` is not finite; counted in ``bad``."""
+        flag = (~torch.isfinite(value.detach())).any().float()
+        self.bad = flag if self.bad is None else self.bad + flag
+        return flag
+
+    def _add(self, names: tuple[str, ...], values: torch.Tensor) -> None:
+        entry = self.sums.get(names)
+        if entry is None:
+            self.sums[names] = [values.clone(), 1]
+        else:
+            entry[0] += values
+            entry[1] += 1
+
+    def read(self) -> tuple[dict[str, float], int]:
+        """``(means of every term, number of non-finite steps)`` with one host transfer."""
+        keys = list(self.sums)
+        parts = [self.sums[k][0] for k in keys]
+        if self.bad is not None:
+            parts.append(self.bad.reshape(1))
+        host = torch.cat(parts).cpu().tolist() if parts else []
+        record: dict[str, float] = {}
+        offset = 0
+        for names in keys:
+            count = self.sums[names][1]
+            for name, value in zip(names, host[offset : offset + len(names)]):
+                mean = value / count
+                if name in self.weights:
+                    record[name] = self.weights[name] * mean
+                    record[name + "_unscaled"] = mean
+                else:
+                    record[name] = mean
+            offset += len(names)
+        for name, values in self.host.items():
+            record[name] = sum(values) / len(values)
+        bad = int(host[offset]) if self.bad is not None else 0
+        return record, bad
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+def _raise_non_finite(record: dict[str, float], first: int | None, last: int) -> None:
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "loss")
+    raise NonFiniteLossError(
+        f"non-finite loss between steps {first} and {last} (those steps were not applied to "
+        f"the weights): loss={record.get('loss', float('nan')):.4g}; means: {terms}")
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Step unless ``found_inf`` (a device scalar, > 0 when the loss or gradients are not
+    finite), without a host read when the optimiser can skip by itself.
+
+    Fused Adam/AdamW/SGD take ``found_inf`` (the mechanism ``GradScaler`` uses): the kernel
+    leaves parameters, moments and step counts untouched. Other optimisers need one host read
+    of the flag. With an fp16 ``GradScaler``, non-finite gradients make the scaler skip.
+    """
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        # the kernels skip only on exactly 1.0 (2.0 would also shift the step counts)
+        optimizer.found_inf = (found_inf > 0).float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+    elif not bool(found_inf):  # one host read per step for other optimisers
+        optimizer.step()
 
 
 def train(
@@ -165,7 +273,8 @@ def train(
     position = start.data_position
     stream = batches(position)
     result = TrainResult(step=start.step)
-    window: dict[str, list[float]] = {}
+    window = LossWindow()
+    data_times: list[float] = []
     skipped = 0
     last_logged = start.step
     t_last = time.perf_counter()
@@ -179,6 +288,8 @@ def train(
             mininterval=0.5 if interactive else 30.0)  # keep redirected logs small
 
     def save(step: int) -> None:
+        if window.bad is not None and bool(window.bad):  # a checkpoint between two logs
+            _raise_non_finite(window.read()[0], window.first_step, step - 1)
         if not dist_info.is_main:
             return
         payload = {**checkpoint_meta, "step": step, "data_position": position,
@@ -196,6 +307,7 @@ def train(
             factor = lr_factor(step, schedule.lr_drops, schedule.gamma, schedule.warmup_iters)
             set_lr(optimizer, factor)
             t_data = 0.0
+            found_inf = torch.zeros((), device=device)  # > 0: skip this step (non-finite)
             for micro in range(engine.accum_steps):
                 t0 = time.perf_counter()
                 batch = next(stream)
@@ -211,39 +323,38 @@ def train(
                 ctx = contextlib.nullcontext() if sync else task.no_sync()
                 with ctx, autocast_context(engine.amp, device):
                     out: LossOutput = task(batch)
-                logged = out.log_dict()  # one device sync for the loss value per micro-batch
-                _check_finite(logged["loss"], out, step)
+                found = window.add(out, step)  # on the device: no host read
+                found_inf = found_inf + found
                 loss = out.total / engine.accum_steps
                 if scaler is not None:
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
-                for k, v in logged.items():
-                    window.setdefault(k, []).append(v)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if schedule.clip_max_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]],
                     schedule.clip_max_norm)
-                window.setdefault("grad_norm", []).append(float(grad_norm))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+                window.add_value("grad_norm", grad_norm)
+                found_inf = found_inf + (~torch.isfinite(grad_norm)).float()
+            if dist_info.distributed:  # every rank skips together
+                torch.distributed.all_reduce(found_inf)
+            optimizer_step(optimizer, found_inf, scaler)
             optimizer.zero_grad(set_to_none=True)
             if hasattr(raw, "after_step"):
                 raw.after_step(step)
             done = step + 1
             result.step = done
-            window.setdefault("data_time", []).append(t_data)
+            data_times.append(t_data)
             if pbar is not None:
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{window['loss'][-1]:.3f}", refresh=False)
             if done % engine.log_every == 0 or done == schedule.total_steps:
                 now = time.perf_counter()
-                record = {k: sum(v) / len(v) for k, v in window.items()}
+                record, bad = window.read()  # the one host read of a logging step
+                if bad:
+                    _raise_non_finite(record, window.first_step, step)
+                record["data_time"] = sum(data_times) / len(data_times)
                 record = all_reduce_mean(record, device)
                 record.update(step=done, lr=optimizer.param_groups[0]["lr"],
                               step_time=(now - t_last) / max(1, done - last_logged),
@@ -253,7 +364,10 @@ def train(
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 metrics.write(record)
                 result.last_metrics = record
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                 window.clear()
+                data_times.clear()
                 t_last = now
             if engine.ckpt_every > 0 and done % engine.ckpt_every == 0:
                 save(done)

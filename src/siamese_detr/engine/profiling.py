@@ -6,6 +6,14 @@ A host read is any place where Python needs a tensor's values: ``item()``, ``boo
 training step should have at most one. On the CPU they cost nothing, but counting them here
 tells what the same code would do on a GPU, which is what the tests and ``bench/`` use.
 
+Two rules keep a CPU count equal to what a GPU run would pay:
+
+* ``to(...)`` counts only when the target is written as the string ``"cpu"``: a
+  ``to(device)`` with a ``torch.device`` is how code moves data to the training device (a
+  no-op or a device-to-device copy on a GPU, even though the device is the host in a CPU run);
+* reading a host copy costs nothing: ``numpy()``/``tolist()``/``item()`` of the result of a
+  counted ``cpu()``/``to("cpu")`` (or of a view of it) is not counted again.
+
     with OpCounter() as c:
         step()
     print(c.ops, c.syncs, c.sync_sites)
@@ -14,6 +22,7 @@ tells what the same code would do on a GPU, which is what the tests and ``bench/
 from __future__ import annotations
 
 import traceback
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -27,7 +36,7 @@ _HOST_READ_METHODS = {"tolist", "numpy", "cpu"}
 def _is_host_target(args: tuple, kwargs: dict) -> bool:
     """Does a ``Tensor.to(...)`` call move to the CPU?"""
     for a in (*args[1:], kwargs.get("device")):
-        if isinstance(a, str | torch.device) and torch.device(a).type == "cpu":
+        if isinstance(a, str) and torch.device(a).type == "cpu":
             return True
     return False
 
@@ -51,7 +60,8 @@ class _Dispatch(TorchDispatchMode):
                            kwargs: dict | None = None) -> Any:
         self.owner.ops += 1
         self.owner.op_names[str(func.overloadpacket.__name__)] += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func is torch.ops.aten._local_scalar_dense.default and not self.owner._is_host(
+                args[0]):
             self.owner._sync("item")
         return func(*args, **(kwargs or {}))
 
@@ -65,9 +75,13 @@ class _Function(TorchFunctionMode):
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _HOST_READ_METHODS or (name == "to" and _is_host_target(args, kwargs)):
+        to_host = name == "cpu" or (name == "to" and _is_host_target(args, kwargs))
+        if to_host or (name in _HOST_READ_METHODS and not self.owner._is_host(args[0])):
             self.owner._sync(name)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if to_host and isinstance(out, torch.Tensor):
+            self.owner._host[id(out)] = weakref.ref(out)
+        return out
 
 
 class OpCounter:
@@ -79,11 +93,22 @@ class OpCounter:
         self.syncs = 0
         self.op_names: Counter[str] = Counter()
         self.sync_sites: Counter[str] = Counter()
+        self._host: dict[int, weakref.ref] = {}  # host copies made inside the region
         self._modes = (_Function(self), _Dispatch(self))
 
     def _sync(self, kind: str) -> None:
         self.syncs += 1
         self.sync_sites[f"{kind}@{_caller()}"] += 1
+
+    def _is_host(self, t: object) -> bool:
+        """Is ``t`` (or the tensor it views) a host copy made by a counted read?"""
+        if not isinstance(t, torch.Tensor):
+            return False
+        for x in (t, t._base):
+            ref = self._host.get(id(x)) if x is not None else None
+            if ref is not None and ref() is x:
+                return True
+        return False
 
     def __enter__(self) -> OpCounter:
         for m in self._modes:

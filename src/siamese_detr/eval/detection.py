@@ -32,9 +32,11 @@ def predict(detector: nn.Module, dataset: Any, cfg: RunConfig, device: torch.dev
     was_training = detector.training
     detector.eval()
     results: list[dict[str, Any]] = []
-    loader = build_eval_loader(dataset, cfg.data.batch_size, cfg.data.num_workers)
+    cuda = torch.device(device).type == "cuda"
+    loader = build_eval_loader(dataset, cfg.data.batch_size, cfg.data.num_workers,
+                               pin_memory=cuda)
     for images, targets in loader:
-        out = detector(images.to(device))
+        out = detector(images.to(device, non_blocking=cuda))
         orig = torch.stack([t.orig_size for t in targets]).to(device)
         dets = postprocess(out.logits[-1], out.boxes[-1], orig, activation,
                            cfg.eval.max_detections, cfg.eval.score_threshold)

@@ -11,9 +11,10 @@ __all__ = ["sigmoid_focal_loss"]
 def sigmoid_focal_loss(
     logits: Tensor,
     targets: Tensor,
-    num_boxes: float,
+    num_boxes: float | Tensor,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    keep_dims: int = 0,
 ) -> Tensor:
     """Focal loss (Lin et al. 2017) summed over all entries and divided by ``num_boxes``.
 
@@ -25,9 +26,12 @@ def sigmoid_focal_loss(
         num_boxes: normaliser (number of ground-truth boxes, >= 1).
         alpha: weight of positives (``1 - alpha`` for negatives); negative disables it.
         gamma: focusing exponent.
+        keep_dims: number of leading dims not summed (e.g. 1 for one loss per decoder layer).
 
     Returns:
-        scalar tensor.
+        scalar tensor, or ``logits.shape[:keep_dims]`` with ``keep_dims``.
     """
     loss = _tv_focal(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+    if keep_dims:
+        return loss.flatten(keep_dims).sum(-1) / num_boxes
     return loss.sum() / num_boxes

@@ -9,17 +9,19 @@ auxiliary decoding losses). The loss weights are applied in exactly one place
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
 
 from siamese_detr.config import ConfigError, LossConfig, ModelConfig, resolved_cls_loss
 from siamese_detr.losses.focal import sigmoid_focal_loss
-from siamese_detr.matcher import HungarianMatcher
-from siamese_detr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from siamese_detr.matcher import HungarianMatcher, Matching, MatchJob, match_all
+from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, LossOutput
 
 __all__ = ["SetCriterion", "build_criterion", "num_logits", "Indices"]
@@ -28,13 +30,15 @@ Indices = list[tuple[Tensor, Tensor]]
 NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 
 
-def _num_boxes(targets: list[BoxTargets], device: torch.device) -> float:
-    """Number of target boxes, averaged over processes when distributed; at least 1."""
-    n = torch.tensor([float(sum(len(t) for t in targets))], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return max(float(n.item()), 1.0)
+def _num_boxes(targets: list[BoxTargets], device: torch.device) -> float | Tensor:
+    """Number of target boxes, at least 1: a host float (the sizes are known on the host), or,
+    when distributed, the average over processes as a device scalar (no host read)."""
+    n = float(sum(len(t) for t in targets))
+    if not (dist.is_available() and dist.is_initialized()):
+        return max(n, 1.0)
+    t = torch.full((), n, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).clamp(min=1.0)
 
 
 class SetCriterion(nn.Module):
@@ -53,6 +57,7 @@ class SetCriterion(nn.Module):
     """
 
     empty_weight: Tensor
+    loss_weights: Tensor
 
     def __init__(
         self,
@@ -82,6 +87,8 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(self.num_classes + 1)
         empty_weight[-1] = self.eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
+        self.register_buffer("loss_weights", torch.tensor([self.weights[n] for n in NAMES]),
+                             persistent=False)
 
     @property
     def num_logits(self) -> int:
@@ -92,41 +99,46 @@ class SetCriterion(nn.Module):
         ``indices``: every layer with ``aux_loss``, else only the last one."""
         return list(range(num_layers)) if self.aux_loss else [num_layers - 1]
 
-    # ------------------------------------------------------------------ single-layer losses
-    def loss_labels(self, logits: Tensor, targets: list[BoxTargets], indices: Indices,
-                    num_boxes: float) -> Tensor:
-        """Classification loss of one layer. ``logits [B, Q, C]`` -> scalar."""
+    # ------------------------------------------------------------------ losses of all layers
+    def loss_labels(self, logits: Tensor, labels: Tensor, m: Matching,
+                    num_boxes: float | Tensor) -> Tensor:
+        """Classification loss of each layer: ``logits [L, B, Q, C]``, ``labels [T]`` (all
+        targets of the batch, concatenated) -> ``[L]``."""
         logits = logits.float()
-        B, Q, C = logits.shape
-        batch_idx, src_idx = _flat_indices(indices, logits.device)
-        tgt_labels = torch.cat([t.labels.to(logits.device)[j] for t, (_, j) in
-                                zip(targets, indices)]).long()
+        L, B, Q, C = logits.shape
+        layer = torch.arange(L, device=logits.device)[:, None].expand_as(m.batch_idx)
+        matched = labels[m.tgt_idx]  # [L, N]
         if self.cls_loss == "ce":
-            target_classes = torch.full((B, Q), self.num_classes, dtype=torch.int64,
+            target_classes = torch.full((L, B, Q), self.num_classes, dtype=torch.int64,
                                         device=logits.device)
-            target_classes[batch_idx, src_idx] = tgt_labels
+            target_classes[layer, m.batch_idx, m.pred_idx] = matched
             weight = self.empty_weight.to(logits.device)
-            return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+            # the weighted mean of F.cross_entropy, per layer: sum(w_i * nll_i) / sum(w_i)
+            nll = F.cross_entropy(logits.permute(0, 3, 1, 2), target_classes, weight,
+                                  reduction="none")
+            return nll.sum((1, 2)) / weight[target_classes].sum((1, 2))
         onehot = torch.zeros_like(logits)
-        onehot[batch_idx, src_idx, tgt_labels] = 1.0
-        return sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma)
+        onehot[layer, m.batch_idx, m.pred_idx, matched] = 1.0
+        return sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma,
+                                  keep_dims=1)
 
-    def loss_boxes(self, boxes: Tensor, targets: list[BoxTargets], indices: Indices,
-                   num_boxes: float) -> tuple[Tensor, Tensor]:
-        """L1 and ``1 - GIoU`` of matched boxes (normalised cxcywh), summed / ``num_boxes``."""
+    def loss_boxes(self, boxes: Tensor, tgt_boxes: Tensor, m: Matching,
+                   num_boxes: float | Tensor) -> tuple[Tensor, Tensor]:
+        """L1 and ``1 - GIoU`` of matched boxes (normalised cxcywh), summed / ``num_boxes``,
+        per layer: ``boxes [L, B, Q, 4]``, ``tgt_boxes [T, 4]`` -> two ``[L]``."""
         boxes = boxes.float()
-        batch_idx, src_idx = _flat_indices(indices, boxes.device)
-        src = boxes[batch_idx, src_idx]
-        tgt = torch.cat([t.boxes.to(boxes.device)[j] for t, (_, j) in
-                         zip(targets, indices)]).float()
-        l1 = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
-        return l1, (1 - giou).sum() / num_boxes
+        layer = torch.arange(boxes.shape[0], device=boxes.device)[:, None].expand_as(m.batch_idx)
+        src = boxes[layer, m.batch_idx, m.pred_idx]  # [L, N, 4]
+        tgt = tgt_boxes.float()[m.tgt_idx]
+        l1 = (src - tgt).abs().sum((1, 2)) / num_boxes
+        giou_loss = generalized_box_iou_loss(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt),
+                                             reduction="none", eps=0.0)  # 1 - GIoU, [L, N]
+        return l1, giou_loss.sum(1) / num_boxes
 
     # ------------------------------------------------------------------ forward
     def forward(
         self, out: DetectorOutput, targets: list[BoxTargets]
-    ) -> tuple[LossOutput, list[Indices]]:
+    ) -> tuple[LossOutput, Matching]:
         """Loss of a detector output against the batch's targets.
 
         Args:
@@ -137,47 +149,50 @@ class SetCriterion(nn.Module):
             ``(LossOutput, indices)`` where ``indices[l][b] = (pred_idx, tgt_idx)`` for every
             supervised layer (all ``L`` layers with ``aux_loss``, else only the last one).
         """
-        L = out.num_layers
-        if out.logits.shape[-1] != self.num_logits:
-            raise ValueError(f"logits have {out.logits.shape[-1]} columns, the {self.cls_loss} "
-                             f"criterion expects {self.num_logits}")
-        labels = [t.labels for t in targets if len(t) > 0]
-        if labels:
-            top = int(torch.cat([x.reshape(-1) for x in labels]).max())
-            if top >= self.num_classes:
-                raise ConfigError(
-                    f"the data has label {top} but model.num_classes={self.num_classes}; set "
-                    f"model.num_classes to at least {top + 1} (largest category id + 1)")
-        device = out.logits.device
-        num_boxes = _num_boxes(targets, device)
-        layers = self.supervised_layers(L)
-        all_indices: list[Indices] = []
-        raw: dict[str, Tensor] = {}
-        for l in layers:
-            indices = self.matcher(out.logits[l], out.boxes[l], targets)
-            all_indices.append(indices)
-            raw[f"loss_ce_{l}"] = self.loss_labels(out.logits[l], targets, indices, num_boxes)
-            l1, giou = self.loss_boxes(out.boxes[l], targets, indices, num_boxes)
-            raw[f"loss_bbox_{l}"] = l1
-            raw[f"loss_giou_{l}"] = giou
-        sums = {n: torch.stack([raw[f"{n}_{l}"] for l in layers]).sum() for n in NAMES}
-        # the one place where weights are applied
-        total = sum(self.weights[n] * sums[n] for n in NAMES)
-        assert isinstance(total, Tensor)
-        names = list(NAMES) + list(raw)
-        values = torch.stack([sums[n] for n in NAMES] + list(raw.values())).detach().tolist()
-        terms: dict[str, tuple[float, float]] = {}
-        for name, value in zip(names, values):
-            w = self.weights[name if name in NAMES else name.rsplit("_", 1)[0]]
-            terms[name] = (w * value, value)
-        return LossOutput(total=total, terms=terms), all_indices
+        return self.forward_many([(out, targets)])[0]
 
+    def forward_many(
+        self, items: Sequence[tuple[DetectorOutput, list[BoxTargets]]]
+    ) -> list[tuple[LossOutput, Matching]]:
+        """:meth:`forward` of several outputs (e.g. both directions of a Siamese step) whose
+        matching cost matrices, of every supervised layer, go to the host in ONE transfer."""
+        jobs = []
+        for out, targets in items:
+            if out.logits.shape[-1] != self.num_logits:
+                raise ValueError(f"logits have {out.logits.shape[-1]} columns, the "
+                                 f"{self.cls_loss} criterion expects {self.num_logits}")
+            sl = slice(None) if self.aux_loss else slice(-1, None)
+            jobs.append(MatchJob(self.matcher, out.logits[sl], out.boxes[sl], targets))
+        labels = [t.labels.reshape(-1) for _, targets in items for t in targets if len(t) > 0]
+        # the largest label rides along with the cost matrices (no extra host read)
+        top = torch.cat(labels).max() if labels else None
+        matchings, extra = match_all(jobs, top)
+        if top is not None and int(extra[0]) >= self.num_classes:
+            high = int(extra[0])
+            raise ConfigError(
+                f"the data has label {high} but model.num_classes={self.num_classes}; set "
+                f"model.num_classes to at least {high + 1} (largest category id + 1)")
+        results = []
+        for (out, _), job, m in zip(items, jobs, matchings):
+            results.append((self._loss(job, m, out.num_layers), m))
+        return results
 
-def _flat_indices(indices: Indices, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(batch_idx [N], pred_idx [N])`` of all matched predictions of a batch."""
-    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-    src_idx = torch.cat([src for src, _ in indices])
-    return batch_idx.to(device), src_idx.to(device)
+    def _loss(self, job: MatchJob, m: Matching, num_layers: int) -> LossOutput:
+        device = job.logits.device
+        num_boxes = _num_boxes(job.targets, device)
+        labels = torch.cat([t.labels for t in job.targets]).to(device).long()
+        tgt_boxes = torch.cat([t.boxes for t in job.targets]).to(device)
+        per_layer = torch.stack(  # [L, 3] in NAMES order
+            [self.loss_labels(job.logits, labels, m, num_boxes),
+             *self.loss_boxes(job.boxes, tgt_boxes, m, num_boxes)], dim=1)
+        sums = per_layer.sum(0)
+        total = (sums * self.loss_weights.to(device)).sum()  # the one place weights apply
+        first = num_layers - int(per_layer.shape[0])
+        names = list(NAMES) + [f"{n}_{first + l}" for l in range(per_layer.shape[0])
+                               for n in NAMES]
+        weights = [self.weights[n.rsplit("_", 1)[0] if n not in NAMES else n] for n in names]
+        return LossOutput(total=total, names=names, weights=weights,
+                          raw=torch.cat([sums, per_layer.reshape(-1)]))
 
 
 def _resolve(value: float, default: float, key: str) -> float:

@@ -174,6 +174,7 @@ class Detector(nn.Module):
             valid_ratios=ratios,
             features=feats,
             strides=list(self.backbone.strides),
+            level_shapes=[(int(s.shape[-2]), int(s.shape[-1])) for s in srcs],
         )
 
     def _queries(self, enc: Encoded, queries: QueryInputs) -> tuple[Tensor, Tensor | None]:

@@ -16,6 +16,7 @@ from siamese_detr.config import (
     SiameseOptions,
 )
 from siamese_detr.losses.discrimination import region_discrimination_loss
+from siamese_detr.matcher import Matching
 from siamese_detr.models.position import sine_position_encoding
 from siamese_detr.structures import DetectorOutput
 
@@ -65,21 +66,31 @@ def test_supervised_layers_follow_aux_loss() -> None:
     assert task.criterion.supervised_layers(L) == [2]
 
 
+def _as_matching(layers) -> Matching:
+    """The criterion's :class:`Matching` of per-layer ``[(pred_idx, tgt_idx)] * B`` (every
+    image has ``M`` targets, so a target's index in the batch is ``b * M + j``)."""
+    def flat(f):
+        return torch.stack([torch.cat([f(b, s, t) for b, (s, t) in enumerate(per)])
+                            for per in layers])
+    return Matching(list(layers), flat(lambda b, s, t: torch.full_like(s, b)),
+                    flat(lambda b, s, t: s), flat(lambda b, s, t: t + b * M))
+
+
 def test_region_loss_pairs_each_matching_with_its_own_layer() -> None:
     task = _task()
     out, target = _output(), torch.randn(2, M, 512)
     indices = [_matching(s) for s in range(L)]
     with torch.no_grad():
-        got = task.region_loss(out, indices, target)
+        got = task.region_loss(out, _as_matching(indices), target)
         torch.testing.assert_close(got, _by_hand(task, out, zip(range(L), indices), target))
         # only the last layer supervised: its single matching goes with the LAST layer's states
         task.criterion.aux_loss = False
-        last = task.region_loss(out, indices[-1:], target)
+        last = task.region_loss(out, _as_matching(indices[-1:]), target)
         torch.testing.assert_close(last, _by_hand(task, out, [(L - 1, indices[-1])], target))
         first = _by_hand(task, out, [(0, indices[-1])], target)
         assert not torch.allclose(last, first)  # the old positional pairing (layer 0)
         with pytest.raises(ValueError, match="supervised layers"):
-            task.region_loss(out, indices, target)  # 3 matchings for 1 supervised layer
+            task.region_loss(out, _as_matching(indices), target)  # 3 matchings, 1 supervised
 
 
 @pytest.mark.parametrize("variant", ["conditional", "deformable"])

@@ -164,6 +164,18 @@ class SiameseBatch:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def pin_memory(self) -> SiameseBatch:
+        """Page-locked copy (``DataLoader(pin_memory=True)`` calls this)."""
+        def pin(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return SiameseBatch(
+            view1=self.view1.pin_memory(), view2=self.view2.pin_memory(),
+            boxes1=self.boxes1.pin_memory(), boxes2=self.boxes2.pin_memory(),
+            crops1=pin(self.crops1), crops2=pin(self.crops2),
+            image_ids=list(self.image_ids), skipped=self.skipped,
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SiameseBatch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)

@@ -29,14 +29,14 @@ from torch import Tensor, nn
 
 from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
+from siamese_detr.matcher import Matching
 from siamese_detr.methods.base import global_pool_features, roi_pool_features
 from siamese_detr.methods.siamese.heads import FeatureAlign, build_predictor, build_projector
-from siamese_detr.ops.boxes import jitter_xyxy, normalize_xyxy
+from siamese_detr.ops.boxes import box_xyxy_to_cxcywh, jitter_xyxy
 from siamese_detr.structures import (
     BoxTargets,
     DetectorOutput,
     Encoded,
-    ImageBatch,
     LossOutput,
     QueryInputs,
 )
@@ -103,11 +103,22 @@ class SiameseDETR(nn.Module):
         q2 = self.region_queries(enc2, batch.boxes2, batch.view2.sizes)
         use_crops = (self.feature_align is not None and batch.crops1 is not None
                      and batch.crops2 is not None)
-        crops1, crops2 = (batch.crops1, batch.crops2) if use_crops else (None, None)
-        d12 = self._direction(q1, enc2, batch.boxes2, batch.view2, crops1)
-        d21 = self._direction(q2, enc1, batch.boxes1, batch.view1, crops2)
+        # direction a -> b: view a's region queries decode view b's memory, and are paired
+        # with view a's crops
+        out12 = self.detector.decode(enc2, q1)
+        emb1 = self.crop_embeddings(batch.crops1) if use_crops else None
+        out21 = self.detector.decode(enc1, q2)
+        emb2 = self.crop_embeddings(batch.crops2) if use_crops else None
+        t2 = self.region_targets(batch.boxes2, batch.view2.sizes)
+        t1 = self.region_targets(batch.boxes1, batch.view1.sizes)
+        # both directions' matching (every decoder layer) in one device-to-host transfer
+        (loc12, m12), (loc21, m21) = self.criterion.forward_many([(out12, t2), (out21, t1)])
+        reg12 = reg21 = None
+        if emb1 is not None and emb2 is not None:
+            reg12 = self.region_loss(out12, m12, emb1)
+            reg21 = self.region_loss(out21, m21, emb2)
         glob = self.global_loss(enc1, enc2) if self.projector is not None else None
-        return self._combine(d12, d21, glob)
+        return self._combine((loc12, reg12), (loc21, reg21), glob)
 
     # ----------------------------------------------------------------- queries
     def region_queries(self, enc: Encoded, boxes: Tensor, sizes: Tensor) -> QueryInputs:
@@ -153,30 +164,16 @@ class SiameseDETR(nn.Module):
         return torch.minimum(boxes.clamp(min=0), upper)
 
     # ----------------------------------------------------------------- losses
-    def _direction(
-        self, queries: QueryInputs, enc_b: Encoded, boxes_b: Tensor, view_b: ImageBatch,
-        crops_a: Tensor | None,
-    ) -> tuple[LossOutput, Tensor | None]:
-        """One direction ``a -> b``: returns (criterion output, raw ``sum_l L_r^l`` or None)."""
-        out = self.detector.decode(enc_b, queries)
-        targets = self.region_targets(boxes_b, view_b.sizes)
-        loc, indices = self.criterion(out, targets)
-        region = None
-        if crops_a is not None:
-            region = self.region_loss(out, indices, self.crop_embeddings(crops_a))
-        return loc, region
-
     @staticmethod
     def region_targets(boxes: Tensor, sizes: Tensor) -> list[BoxTargets]:
         """Region boxes ``[B, M, 4]`` (pixel xyxy of view b) -> normalised cxcywh targets with
-        label 0 (the single "region" class)."""
-        targets = []
-        for b in range(boxes.shape[0]):
-            h, w = (int(v) for v in sizes[b].tolist())
-            norm = normalize_xyxy(boxes[b].float(), h, w)
-            labels = torch.zeros(norm.shape[0], dtype=torch.int64, device=boxes.device)
-            targets.append(BoxTargets(boxes=norm, labels=labels, size=sizes[b].cpu()))
-        return targets
+        label 0 (the single "region" class); no host read."""
+        h, w = sizes[:, 0].to(boxes.dtype), sizes[:, 1].to(boxes.dtype)
+        scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
+        norm = box_xyxy_to_cxcywh(boxes.float() / scale)
+        labels = torch.zeros(norm.shape[:2], dtype=torch.int64, device=boxes.device)
+        return [BoxTargets(boxes=norm[b], labels=labels[b], size=sizes[b])
+                for b in range(boxes.shape[0])]
 
     def crop_embeddings(self, crops: Tensor) -> Tensor:
         """``[B, M, 3, c, c]`` crops -> ``[B, M, sum C_l]`` GAP of the frozen backbone levels
@@ -186,43 +183,42 @@ class SiameseDETR(nn.Module):
             feats = self.detector.backbone(crops.flatten(0, 1))
             return global_pool_features(feats).reshape(B, M, -1).detach()
 
-    def region_loss(
-        self, out: DetectorOutput, indices: list[list[tuple[Tensor, Tensor]]], target: Tensor
-    ) -> Tensor:
-        """``sum_l L_r^l``: per layer, matched decoder states -> ``feature_align`` vs the crop
-        embedding of the matched region; normalised by ``B * M`` (local).
+    def region_loss(self, out: DetectorOutput, matching: Matching, target: Tensor) -> Tensor:
+        """``sum_l L_r^l``: matched decoder states of every supervised layer ->
+        ``feature_align`` vs the crop embedding of the matched region; normalised by ``B * M``
+        (local).
 
-        ``indices[i]`` is the matching of decoder layer ``criterion.supervised_layers(L)[i]``
+        ``matching[i]`` is the matching of decoder layer ``criterion.supervised_layers(L)[i]``
         (all layers with aux loss, else the last one only): each matching is paired with the
         hidden states of the layer it was computed on, not with layer ``i``."""
         assert self.feature_align is not None
         B, M = int(target.shape[0]), int(target.shape[1])
-        total = out.hidden.new_zeros(())
         layers = self.criterion.supervised_layers(int(out.hidden.shape[0]))
-        if len(layers) != len(indices):
-            raise ValueError(f"{len(indices)} matchings for supervised layers {layers}")
-        for layer, layer_idx in zip(layers, indices, strict=True):
-            hs, ts = [], []
-            for b, (src, tgt) in enumerate(layer_idx):
-                hs.append(out.hidden[layer, b, src.to(out.hidden.device)])
-                ts.append(target[b, tgt.to(target.device)])
-            pred = self.feature_align(torch.cat(hs))
-            total = total + region_discrimination_loss(pred, torch.cat(ts), B * M)
-        return total
+        if len(layers) != len(matching):
+            raise ValueError(f"{len(matching)} matchings for supervised layers {layers}")
+        L = len(layers)
+        hidden = out.hidden[layers]
+        layer = torch.arange(L, device=hidden.device)[:, None].expand_as(matching.batch_idx)
+        states = hidden[layer, matching.batch_idx, matching.pred_idx]  # [L, N, D]
+        # every image has M targets, so a target's index in the batch is b * M + j
+        crops = target.reshape(B * M, -1)[matching.tgt_idx]  # [L, N, C]
+        pred = self.feature_align(states.flatten(0, 1))
+        # the per-layer sums over matched pairs, added over layers
+        return region_discrimination_loss(pred, crops.flatten(0, 1), B * M)
 
     def pooled_memory(self, enc: Encoded) -> Tensor:
         """``[B, D * min(3, L)]``: encoder memory averaged per level over the first three
         levels (valid positions only unless ``pool_padding``)."""
         pooled = []
-        n_levels = min(3, int(enc.spatial_shapes.shape[0]))
-        for (h, w), start in list(zip(enc.spatial_shapes.tolist(),
-                                      enc.level_start_index.tolist()))[:n_levels]:
+        start = 0
+        for h, w in enc.shapes()[:3]:
             mem = enc.memory[:, start : start + h * w]  # [B, hw, D]
             if self.pool_padding:
                 pooled.append(mem.mean(dim=1))
-                continue
-            valid = (~enc.mask[:, start : start + h * w]).to(mem.dtype)[..., None]
-            pooled.append((mem * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0))
+            else:
+                valid = (~enc.mask[:, start : start + h * w]).to(mem.dtype)[..., None]
+                pooled.append((mem * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0))
+            start += h * w
         return torch.cat(pooled, dim=-1)
 
     def global_loss(self, enc1: Encoded, enc2: Encoded) -> Tensor | None:
@@ -240,25 +236,28 @@ class SiameseDETR(nn.Module):
         self, d12: tuple[LossOutput, Tensor | None], d21: tuple[LossOutput, Tensor | None],
         glob: Tensor | None,
     ) -> LossOutput:
-        """All loss weights in one place: ``0.5 * (L_12 + L_21) + weight_global * L_g``."""
+        """All loss weights in one place: ``0.5 * (L_12 + L_21) + weight_global * L_g``.
+
+        Logged terms stay on the device: the two directions' raw terms averaged, then
+        ``loss_region`` and ``loss_global``."""
         (loc12, reg12), (loc21, reg21) = d12, d21
+        if loc12.names != loc21.names or loc12.raw is None or loc21.raw is None:
+            raise ValueError("both directions must report the same device loss terms")
         total = 0.5 * (loc12.total + loc21.total)
-        terms: dict[str, tuple[float, float]] = {}
-        for name in loc12.terms.keys() & loc21.terms.keys():
-            (w1, r1), (w2, r2) = loc12.terms[name], loc21.terms[name]
-            terms[name] = (0.5 * (w1 + w2), 0.5 * (r1 + r2))
-        extra: dict[str, tuple[float, Tensor]] = {}  # name -> (weight, raw value)
+        names, weights = list(loc12.names), list(loc12.weights)
+        raw = [0.5 * (loc12.raw + loc21.raw)]
+        extra: list[tuple[str, float, Tensor]] = []
         if reg12 is not None and reg21 is not None:
-            extra["loss_region"] = (self.opts.weight_region, 0.5 * (reg12 + reg21))
+            extra.append(("loss_region", self.opts.weight_region, 0.5 * (reg12 + reg21)))
         if glob is not None:
-            extra["loss_global"] = (self.opts.weight_global, glob)
-        for weight, raw in extra.values():
-            total = total + weight * raw
-        if extra:  # one device sync for both logged values
-            values = torch.stack([raw.detach() for _, raw in extra.values()]).tolist()
-            for (name, (weight, _)), value in zip(extra.items(), values):
-                terms[name] = (weight * value, value)
-        return LossOutput(total=total, terms=dict(sorted(terms.items())))
+            extra.append(("loss_global", self.opts.weight_global, glob))
+        for name, weight, value in extra:
+            total = total + weight * value
+            names.append(name)
+            weights.append(weight)
+        if extra:
+            raw.append(torch.stack([value.detach().float() for _, _, value in extra]))
+        return LossOutput(total=total, names=names, weights=weights, raw=torch.cat(raw))
 
 
 def _is_sync_bn(module: nn.Module) -> bool:

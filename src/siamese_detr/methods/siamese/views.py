@@ -319,7 +319,8 @@ def plan_views(
     for ``box_source="random"``).
     """
     props = np.zeros((0, 4)) if proposals is None else proposals
-    img, boxes, flipped = _base_resize_and_flip(image.convert("RGB"), props, opts, rng)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy when already RGB
+    img, boxes, flipped = _base_resize_and_flip(rgb, props, opts, rng)
     outer = sample_outer_rect(img.width, img.height, opts.view_scale, opts.view_ratio, rng)
     box1, box2, inter = two_view_boxes(outer, opts.view_iou, opts.view_stochastic, rng)
     size = (int(outer[3] - outer[1]), int(outer[2] - outer[0]))

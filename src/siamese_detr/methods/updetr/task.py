@@ -178,13 +178,16 @@ class UPDETR(nn.Module):
     def losses(self, out: DetectorOutput, targets: list[BoxTargets], feats: Tensor) -> LossOutput:
         """All loss weights in one place: ``L_det + weight_recon * L_rec``."""
         det, indices = self.criterion(out, targets)
-        total, terms = det.total, dict(det.terms)
+        total = det.total
+        # logged terms stay on the device (the training loop reads them at log time)
+        names, weights, raw = list(det.names), list(det.weights), [det.raw]
         if self.feature_align is not None:
             rec = self.reconstruction_loss(out, indices, feats)
             total = total + self.opts.weight_recon * rec
-            value = float(rec.detach())
-            terms["loss_feature"] = (self.opts.weight_recon * value, value)
-        return LossOutput(total=total, terms=dict(sorted(terms.items())))
+            names.append("loss_feature")
+            weights.append(self.opts.weight_recon)
+            raw.append(rec.detach().float().reshape(1))
+        return LossOutput(total=total, names=names, weights=weights, raw=torch.cat(raw))
 
 
 def build_updetr_task(cfg: RunConfig) -> UPDETR:

@@ -1,0 +1,116 @@
+"""Data-loader throughput: samples/s per worker for the fine-tuning and pretraining data sets.
+
+Builds the demo-sized toy data with the synthetic generator (and EdgeBoxes proposals) in a
+temporary folder, then times the per-sample work one loader worker does (``dataset[i]`` +
+collation, in this process, so the figure is per worker) for:
+
+* ``finetune``: COCO-format detection set with the tiny preset's transforms;
+* ``pretrain/tiny``: Siamese views of the tiny preset (5 regions, 64 px crops);
+* ``pretrain/paper``: the paper options (10 regions, 128 px crops, base resize 320-480).
+
+``--workers N`` also runs the real loader (``build_detection_loader``, N persistent workers)
+and prints its samples/s. On a shared machine only ratios measured in one process mean
+anything.
+
+    python bench/bench_loader.py [--images 48] [--rounds 3] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from siamese_detr.config import SiameseOptions
+from siamese_detr.presets import get_preset
+
+
+def build_data(root: Path, n: int, size: int) -> dict[str, Any]:
+    from siamese_detr.demo.synthetic import make_detection_set, make_unlabeled_set
+    from siamese_detr.proposals.generate import generate_proposals
+
+    det = make_detection_set(root / "det", n_train=n, n_val=4, image_size=(size, size), seed=0)
+    make_unlabeled_set(root / "unlabeled", n=n, image_size=(size, size), seed=1)
+    generate_proposals(root / "unlabeled", root / "proposals", method="edgeboxes", workers=1,
+                       chunk_size=64, progress=False)
+    return {"det": det, "unlabeled": root / "unlabeled", "proposals": root / "proposals"}
+
+
+def finetune_set(data: dict[str, Any], size: int) -> Any:
+    from siamese_detr.data.coco import CocoDetection
+    from siamese_detr.data.transforms import build_transforms
+
+    cfg = get_preset("tiny/deformable/finetune")
+    d = replace(cfg.data, train_scales=(size,), val_size=size)
+    det = data["det"]
+    return CocoDetection(det.train_images, det.train_ann, build_transforms(d, train=True),
+                         num_classes=cfg.model.num_classes)
+
+
+def pretrain_set(data: dict[str, Any], opts: SiameseOptions) -> Any:
+    from siamese_detr.data.sources import list_images
+    from siamese_detr.methods.siamese.data import PretrainDataset
+    from siamese_detr.proposals.store import ProposalStore
+
+    return PretrainDataset(list_images(data["unlabeled"]), ProposalStore.open(data["proposals"]),
+                           opts, seed=0)
+
+
+def per_worker_rate(dataset: Any, collate: Callable, batch: int, start: int = 0) -> float:
+    """Samples/s of one worker: every sample of ``dataset`` once, collated in batches."""
+    n = len(dataset)
+    t0 = time.perf_counter()
+    for i in range(0, n - batch + 1, batch):
+        collate([dataset[(start + j) % n] for j in range(i, i + batch)])
+    return (n - n % batch) / (time.perf_counter() - t0)
+
+
+def loader_rate(dataset: Any, collate: Callable, batch: int, workers: int, steps: int) -> float:
+    from siamese_detr.data.loaders import build_detection_loader
+
+    it = build_detection_loader(dataset, batch, workers, seed=0, collate_fn=collate)
+    next(it)  # workers started
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--size", type=int, default=160, help="toy image side (demo: 160)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0)
+    args = ap.parse_args()
+    from siamese_detr.data.collate import collate_detection
+    from siamese_detr.methods.siamese.data import collate_siamese
+
+    torch.set_num_threads(1)  # a loader worker runs one thread
+    tiny = get_preset("tiny/deformable/siamese").pretrain.siamese
+    paper = SiameseOptions()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = build_data(Path(tmp), args.images, args.size)
+        sets = {"finetune": (finetune_set(data, args.size), collate_detection),
+                "pretrain/tiny": (pretrain_set(data, tiny), collate_siamese),
+                "pretrain/paper": (pretrain_set(data, paper), collate_siamese)}
+        print(f"{args.images} toy images of {args.size} px, batch 4, torch threads 1, "
+              f"median of {args.rounds} rounds (shared machine: compare ratios only)")
+        for name, (ds, collate) in sets.items():
+            rates = [per_worker_rate(ds, collate, 4, start=r) for r in range(args.rounds)]
+            line = f"{name:15s} {np.median(rates):8.1f} samples/s per worker"
+            if args.workers:
+                rate = loader_rate(ds, collate, 4, args.workers, max(4, args.images // 4))
+                line += f" | loader with {args.workers} workers {rate:8.1f} samples/s"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
