@@ -275,6 +275,10 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny/deformable/siamese": _tiny_siamese("deformable"),
 }
 
+from siamese_detr.methods.detreg.presets import DETREG_PRESETS  # noqa: E402
+
+PRESETS.update(DETREG_PRESETS)
+
 
 def get_preset(name: str) -> RunConfig:
     """The config of preset ``name``; an unknown name suggests the closest one."""

@@ -26,6 +26,12 @@ def build_pretrain_dataset(cfg: RunConfig) -> Any:
         raise ConfigError("pretrain.images is empty: give an image folder, list file or COCO "
                           "json, e.g. pretrain.images=data/imagenet/train")
     records = list_images(pre.images)
+    if pre.method == "detreg":
+        from siamese_detr.methods.detreg.data import DETRegDataset
+
+        store = _open_store(cfg)
+        with_crops = pre.detreg.object_embedding_loss and pre.detreg.embedding_source == "crops"
+        return DETRegDataset(records, store, pre.detreg, cfg.seed, pre.proposals, with_crops)
     store = None
     if pre.siamese.box_source == "proposals":
         if not pre.proposals.store:
@@ -40,13 +46,41 @@ def build_pretrain_dataset(cfg: RunConfig) -> Any:
     return PretrainDataset(records, store, pre.siamese, cfg.seed, pre.proposals)
 
 
+def _open_store(cfg: RunConfig) -> Any:
+    from siamese_detr.proposals.store import ProposalStore
+
+    pre = cfg.pretrain
+    if not pre.proposals.store:
+        raise ConfigError("pretrain.proposals.store is empty: run `siamese-detr proposals run "
+                          "IMAGES --out STORE` first and set pretrain.proposals.store=STORE")
+    if not Path(pre.proposals.store).is_dir():
+        raise ConfigError(f"proposal store {pre.proposals.store} does not exist: run "
+                          f"`siamese-detr proposals run {pre.images} --out {pre.proposals.store}`")
+    return ProposalStore.open(pre.proposals.store)
+
+
+def collate_for(method: str) -> Any:
+    """The batch collation of a pretext task's data set."""
+    if method == "detreg":
+        from siamese_detr.methods.detreg.data import collate_detreg
+
+        return collate_detreg
+    from siamese_detr.data.pretrain import collate_siamese
+
+    return collate_siamese
+
+
 def build_task(cfg: RunConfig) -> nn.Module:
     match cfg.pretrain.method:
         case "siamese":
             from siamese_detr.methods.siamese.task import build_siamese_task
 
             return build_siamese_task(cfg)
-        case "updetr" | "detreg":
+        case "detreg":
+            from siamese_detr.methods.detreg.task import build_detreg_task
+
+            return build_detreg_task(cfg)
+        case "updetr":
             raise ConfigError(f"pretrain.method={cfg.pretrain.method} is not implemented yet; "
                               "use pretrain.method=siamese")
         case _:
@@ -56,7 +90,6 @@ def build_task(cfg: RunConfig) -> nn.Module:
 def run_pretrain(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = None
                  ) -> dict[str, float]:
     from siamese_detr.data.loaders import build_detection_loader
-    from siamese_detr.data.pretrain import collate_siamese
     from siamese_detr.engine.loop import train
     from siamese_detr.engine.setup import prepare_training
 
@@ -74,7 +107,7 @@ def run_pretrain(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None = 
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(dataset, cfg.pretrain.batch_size,
                                       cfg.pretrain.num_workers, cfg.seed, start_step=position,
-                                      collate_fn=collate_siamese)
+                                      collate_fn=collate_for(cfg.pretrain.method))
 
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
