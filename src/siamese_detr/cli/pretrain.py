@@ -10,10 +10,11 @@ from siamese_detr.cli.common import add_config_arguments, config_from_args, run_
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "pretrain", help="Siamese DETR pretraining on unlabeled images + offline proposals",
-        description="Pretrain the transformer of a DETR-family detector with Siamese DETR "
-        "(Multi-View Region Detection + Multi-View Semantic Discrimination) on a frozen "
-        "backbone. Paper recipes: --preset siamese/<detector>/<data>; multi-GPU: "
+        "pretrain", help="self-supervised pretraining on unlabeled images + offline proposals",
+        description="Pretrain the transformer of a DETR-family detector on a frozen backbone "
+        "with Siamese DETR (Multi-View Region Detection + Multi-View Semantic Discrimination) "
+        "or DETReg (top-k proposals as targets + embedding distillation). Paper recipes: "
+        "--preset siamese/<detector>/<data> or detreg/<detector>/<data>; multi-GPU: "
         "torchrun --nproc-per-node 8 -m siamese_detr pretrain --preset ... The checkpoint "
         "(OUT/last.pt) fine-tunes directly: siamese-detr finetune --init OUT/last.pt.")
     add_config_arguments(p, "tiny/conditional/siamese")
