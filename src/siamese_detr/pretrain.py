@@ -27,11 +27,9 @@ def build_pretrain_dataset(cfg: RunConfig) -> Any:
                           "json, e.g. pretrain.images=data/imagenet/train")
     records = list_images(pre.images)
     if pre.method == "detreg":
-        from siamese_detr.methods.detreg.data import DETRegDataset
+        from siamese_detr.methods.detreg.data import build_detreg_dataset
 
-        store = _open_store(cfg)
-        with_crops = pre.detreg.object_embedding_loss and pre.detreg.embedding_source == "crops"
-        return DETRegDataset(records, store, pre.detreg, cfg.seed, pre.proposals, with_crops)
+        return build_detreg_dataset(cfg, records)
     store = None
     if pre.siamese.box_source == "proposals":
         if not pre.proposals.store:
@@ -44,19 +42,6 @@ def build_pretrain_dataset(cfg: RunConfig) -> Any:
                               f"{pre.proposals.store}`")
         store = ProposalStore.open(pre.proposals.store)
     return PretrainDataset(records, store, pre.siamese, cfg.seed, pre.proposals)
-
-
-def _open_store(cfg: RunConfig) -> Any:
-    from siamese_detr.proposals.store import ProposalStore
-
-    pre = cfg.pretrain
-    if not pre.proposals.store:
-        raise ConfigError("pretrain.proposals.store is empty: run `siamese-detr proposals run "
-                          "IMAGES --out STORE` first and set pretrain.proposals.store=STORE")
-    if not Path(pre.proposals.store).is_dir():
-        raise ConfigError(f"proposal store {pre.proposals.store} does not exist: run "
-                          f"`siamese-detr proposals run {pre.images} --out {pre.proposals.store}`")
-    return ProposalStore.open(pre.proposals.store)
 
 
 def collate_for(method: str) -> Any:

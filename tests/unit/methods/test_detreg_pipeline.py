@@ -87,3 +87,33 @@ def test_checkpoint_converts_and_initialises_a_detector(unlabeled: Path, tmp_pat
     ours = det.state_dict()
     for k, v in to_internal(state).items():
         assert torch.equal(ours[k], v), k
+
+
+def test_missing_store_is_one_line_error(unlabeled: Path, tmp_path: Path, capsys) -> None:
+    args = _args(unlabeled, tmp_path / "x", 1)
+    args = [a if not a.startswith("pretrain.proposals.store=") else
+            f"pretrain.proposals.store={tmp_path / 'nowhere'}" for a in args]
+    assert main(["pretrain", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere does not exist" in err[0]
+    assert "selective-search" in err[0]
+
+
+def test_task_object_builds_data_and_module(unlabeled: Path) -> None:
+    from siamese_detr.configio import apply_overrides
+    from siamese_detr.data.loaders import build_detection_loader
+    from siamese_detr.methods.detreg.task import DETReg, DETRegTask
+    from siamese_detr.presets import get_preset
+
+    overrides = [a for a in _args(unlabeled, unlabeled / "unused", 1) if "=" in a]
+    task = DETRegTask(apply_overrides(get_preset("tiny/vanilla/detreg"), overrides))
+    assert task.kind == "pretrain" and task.batch_size == 2 and task.sync_bn is False
+    dataset = task.build_dataset()
+    assert len(dataset) == 6
+    module = task.build_module()
+    assert isinstance(module, DETReg) and task.make_evaluator(unlabeled) is None
+    batch = next(build_detection_loader(dataset, task.batch_size, 0, 0, collate_fn=task.collate))
+    assert len(batch) == 2 and batch.crops is not None
+    assert all(len(t) <= 6 for t in batch.targets)
+    out = module(batch)
+    assert torch.isfinite(out.total) and "loss_embedding" in out.terms

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,13 +33,14 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from siamese_detr.config import DETRegOptions, ProposalReadConfig
+from siamese_detr.config import ConfigError, DETRegOptions, ProposalReadConfig, RunConfig
 from siamese_detr.data import transforms as T
 from siamese_detr.data.collate import pad_images
 from siamese_detr.methods.siamese.views import colour_augment, to_normalised_tensor
 from siamese_detr.structures import BoxTargets, ImageBatch
 
 __all__ = [
+    "build_detreg_dataset",
     "DETRegBatch",
     "DETRegDataset",
     "DETRegSample",
@@ -250,3 +251,27 @@ def collate_detreg(samples: Sequence[DETRegSample | None]) -> DETRegBatch:
     has_crops = all(s.crops is not None for s in kept)
     crops = [s.crops for s in kept] if has_crops else None  # type: ignore[misc]
     return DETRegBatch(images, targets, crops, [s.image_id for s in kept], skipped)
+
+
+def build_detreg_dataset(cfg: RunConfig, records: Sequence[Any] | None = None) -> DETRegDataset:
+    """The data set of ``cfg``: ``pretrain.images`` (or ``records``) with the proposal store
+    ``pretrain.proposals.store``; one-line errors name the key to fix."""
+    from siamese_detr.data.sources import list_images
+    from siamese_detr.proposals.store import ProposalStore
+
+    pre = cfg.pretrain
+    if records is None:
+        if not pre.images:
+            raise ConfigError("pretrain.images is empty: give an image folder, list file or "
+                              "COCO json, e.g. pretrain.images=data/imagenet/train")
+        records = list_images(pre.images)
+    if not pre.proposals.store:
+        raise ConfigError("pretrain.proposals.store is empty: run `siamese-detr proposals run "
+                          "IMAGES --out STORE` first and set pretrain.proposals.store=STORE")
+    if not Path(pre.proposals.store).is_dir():
+        raise ConfigError(f"proposal store {pre.proposals.store} does not exist: run "
+                          f"`siamese-detr proposals run {pre.images} --out {pre.proposals.store}"
+                          "` (DETReg used --method selective-search)")
+    store = ProposalStore.open(pre.proposals.store)
+    with_crops = pre.detreg.object_embedding_loss and pre.detreg.embedding_source == "crops"
+    return DETRegDataset(records, store, pre.detreg, cfg.seed, pre.proposals, with_crops)

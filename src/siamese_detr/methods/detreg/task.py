@@ -18,7 +18,9 @@ One training step on a :class:`~siamese_detr.methods.detreg.data.DETRegBatch`:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +33,13 @@ from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, Encoded, LossOutput
 
 if TYPE_CHECKING:
+    from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.engine.loop import TrainResult
+    from siamese_detr.engine.setup import Prepared
     from siamese_detr.methods.detreg.data import DETRegBatch
     from siamese_detr.models.detector import Detector
 
-__all__ = ["DETReg", "build_detreg_task", "crop_embedding_dim"]
+__all__ = ["DETReg", "DETRegTask", "build_detreg_task", "crop_embedding_dim"]
 
 _C3_CHANNELS = {18: 128, 34: 128, 50: 512}
 
@@ -163,3 +168,40 @@ def build_detreg_task(cfg: RunConfig) -> DETReg:
     model = replace(cfg.model, num_classes=1)  # class-agnostic: object vs no-object
     detector = build_detector(model, num_logits=num_logits(model, cfg.loss))
     return DETReg(detector, opts, build_criterion(model, cfg.loss))
+
+
+class DETRegTask:
+    """DETReg pretraining as a pretext task for the runner: the proposal-target data set over
+    ``cfg.pretrain.images`` and :class:`DETReg`; the run returns the last logged losses."""
+
+    kind: Literal["pretrain", "finetune"] = "pretrain"
+    sync_bn = False  # no BatchNorm outside the frozen backbone
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from siamese_detr.methods.detreg.data import collate_detreg
+
+        self.cfg = cfg
+        self.batch_size = cfg.pretrain.batch_size
+        self.num_workers = cfg.pretrain.num_workers
+        self.collate: Callable[[Any], Any] | None = collate_detreg
+
+    def build_dataset(self) -> Any:
+        from siamese_detr.methods.detreg.data import build_detreg_dataset
+
+        return build_detreg_dataset(self.cfg)
+
+    def build_module(self) -> nn.Module:
+        return build_detreg_task(self.cfg)
+
+    def describe(self, num_images: int, prepared: Prepared) -> str:
+        s = prepared.schedule
+        return (f"pretraining detreg/{self.cfg.model.variant}: {num_images} images, top "
+                f"{self.cfg.pretrain.detreg.max_proposals} proposals as targets, "
+                f"{s.total_steps} iterations (lr drops at {list(s.lr_drops)}), global batch "
+                f"{prepared.global_batch}")
+
+    def make_evaluator(self, run_dir: Path) -> None:
+        return None
+
+    def finish(self, result: TrainResult, dist_info: DistInfo) -> dict[str, float]:
+        return result.last_metrics
