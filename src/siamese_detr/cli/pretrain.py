@@ -24,10 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from siamese_detr.pretrain import run_pretrain
-
     cfg = config_from_args(args, "pretrain")
-    metrics, is_main = run_training(cfg, args.resume, run_pretrain)
+    metrics, is_main = run_training(cfg, args.resume)
     if is_main:
         print("final losses: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                            if k.startswith("loss")))

@@ -66,7 +66,7 @@ def test_resume_n_plus_n_equals_2n(unlabeled: Path, tmp_path: Path) -> None:
 def test_checkpoint_converts_and_initialises_a_detector(unlabeled: Path, tmp_path: Path
                                                         ) -> None:
     from siamese_detr.convert import convert_checkpoint, to_internal
-    from siamese_detr.finetune import load_init
+    from siamese_detr.eval.loading import init_from_checkpoint, load_detector
     from siamese_detr.models.detector import build_detector
     from siamese_detr.presets import get_preset
 
@@ -82,11 +82,16 @@ def test_checkpoint_converts_and_initialises_a_detector(unlabeled: Path, tmp_pat
     cfg = get_preset("tiny/deformable/finetune")
     cfg_model = cfg.model.__class__(**{**cfg.model.__dict__, "enc_layers": 1})
     det = build_detector(cfg_model, num_logits=3)
-    rep = load_init(det, pre / "last.pt", "deformable")
+    rep = init_from_checkpoint(det, pre / "last.pt", "deformable")
     assert rep.skipped_shape and all("class_embed" in k for k in rep.skipped_shape)
     ours = det.state_dict()
     for k, v in to_internal(state).items():
         assert torch.equal(ours[k], v), k
+    # the pretraining checkpoint itself loads for inference with its 1-logit sigmoid head
+    loaded = load_detector(pre / "last.pt")
+    assert loaded.kind == "pretrain" and loaded.missing == []
+    assert loaded.detector.head_activation == "sigmoid"
+    assert loaded.detector.class_embed[0].out_features == 1
 
 
 def test_missing_store_is_one_line_error(unlabeled: Path, tmp_path: Path, capsys) -> None:

@@ -33,9 +33,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from siamese_detr.config import ConfigError, DETRegOptions, ProposalReadConfig, RunConfig
+from siamese_detr.config import DETRegOptions, ProposalReadConfig, RunConfig
 from siamese_detr.data import transforms as T
 from siamese_detr.data.collate import pad_images
+from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.views import colour_augment, to_normalised_tensor
 from siamese_detr.structures import BoxTargets, ImageBatch
 

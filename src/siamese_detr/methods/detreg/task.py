@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from siamese_detr.config import ConfigError, DETRegOptions, RunConfig
+from siamese_detr.config import DETRegOptions, RunConfig
+from siamese_detr.errors import ConfigError
 from siamese_detr.models.heads import MLP
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, Encoded, LossOutput
@@ -155,8 +156,8 @@ def build_detreg_task(cfg: RunConfig) -> DETReg:
     """
     from dataclasses import replace
 
-    from siamese_detr.losses.set_criterion import build_criterion, num_logits
-    from siamese_detr.models.detector import build_detector
+    from siamese_detr.losses.set_criterion import build_criterion
+    from siamese_detr.models.detector import build_detector_from_config
 
     opts = cfg.pretrain.detreg
     if cfg.model.backbone.freeze != "all":
@@ -166,7 +167,7 @@ def build_detreg_task(cfg: RunConfig) -> DETReg:
                           f"pretrain.detreg.max_proposals={opts.max_proposals}: every proposal "
                           "needs a query; raise num_queries or lower max_proposals")
     model = replace(cfg.model, num_classes=1)  # class-agnostic: object vs no-object
-    detector = build_detector(model, num_logits=num_logits(model, cfg.loss))
+    detector = build_detector_from_config(cfg)  # loads cfg.model.backbone.weights
     return DETReg(detector, opts, build_criterion(model, cfg.loss))
 
 
