@@ -34,13 +34,14 @@ def build_task(cfg: RunConfig, device: Any = "cpu") -> Task:
             from siamese_detr.methods.siamese.task import SiameseTask
 
             return SiameseTask(cfg)
+        case "updetr":
+            from siamese_detr.methods.updetr.task import UPDETRTask
+
+            return UPDETRTask(cfg)
         case "detreg":
             from siamese_detr.methods.detreg.task import DETRegTask
 
             return DETRegTask(cfg)
-        case "updetr":
-            raise ConfigError(f"pretrain.method={cfg.pretrain.method} is not implemented yet; "
-                              "use pretrain.method=siamese")
         case _:
             raise ConfigError(f"unknown pretrain.method={cfg.pretrain.method}")
 
