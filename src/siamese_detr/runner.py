@@ -91,6 +91,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
                             sync_bn=task.sync_bn)
     get_logger().info("%s", task.describe(len(dataset), prep))
     extra = {} if task.collate is None else {"collate_fn": task.collate}
+    # optional Task hook: more checkpoint entries (fine-tuning stores its category names)
+    extras = getattr(task, "checkpoint_extras", dict)
 
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(dataset, task.batch_size, task.num_workers, cfg.seed,
@@ -99,7 +101,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
         engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
-        checkpoint_meta={"kind": task.kind, "config": to_dict(cfg)},
+        checkpoint_meta={"kind": task.kind, "config": to_dict(cfg), **extras()},
         start=prep.start, scaler=prep.scaler, evaluate=task.make_evaluator(run_dir),
     )
     return task.finish(result, dist_info)
