@@ -111,7 +111,16 @@ class DataConfig:
     max_size: int = 1333
     val_size: int = 800
     batch_size: int = 2  # per process
+    # images per optimiser step over all processes; 0 = batch_size x world size x
+    # engine.accum_steps. When set, engine.accum_steps is derived from it at start-up.
+    global_batch: int = 0
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("data.batch_size must be >= 1")
+        if self.global_batch < 0:
+            raise ConfigError("data.global_batch must be >= 0 (0 = not fixed)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,8 +135,15 @@ class OptimConfig:
     lr_drops: tuple[float, ...] = (40,)
     gamma: float = 0.1
     warmup_iters: int = 0
+    # Deformable DETR: parameters named *reference_points* / *sampling_offsets* train at
+    # lr x this (upstream main.py: 0.1); 1.0 = no separate group (DETR, Conditional DETR and
+    # the official Siamese DETR pretraining, which has one lr for everything)
+    lr_linear_proj_mult: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.lr_linear_proj_mult <= 0:
+            raise ConfigError("optim.lr_linear_proj_mult must be > 0 (1.0 = same lr as the "
+                              "rest of the transformer)")
         if self.length <= 0:
             raise ConfigError("optim.length must be > 0")
         if any(d > self.length for d in self.lr_drops):
@@ -183,6 +199,12 @@ class SiameseOptions:
     base_scales: tuple[int, ...] = (320, 336, 352, 368, 400, 416, 432, 448, 464, 480)
     base_max_size: int = 600
     per_sample_queries: bool = True  # False reproduces the official deformable batch-0 quirk
+    # L_g pooling of the encoder memory: False = valid positions only (ours), True = the whole
+    # padded map (official neck)
+    pool_padding: bool = False
+    # True: the official pretraining initialisation (default PyTorch init of the box head, no
+    # -0.5 offset in the Deformable position encoding) instead of upstream fine-tuning's
+    official_init: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,7 +258,17 @@ class PretrainConfig:
     updetr: UPDETROptions = field(default_factory=UPDETROptions)
     detreg: DETRegOptions = field(default_factory=DETRegOptions)
     batch_size: int = 8  # per process
+    # images per optimiser step over all processes (official: 256 on ImageNet, 64 on COCO);
+    # 0 = batch_size x world size x engine.accum_steps. When set, engine.accum_steps is
+    # derived from it at start-up.
+    global_batch: int = 0
     num_workers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("pretrain.batch_size must be >= 1")
+        if self.global_batch < 0:
+            raise ConfigError("pretrain.global_batch must be >= 0 (0 = not fixed)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,6 +297,14 @@ class RunConfig:
         if self.task == "pretrain" and self.model.backbone.freeze != "all":
             raise ConfigError(
                 "task=pretrain needs model.backbone.freeze=all (the backbone is frozen)"
+            )
+        if (self.task == "pretrain" and self.pretrain.method == "siamese"
+                and not self.pretrain.siamese.per_sample_queries
+                and self.model.variant != "deformable"):
+            raise ConfigError(
+                "pretrain.siamese.per_sample_queries=false reproduces a quirk of the official "
+                "Deformable DETR code only; set it to true for "
+                f"model.variant={self.model.variant}"
             )
 
 

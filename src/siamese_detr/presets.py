@@ -68,53 +68,83 @@ _VOC = DataConfig(
     val_images="data/voc",
     val_ann="data/voc/voc07_test.json",
 )
+# the official VOC fine-tuning trains on VOC2012 trainval only (Zx55/SiameseDETR
+# downstream_finetune/conditionaldetr/datasets/voc.py, build()) and tests on VOC2007 test, with
+# the official json box convention: siamese-detr voc2coco --box-convention official
+_VOC12 = replace(_VOC, train_ann="data/voc/voc12_trainval_official.json",
+                 val_ann="data/voc/voc07_test_official.json")
 
 
-def _finetune(name: str, model: ModelConfig, data: DataConfig, optim: OptimConfig) -> RunConfig:
+def _finetune(name: str, model: ModelConfig, data: DataConfig, optim: OptimConfig,
+              global_batch: int) -> RunConfig:
     return RunConfig(
         name=name,
         task="finetune",
         output_dir=f"runs/{name.replace('/', '_')}",
         model=model,
-        data=data,
+        data=replace(data, global_batch=global_batch),
         optim=optim,
         engine=EngineConfig(ckpt_every=5000, log_every=50),
     )
 
 
-# Siamese DETR downstream (conditional): lr 1e-4, backbone lr 5e-5, 50 epochs, drop at 40.
+# Siamese DETR downstream (conditional): lr 1e-4, backbone lr 5e-5, 50 epochs, drop at 40;
+# 8 GPUs x 2 images = 16 per step (train_*.sh --ntasks-per-node=8, main.py --batch_size 2).
 _COND_OPTIM = OptimConfig(lr=1e-4, lr_backbone=5e-5, length=50, lr_drops=(40,))
-# Deformable DETR: lr 2e-4, backbone 2e-5, 50 epochs, drop at 40.
-_DEFORM_OPTIM = OptimConfig(lr=2e-4, lr_backbone=2e-5, length=50, lr_drops=(40,))
-# DETR: lr 1e-4, backbone 1e-5; 150 epochs (drop 100), the UP-DETR fine-tuning schedule.
+_COND_BATCH = 16
+# Deformable DETR: lr 2e-4, backbone 2e-5, 50 epochs, drop at 40; reference_points and
+# sampling_offsets at 0.1 x lr (main.py lr_linear_proj_mult); total batch 32 (README).
+_DEFORM_OPTIM = OptimConfig(lr=2e-4, lr_backbone=2e-5, length=50, lr_drops=(40,),
+                            lr_linear_proj_mult=0.1)
+_DEFORM_BATCH = 32
+# DETR: lr 1e-4, backbone 1e-5; 150 epochs (drop 100), the UP-DETR fine-tuning schedule;
+# 8 GPUs x 2 images = 16 per step (README training command, main.py --batch_size 2).
 _DETR_OPTIM = OptimConfig(lr=1e-4, lr_backbone=1e-5, length=150, lr_drops=(100,))
+_DETR_BATCH = 16
 
 
 def finetune_conditional_voc() -> RunConfig:
-    return _finetune("finetune/conditional-100q/voc", _conditional_model(20), _VOC, _COND_OPTIM)
+    return _finetune("finetune/conditional-100q/voc", _conditional_model(20), _VOC, _COND_OPTIM,
+                     _COND_BATCH)
+
+
+def finetune_conditional_voc12() -> RunConfig:
+    """The official VOC recipe: VOC2012 trainval only (``voc`` trains on 2007+2012)."""
+    return _finetune("finetune/conditional-100q/voc12", _conditional_model(20), _VOC12,
+                     _COND_OPTIM, _COND_BATCH)
 
 
 def finetune_conditional_coco() -> RunConfig:
-    return _finetune("finetune/conditional-100q/coco", _conditional_model(91), _COCO, _COND_OPTIM)
+    return _finetune("finetune/conditional-100q/coco", _conditional_model(91), _COCO, _COND_OPTIM,
+                     _COND_BATCH)
 
 
 def finetune_detr_coco() -> RunConfig:
-    return _finetune("finetune/detr/coco", _detr_model(91), _COCO, _DETR_OPTIM)
+    return _finetune("finetune/detr/coco", _detr_model(91), _COCO, _DETR_OPTIM, _DETR_BATCH)
 
 
 def finetune_detr_voc() -> RunConfig:
-    return _finetune("finetune/detr/voc", _detr_model(20), _VOC, _DETR_OPTIM)
+    return _finetune("finetune/detr/voc", _detr_model(20), _VOC, _DETR_OPTIM, _DETR_BATCH)
+
+
+def finetune_detr_voc12() -> RunConfig:
+    return _finetune("finetune/detr/voc12", _detr_model(20), _VOC12, _DETR_OPTIM, _DETR_BATCH)
 
 
 def finetune_deformable_coco() -> RunConfig:
     cfg = _finetune("finetune/deformable-ms-300q/coco", _deformable_model(91), _COCO,
-                    _DEFORM_OPTIM)
+                    _DEFORM_OPTIM, _DEFORM_BATCH)
     return replace(cfg, eval=replace(cfg.eval, max_detections=100))
 
 
 def finetune_deformable_voc() -> RunConfig:
     return _finetune("finetune/deformable-ms-300q/voc", _deformable_model(20), _VOC,
-                     _DEFORM_OPTIM)
+                     _DEFORM_OPTIM, _DEFORM_BATCH)
+
+
+def finetune_deformable_voc12() -> RunConfig:
+    return _finetune("finetune/deformable-ms-300q/voc12", _deformable_model(20), _VOC12,
+                     _DEFORM_OPTIM, _DEFORM_BATCH)
 
 
 # ---------------------------------------------------------------- pretraining recipes
@@ -131,8 +161,9 @@ _COCO_PRE_OPTIM = OptimConfig(lr=1e-4, lr_backbone=0.0, unit="iter", length=120_
 
 def _pretrain(name: str, model: ModelConfig, images: str, store: str, per_gpu: int,
               optim: OptimConfig, siamese: SiameseOptions) -> RunConfig:
+    global_batch = 256 if images == _IN1K[0] else 64  # 32 x 8 / 64 x 4, or 16 x 4 (COCO)
     pre = PretrainConfig(method="siamese", images=images, siamese=siamese,
-                         batch_size=per_gpu, num_workers=4)
+                         batch_size=per_gpu, global_batch=global_batch, num_workers=4)
     pre = replace(pre, proposals=replace(pre.proposals, store=store))
     return RunConfig(
         name=name,
@@ -182,6 +213,26 @@ def siamese_deformable_ms_in1k() -> RunConfig:
 def siamese_conditional_coco() -> RunConfig:
     return _pretrain("siamese/conditional-100q/coco", _conditional_model(1), *_COCO_IMAGES, 4,
                      _COCO_PRE_OPTIM, _COCO_SIAMESE)
+
+
+# ---------------------------------------------------------------- official-code recipes
+
+
+def official(preset: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+    """The paper-faithful twin of a pretraining preset: everything the official code does
+    differently from our defaults (docs/method.md, "faithful vs improved"): L_g pooled over the
+    padded map, the official pretraining initialisation, and for Deformable DETR the region
+    queries of sample 0 for the whole batch."""
+    def faithful() -> RunConfig:
+        cfg = preset()
+        deformable = cfg.model.variant == "deformable"
+        siamese = replace(cfg.pretrain.siamese, pool_padding=True, official_init=True,
+                          per_sample_queries=not deformable)
+        name = cfg.name + "-official"
+        return replace(cfg, name=name, output_dir=f"runs/{name.replace('/', '_')}",
+                       pretrain=replace(cfg.pretrain, siamese=siamese))
+    faithful.__doc__ = f"Official-code twin of {preset.__name__}."
+    return faithful
 
 
 # ---------------------------------------------------------------- UP-DETR recipes
@@ -406,6 +457,9 @@ def _tiny_detreg(variant: str) -> Callable[[], RunConfig]:
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "finetune/conditional-100q/voc": finetune_conditional_voc,
+    "finetune/conditional-100q/voc12": finetune_conditional_voc12,
+    "finetune/detr/voc12": finetune_detr_voc12,
+    "finetune/deformable-ms-300q/voc12": finetune_deformable_voc12,
     "finetune/conditional-100q/coco": finetune_conditional_coco,
     "finetune/detr/coco": finetune_detr_coco,
     "finetune/detr/voc": finetune_detr_voc,
@@ -417,6 +471,9 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "siamese/deformable-ss-300q/in1k": siamese_deformable_ss_in1k,
     "siamese/deformable-ms-300q/in1k": siamese_deformable_ms_in1k,
     "siamese/conditional-100q/coco": siamese_conditional_coco,
+    **{f"{fn().name}-official": official(fn) for fn in (
+        siamese_vanilla_in1k, siamese_conditional_in1k, siamese_conditional_300q_in1k,
+        siamese_deformable_ss_in1k, siamese_deformable_ms_in1k, siamese_conditional_coco)},
     "tiny/vanilla/finetune": _tiny_finetune("vanilla"),
     "tiny/conditional/finetune": _tiny_finetune("conditional"),
     "tiny/deformable/finetune": _tiny_finetune("deformable"),

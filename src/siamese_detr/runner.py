@@ -78,10 +78,14 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
 
     from siamese_detr.configio import to_dict
     from siamese_detr.data.loaders import build_detection_loader
+    from siamese_detr.engine.batching import apply_global_batch
     from siamese_detr.engine.logging import get_logger
     from siamese_detr.engine.loop import train
     from siamese_detr.engine.setup import prepare_training
 
+    # pretrain.global_batch / data.global_batch -> engine.accum_steps for this world size
+    cfg, batch_plan = apply_global_batch(cfg, dist_info.world_size)
+    get_logger().info("%s", batch_plan.describe())
     run_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, dist_info.device)

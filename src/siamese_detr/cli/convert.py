@@ -28,6 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="write the file even if some keys could not be mapped")
     p.add_argument("--keep-class-embed", action="store_true",
                    help="keep the class head of a pretraining checkpoint (dropped by default)")
+    p.add_argument("--own-code-only", action="store_true",
+                   help="convert a model that the upstream repository cannot use (2-level "
+                   "Deformable, ResNet-18/34 Deformable, Conditional with hidden_dim != 256); "
+                   "the file is then for siamese-detr's own code only and says so")
     p.set_defaults(func=run)
 
 
@@ -38,17 +42,24 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)  # safe load; one-line error on a bad file
     try:
         state, report = convert_checkpoint(
-            ckpt, args.target, keep_class_embed=True if args.keep_class_embed else None
+            ckpt, args.target, keep_class_embed=True if args.keep_class_embed else None,
+            own_code_only=args.own_code_only,
         )
     except ConversionError as exc:
         raise UserError(str(exc)) from exc
     print(f"{args.checkpoint} -> {args.target}")
     print(report.summary())
+    if report.upstream_args and not report.blockers:
+        print(f"upstream model arguments: {report.upstream_args}")
     if not report.ok and not args.allow_unmapped:
         print(f"not written: {len(report.unmapped)} unmapped key(s) "
               "(re-run with --allow-unmapped to write anyway)")
         return 1
     out = Path(args.out)
-    save_checkpoint(wrap_upstream(state), out)
-    print(f"wrote {out}")
+    note = ""
+    if report.blockers:
+        note = (f"for siamese-detr's own code only: upstream {args.target} cannot use it ("
+                + "; ".join(report.blockers) + ")")
+    save_checkpoint(wrap_upstream(state, note), out)
+    print(f"wrote {out}" + (f"  ({note})" if note else ""))
     return 0

@@ -10,7 +10,7 @@ def run(args: argparse.Namespace) -> int:
     from siamese_detr.data.voc import convert_voc, parse_set
 
     sets = [parse_set(s) for s in args.sets]
-    data = convert_voc(args.devkit, sets, args.out)
+    data = convert_voc(args.devkit, sets, args.out, args.box_convention)
     print(f"wrote {args.out}: {len(data['images'])} images, {len(data['annotations'])} boxes "
           f"({sum(a['difficult'] for a in data['annotations'])} difficult), 20 categories "
           f"(ids 0..19); image root = {args.devkit}")
@@ -31,5 +31,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--sets", nargs="+", required=True, metavar="YEAR:SPLIT",
                         help="e.g. 2007:trainval 2012:trainval (merged), or 2007:test")
     parser.add_argument("--out", required=True, help="output json file")
+    parser.add_argument("--box-convention", choices=("ours", "official"), default="ours",
+                        help="ours: [xmin-1, ymin-1, xmax-xmin+1, ymax-ymin+1] (default); "
+                        "official: [xmin, ymin, xmax-xmin, ymax-ymin] as in the official "
+                        "Siamese DETR json (the */voc12 presets)")
     parser.set_defaults(func=run)
     return parser

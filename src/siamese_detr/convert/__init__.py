@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from siamese_detr.convert import conditional, deformable, detr
+from siamese_detr.convert.compat import upstream_arguments, upstream_blockers
 from siamese_detr.convert.keymap import ConversionReport, apply_keymap
 from siamese_detr.engine.checkpoint import detector_state, upstream_to_internal
 
@@ -42,7 +43,8 @@ def _detector_state(ckpt: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
 
 
 def convert_checkpoint(
-    ckpt: dict[str, Any], target: str, keep_class_embed: bool | None = None
+    ckpt: dict[str, Any], target: str, keep_class_embed: bool | None = None,
+    own_code_only: bool = False,
 ) -> tuple[dict[str, Tensor], ConversionReport]:
     """Map a checkpoint's detector weights to ``target``'s parameter names.
 
@@ -52,12 +54,16 @@ def convert_checkpoint(
             stored ``model.variant`` (vanilla, conditional, deformable).
         keep_class_embed: keep ``class_embed.*``; default: drop for pretraining checkpoints
             (2-way pretext head), keep for fine-tuned ones.
+        own_code_only: convert a configuration that upstream cannot use (see
+            :mod:`siamese_detr.convert.compat`) anyway; the reasons go to ``report.blockers``
+            and the file is for siamese-detr's own code only.
 
     Returns:
         The flat upstream state dict and a report (mapped / dropped with reasons / unmapped).
 
     Raises:
-        ConversionError: unknown target, or the target does not match the stored variant.
+        ConversionError: unknown target, the target does not match the stored variant, or
+            upstream cannot use this configuration (unless ``own_code_only``).
     """
     if target not in TARGETS:
         raise ConversionError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -72,17 +78,27 @@ def convert_checkpoint(
             f"checkpoint holds a {variant} detector; --to {target} needs {module.VARIANT} "
             f"(use --to {expected})"
         )
+    blockers = upstream_blockers(config, target)
+    if blockers and not own_code_only:
+        raise ConversionError(
+            f"upstream {target} cannot use this checkpoint: " + "; ".join(blockers)
+            + ". Pass --own-code-only to write a file for siamese-detr's own code only"
+        )
     state, kind = _detector_state(ckpt)
     try:
         rules = module.rules(config, kind, keep_class_embed)
-        return apply_keymap(state, rules)
+        converted, report = apply_keymap(state, rules)
     except ValueError as exc:
         raise ConversionError(str(exc)) from exc
+    report.blockers = blockers
+    report.upstream_args = upstream_arguments(config, target)
+    return converted, report
 
 
-def wrap_upstream(state_dict: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """``{"model": state_dict}``: the file layout the upstream repositories load."""
-    return {"model": state_dict}
+def wrap_upstream(state_dict: dict[str, Tensor], note: str = "") -> dict[str, Any]:
+    """``{"model": state_dict}``: the file layout the upstream repositories load (plus a
+    ``"note"`` string when given, e.g. that the file is for our own code only)."""
+    return {"model": state_dict, "note": note} if note else {"model": state_dict}
 
 
 def to_internal(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -33,6 +33,9 @@ class ConversionReport:
     mapped: list[tuple[str, str]] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     unmapped: list[str] = field(default_factory=list)
+    # why upstream cannot use the file (only with own_code_only; see convert.compat)
+    blockers: list[str] = field(default_factory=list)
+    upstream_args: str = ""  # upstream main.py model arguments that rebuild this model
 
     @property
     def ok(self) -> bool:
@@ -44,6 +47,9 @@ class ConversionReport:
             f"dropped: {len(self.dropped)} tensors",
             f"unmapped: {len(self.unmapped)} tensors",
         ]
+        if self.blockers:
+            lines.append("FOR SIAMESE-DETR'S OWN CODE ONLY, upstream cannot use it: "
+                         + "; ".join(self.blockers))
         reasons: dict[str, int] = {}
         for _, why in self.dropped:
             reasons[why] = reasons.get(why, 0) + 1

@@ -94,13 +94,36 @@ def _image_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def voc_to_coco(devkit: str | Path, sets: Sequence[tuple[str, str]]) -> dict[str, Any]:
+BOX_CONVENTIONS = ("ours", "official")
+
+
+def _coco_box(box: tuple[float, float, float, float], convention: str) -> list[float]:
+    """VOC XML ``(xmin, ymin, xmax, ymax)`` -> COCO ``[x, y, w, h]``.
+
+    ``ours``: 1-based inclusive pixels -> 0-based continuous ``[xmin-1, ymin-1, xmax-xmin+1,
+    ymax-ymin+1]``. ``official``: Siamese DETR's shipped json, ``[xmin, ymin, xmax-xmin,
+    ymax-ymin]`` (one pixel narrower and shifted by one)."""
+    xmin, ymin, xmax, ymax = box
+    if convention == "official":
+        return [xmin, ymin, xmax - xmin, ymax - ymin]
+    if convention != "ours":
+        raise ValueError(f"unknown box convention {convention!r} (choose from "
+                         f"{', '.join(BOX_CONVENTIONS)})")
+    return [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
+
+
+def voc_to_coco(devkit: str | Path, sets: Sequence[tuple[str, str]],
+                box_convention: str = "ours") -> dict[str, Any]:
     """Build the COCO-format dict of the given ``(year, split)`` sets (see module doc).
+    ``box_convention``: ``"ours"`` (default) or ``"official"`` (see :func:`_coco_box`).
 
     Raises:
         UserError: a missing folder/file (named), an unknown class, or two different images
             with the same id.
     """
+    if box_convention not in BOX_CONVENTIONS:
+        raise _user_error(f"unknown box convention {box_convention!r} (choose from "
+                          f"{', '.join(BOX_CONVENTIONS)})")
     devkit = Path(devkit)
     if not devkit.is_dir():
         raise _user_error(f"VOC devkit folder not found: {devkit}")
@@ -150,13 +173,12 @@ def voc_to_coco(devkit: str | Path, sets: Sequence[tuple[str, str]]) -> dict[str
         images.append({"id": image_id, "file_name": file_name, "width": width,
                        "height": height})
         for obj in info["objects"]:
-            xmin, ymin, xmax, ymax = obj["box"]
-            w, h = xmax - xmin + 1, ymax - ymin + 1
+            bbox = _coco_box(obj["box"], box_convention)
             flag = int(obj["difficult"])
             annotations.append({
                 "id": len(annotations) + 1,  # pycocotools needs ids > 0
                 "image_id": image_id, "category_id": _CLASS_ID[obj["name"]],
-                "bbox": [xmin - 1, ymin - 1, w, h], "area": w * h, "iscrowd": 0,
+                "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0,
                 "difficult": flag, "ignore": flag, "segmentation": [],
             })
     categories = [{"id": i, "name": n, "supercategory": "none"}
@@ -164,17 +186,20 @@ def voc_to_coco(devkit: str | Path, sets: Sequence[tuple[str, str]]) -> dict[str
     return {
         "info": {"description": "PASCAL VOC " + " + ".join(f"{y} {s}" for y, s in sets),
                  "image_root": "the VOCdevkit folder (file_name is relative to it)",
-                 "bbox_convention": "0-based continuous: [xmin-1, ymin-1, xmax-xmin+1, "
-                                    "ymax-ymin+1] of the VOC XML values"},
+                 "bbox_convention": (
+                     "0-based continuous: [xmin-1, ymin-1, xmax-xmin+1, ymax-ymin+1] of the VOC "
+                     "XML values" if box_convention == "ours" else
+                     "official Siamese DETR json: [xmin, ymin, xmax-xmin, ymax-ymin] of the VOC "
+                     "XML values")},
         "images": images, "annotations": annotations, "categories": categories,
     }
 
 
-def convert_voc(devkit: str | Path, sets: Sequence[tuple[str, str]], out: str | Path
-                ) -> dict[str, Any]:
+def convert_voc(devkit: str | Path, sets: Sequence[tuple[str, str]], out: str | Path,
+                box_convention: str = "ours") -> dict[str, Any]:
     """Convert and write the json atomically to ``out``; returns the dict."""
     from siamese_detr.files import write_json
 
-    data = voc_to_coco(devkit, sets)
+    data = voc_to_coco(devkit, sets, box_convention)
     write_json(out, data)
     return data

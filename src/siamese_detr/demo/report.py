@@ -157,7 +157,7 @@ def _views_figure(pretrain_cfg: Any, path: Path) -> None:
     for index in range(len(dataset)):
         sample = dataset[index]
         if sample is not None:
-            draw_views(sample, path, scale=2)
+            draw_views(sample, path, scale=2, per_region=True)
             return
 
 
@@ -181,6 +181,9 @@ the paper's results. The real recipes are in the README
 ## 2. Two views of one image and their shared regions (same colour = same region)
 
 Region 0 is the overlap of the two views; the others are proposals that survive in both.
+Regions clipped to the overlap often share sides, so in the top row one outline can hide
+most of another; each row below shows one region alone (filled) in both views, with its
+size in pixels and its two `L_r` crops: exactly the boxes and crops that training uses.
 
 ![views](figures/views.png)
 

@@ -10,28 +10,44 @@ from torch import nn
 
 from siamese_detr.config import OptimConfig
 
+# Deformable DETR's ``lr_linear_proj_names`` (upstream main.py): matched as substrings
+LINEAR_PROJ_NAMES = ("reference_points", "sampling_offsets")
 
-def param_groups(model: nn.Module, lr: float, lr_backbone: float, weight_decay: float
-                 ) -> list[dict]:
-    """Two AdamW groups as in DETR: parameters under a ``backbone.`` module get
-    ``lr_backbone``; frozen parameters (``requires_grad=False``) are left out."""
-    backbone, rest = [], []
+
+def param_groups(model: nn.Module, lr: float, lr_backbone: float, weight_decay: float,
+                 lr_linear_proj_mult: float = 1.0) -> list[dict]:
+    """AdamW groups as in DETR: parameters under a ``backbone.`` module get ``lr_backbone``;
+    frozen parameters (``requires_grad=False``) are left out. With ``lr_linear_proj_mult !=
+    1`` (Deformable DETR) a third group ``linear_proj`` holds the parameters whose name
+    contains ``reference_points`` or ``sampling_offsets`` at ``lr * lr_linear_proj_mult``;
+    with 1.0 there is no such group (the optimiser state keeps its two-group layout)."""
+    backbone, linear_proj, rest = [], [], []
+    split_proj = lr_linear_proj_mult != 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_backbone = name.startswith("backbone.") or ".backbone." in name
-        (backbone if is_backbone else rest).append(p)
+        if name.startswith("backbone.") or ".backbone." in name:
+            backbone.append(p)
+        elif split_proj and any(k in name for k in LINEAR_PROJ_NAMES):
+            linear_proj.append(p)
+        else:
+            rest.append(p)
     groups = [{"params": rest, "lr": lr, "base_lr": lr, "name": "transformer"}]
     if backbone:
         groups.append({"params": backbone, "lr": lr_backbone, "base_lr": lr_backbone,
                        "name": "backbone"})
+    if linear_proj:
+        proj_lr = lr * lr_linear_proj_mult
+        groups.append({"params": linear_proj, "lr": proj_lr, "base_lr": proj_lr,
+                       "name": "linear_proj"})
     for g in groups:
         g["weight_decay"] = weight_decay
     return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_backbone, cfg.weight_decay))
+    return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_backbone, cfg.weight_decay,
+                                          cfg.lr_linear_proj_mult))
 
 
 def resolve_schedule(cfg: OptimConfig, iters_per_epoch: int) -> tuple[int, tuple[int, ...]]:

@@ -87,6 +87,11 @@ class SetCriterion(nn.Module):
     def num_logits(self) -> int:
         return self.num_classes + 1 if self.cls_loss == "ce" else self.num_classes
 
+    def supervised_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers that get a matching and a loss, in the order of the returned
+        ``indices``: every layer with ``aux_loss``, else only the last one."""
+        return list(range(num_layers)) if self.aux_loss else [num_layers - 1]
+
     # ------------------------------------------------------------------ single-layer losses
     def loss_labels(self, logits: Tensor, targets: list[BoxTargets], indices: Indices,
                     num_boxes: float) -> Tensor:
@@ -145,7 +150,7 @@ class SetCriterion(nn.Module):
                     f"model.num_classes to at least {top + 1} (largest category id + 1)")
         device = out.logits.device
         num_boxes = _num_boxes(targets, device)
-        layers = list(range(L)) if self.aux_loss else [L - 1]
+        layers = self.supervised_layers(L)
         all_indices: list[Indices] = []
         raw: dict[str, Tensor] = {}
         for l in layers:

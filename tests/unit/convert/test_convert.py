@@ -65,7 +65,7 @@ def _fresh_detector(cfg: RunConfig, num_logits: int):
 @pytest.mark.parametrize("variant,levels", CASES)
 def test_pretrain_conversion_complete_and_equivalent(variant: str, levels: int) -> None:
     task, cfg, ckpt = _pretrain_ckpt(variant, levels)
-    state, report = convert_checkpoint(ckpt, TARGET[variant])
+    state, report = convert_checkpoint(ckpt, TARGET[variant], own_code_only=True)
     assert report.ok and report.unmapped == []
     assert any(k.startswith("backbone.0.body.") for k in state)
     assert not any(k.startswith(("backbone.body.", "detector.", "patch2query", "feature_align",
@@ -91,7 +91,7 @@ def test_finetune_checkpoint_keeps_class_head_and_matches(variant: str) -> None:
     cfg = _cfg(variant)
     det = _fresh_detector(cfg, 5)
     ckpt = {"model": det.state_dict(), "config": to_dict(cfg), "kind": "finetune"}
-    state, report = convert_checkpoint(ckpt, TARGET[variant])
+    state, report = convert_checkpoint(ckpt, TARGET[variant], own_code_only=True)
     assert report.ok and report.dropped == []
     other = _fresh_detector(cfg, 5)
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_finetune_checkpoint_keeps_class_head_and_matches(variant: str) -> None:
 def test_unknown_key_reported_as_unmapped() -> None:
     _, _, ckpt = _pretrain_ckpt("conditional")
     ckpt["model"]["mystery.weight"] = torch.zeros(3)
-    state, report = convert_checkpoint(ckpt, "conditional-detr")
+    state, report = convert_checkpoint(ckpt, "conditional-detr", own_code_only=True)
     assert not report.ok and report.unmapped == ["mystery.weight"]
     assert "mystery.weight" not in state and "UNMAPPED: mystery.weight" in report.summary()
 
@@ -124,7 +124,7 @@ def test_deformable_layer_count_comes_from_config() -> None:
     head = {"bbox_embed.layers.0.weight": torch.ones(2, 2), "class_embed.0.bias": torch.ones(2)}
     cfg = to_dict(_cfg("deformable", dec_layers=3))
     ckpt = {"model": head, "config": cfg, "kind": "finetune"}
-    state, report = convert_checkpoint(ckpt, "deformable-detr")
+    state, report = convert_checkpoint(ckpt, "deformable-detr", own_code_only=True)
     assert report.ok
     assert sorted(k for k in state if k.startswith("bbox_embed")) == [
         f"bbox_embed.{i}.layers.0.weight" for i in range(3)

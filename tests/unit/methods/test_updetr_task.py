@@ -283,7 +283,9 @@ def test_checkpoint_converts_and_inits_like_siamese(variant: str, levels: int, t
             p.add_(0.05 * torch.randn_like(p))
     ckpt = {"model": task.state_dict(), "config": to_dict(cfg), "kind": "pretrain", "step": 1}
     target = {"vanilla": "detr", "deformable": "deformable-detr"}[variant]
-    state, report = convert_checkpoint(ckpt, target)
+    # ResNet-18 Deformable: upstream refuses it (convert.compat), so the test converts for
+    # our own code only
+    state, report = convert_checkpoint(ckpt, target, own_code_only=True)
     assert report.ok and report.unmapped == []
     dropped = {k for k, _ in report.dropped}
     assert {"patch2query.weight", "feature_align.layers.1.weight"} <= dropped

@@ -230,10 +230,55 @@ def _palette(n: int) -> list[tuple[int, int, int]]:
     return colours
 
 
-def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8, scale: int = 1) -> Path:
+def _region_panel(view: Image.Image, box: Sequence[float], colour: tuple[int, int, int]
+                  ) -> Image.Image:
+    """``view`` with one region: a translucent fill plus its outline (its exact extent)."""
+    panel = view.convert("RGBA")
+    overlay = Image.new("RGBA", panel.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    x0, y0, x1, y1 = box
+    draw.rectangle([x0, y0, x1, y1], fill=(*colour, 90), outline=(*colour, 255), width=2)
+    return Image.alpha_composite(panel, overlay).convert("RGB")
+
+
+def _region_rows(sample: SiameseSample, width: int, gap: int) -> Image.Image:
+    """One row per region ``j``: view 1 and view 2 with only region ``j`` (filled), then the
+    two ``L_r`` crops of ``j`` when the sample has them, and the box sizes in pixels."""
+    left, right = _to_pil(sample.view1), _to_pil(sample.view2)
+    colours = _palette(len(sample.boxes1))
+    h = max(left.height, right.height)
+    label_h = 12
+    rows = Image.new("RGB", (width, len(colours) * (h + label_h + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(rows)
+    for j, colour in enumerate(colours):
+        top = j * (h + label_h + gap)
+        b1, b2 = sample.boxes1[j].tolist(), sample.boxes2[j].tolist()
+        x = 0
+        for view, box in ((left, b1), (right, b2)):
+            rows.paste(_region_panel(view, box, colour), (x, top + label_h))
+            x += view.width + gap
+        crops = [] if sample.crops1 is None or sample.crops2 is None else [
+            _to_pil(sample.crops1[j]), _to_pil(sample.crops2[j])]
+        for crop in crops:
+            crop = crop.resize((h, h), Image.Resampling.BILINEAR)
+            rows.paste(crop, (x, top + label_h))
+            x += h + gap
+        sizes = " | ".join(f"{b[2] - b[0]:.0f}x{b[3] - b[1]:.0f} px" for b in (b1, b2))
+        text = f"region {j}: view 1 {sizes.replace(' | ', ', view 2 ')}"
+        draw.text((2, top), text + ("   (L_r crops right)" if crops else ""), fill=colour)
+    return rows
+
+
+def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8, scale: int = 1,
+               per_region: bool = False) -> Path:
     """Save a PNG: view 1 | view 2 side by side, region ``j`` drawn in the same colour in both
     (region 0, the intersection, on top with a thicker outline), enlarged ``scale`` times
-    (nearest neighbour). Returns the path written."""
+    (nearest neighbour). Returns the path written.
+
+    Regions clamped to the views' intersection often share sides, so in the overview a later
+    outline can hide most of an earlier one (a box then looks like a line). ``per_region``
+    adds one row per region below the overview with only that region (filled) in both views
+    and its two ``L_r`` crops: exactly the boxes and crops that training uses."""
     left, right = _to_pil(sample.view1), _to_pil(sample.view2)
     canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)),
                        (255, 255, 255))
@@ -246,6 +291,14 @@ def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8, scale: int
             draw.rectangle([x0 + offset, y0, x1 + offset, y1], outline=colours[j],
                            width=3 if j == 0 else 2)
             draw.text((x0 + offset + 2, y0 + 1), str(j), fill=colours[j])
+    if per_region:
+        crops = sample.crops1 is not None and sample.crops2 is not None
+        width = left.width + right.width + gap + (2 * (canvas.height + gap) if crops else 0)
+        rows = _region_rows(sample, width, gap)
+        full = Image.new("RGB", (width, canvas.height + gap + rows.height), (255, 255, 255))
+        full.paste(canvas, (0, 0))
+        full.paste(rows, (0, canvas.height + gap))
+        canvas = full
     if scale != 1:
         canvas = canvas.resize((canvas.width * scale, canvas.height * scale),
                                Image.Resampling.NEAREST)

@@ -190,11 +190,18 @@ class SiameseDETR(nn.Module):
         self, out: DetectorOutput, indices: list[list[tuple[Tensor, Tensor]]], target: Tensor
     ) -> Tensor:
         """``sum_l L_r^l``: per layer, matched decoder states -> ``feature_align`` vs the crop
-        embedding of the matched region; normalised by ``B * M`` (local)."""
+        embedding of the matched region; normalised by ``B * M`` (local).
+
+        ``indices[i]`` is the matching of decoder layer ``criterion.supervised_layers(L)[i]``
+        (all layers with aux loss, else the last one only): each matching is paired with the
+        hidden states of the layer it was computed on, not with layer ``i``."""
         assert self.feature_align is not None
         B, M = int(target.shape[0]), int(target.shape[1])
         total = out.hidden.new_zeros(())
-        for layer, layer_idx in enumerate(indices):
+        layers = self.criterion.supervised_layers(int(out.hidden.shape[0]))
+        if len(layers) != len(indices):
+            raise ValueError(f"{len(indices)} matchings for supervised layers {layers}")
+        for layer, layer_idx in zip(layers, indices, strict=True):
             hs, ts = [], []
             for b, (src, tgt) in enumerate(layer_idx):
                 hs.append(out.hidden[layer, b, src.to(out.hidden.device)])
@@ -273,7 +280,12 @@ def build_siamese_task(cfg: RunConfig) -> SiameseDETR:
     check_regions(cfg.model.num_queries, opts.num_regions)
     # build_detector loads cfg.model.backbone.weights (models.backbone.load_backbone_weights)
     detector = build_detector(cfg.model, num_logits=2, head_activation="softmax")
-    return SiameseDETR(detector, opts, build_pretext_criterion(cfg))
+    if opts.official_init:
+        from siamese_detr.methods.siamese.official import apply_official_pretraining_init
+
+        apply_official_pretraining_init(detector)
+    return SiameseDETR(detector, opts, build_pretext_criterion(cfg),
+                       pool_padding=opts.pool_padding)
 
 
 def build_pretext_criterion(cfg: RunConfig) -> SetCriterion:
