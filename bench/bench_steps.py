@@ -35,6 +35,20 @@ def fake_siamese_batch(b: int, size: int, m: int, crop: int):
                         skipped=0)
 
 
+def fake_detreg_batch(b: int, size: int, k: int, crop: int):
+    from siamese_detr.methods.detreg.data import DETRegBatch
+
+    g = torch.Generator().manual_seed(0)
+    images = ImageBatch(torch.randn(b, 3, size, size), torch.zeros(b, size, size, dtype=bool),
+                        torch.tensor([[size, size]] * b))
+    targets = [BoxTargets(torch.cat([0.3 + 0.4 * torch.rand(k, 2, generator=g),
+                                     0.1 + 0.3 * torch.rand(k, 2, generator=g)], 1),
+                          torch.zeros(k, dtype=torch.int64), size=torch.tensor([size, size]))
+               for _ in range(b)]
+    crops = [torch.randn(k, 3, crop, crop) for _ in range(b)]
+    return DETRegBatch(images, targets, crops, [str(i) for i in range(b)], 0)
+
+
 def step(loss, optimizer) -> None:
     loss.total.backward()
     optimizer.step()
@@ -77,6 +91,15 @@ def main() -> None:
                                    cfg.pretrain.siamese.crop_size).to(device)
 
         t_pre = timed(lambda t=task, o=opt, x=batch: step(t(x), o), args.iters)
+        from siamese_detr.methods.detreg.task import build_detreg_task
+
+        dcfg = get_preset(f"tiny/{variant}/detreg")
+        dtask = build_detreg_task(dcfg).to(device)
+        dopt = torch.optim.AdamW([p for p in dtask.parameters() if p.requires_grad], lr=1e-4)
+        dbatch = fake_detreg_batch(dcfg.pretrain.batch_size, args.size,
+                                   dcfg.pretrain.detreg.max_proposals,
+                                   dcfg.pretrain.detreg.crop_size).to(device)
+        t_detreg = timed(lambda t=dtask, o=dopt, x=dbatch: step(t(x), o), args.iters)
         fcfg = get_preset(f"tiny/{variant}/finetune")
         det = build_detector(fcfg.model, num_logits(fcfg.model, fcfg.loss)).to(device)
         crit = build_criterion(fcfg.model, fcfg.loss)
@@ -91,7 +114,8 @@ def main() -> None:
         t_ft = timed(lambda c=crit, d=det, x=images, y=targets, o=fopt: step(c(d(x), y)[0], o),
                      args.iters)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"{variant:12s} pretrain step {t_pre:.3f} s (batch {cfg.pretrain.batch_size}) | "
+        print(f"{variant:12s} siamese step {t_pre:.3f} s (batch {cfg.pretrain.batch_size}) | "
+              f"detreg step {t_detreg:.3f} s (batch {dcfg.pretrain.batch_size}) | "
               f"finetune step {t_ft:.3f} s (batch {b}) | process peak RSS {peak:.0f} MiB")
 
 

@@ -222,13 +222,31 @@ class UPDETROptions:
 
 @dataclass(frozen=True, kw_only=True)
 class DETRegOptions:
+    """DETReg (Bar et al. 2022); numbers from amirbar/DETReg, see docs/method.md."""
+
     max_proposals: int = 30  # top-k proposal boxes used as targets
+    # "topk": this image's best boxes; "random": the best boxes of another (random) image
     strategy: Literal["topk", "random"] = "topk"
     object_embedding_loss: bool = True
     weight_embedding: float = 1.0
+    # target embedding: "crops" (official: frozen backbone C3, GAP, on augmented crops of
+    # crop_size px) or "roi" (RoIAlign + GAP on the detector's own frozen feature maps)
+    embedding_source: Literal["crops", "roi"] = "crops"
     crop_size: int = 128
+    min_boxes: int = 2  # images with fewer surviving boxes are skipped (official: 2)
     base_scales: tuple[int, ...] = (320, 336, 352, 368, 400, 416, 432, 448, 464, 480)
     base_max_size: int = 600
+    # DETR's second branch: resize to one of these, random crop, then base resize
+    crop_scales: tuple[int, ...] = (400, 500, 600)
+    crop_range: tuple[int, int] = (384, 600)
+
+    def __post_init__(self) -> None:
+        if self.max_proposals < 1:
+            raise ConfigError("pretrain.detreg.max_proposals must be >= 1")
+        if self.min_boxes < 1:
+            raise ConfigError("pretrain.detreg.min_boxes must be >= 1")
+        if self.crop_range[0] > self.crop_range[1]:
+            raise ConfigError("pretrain.detreg.crop_range must be (min, max) with min <= max")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,8 +39,9 @@ def build_task(cfg: RunConfig, device: Any = "cpu") -> Task:
 
             return UPDETRTask(cfg)
         case "detreg":
-            raise ConfigError(f"pretrain.method={cfg.pretrain.method} is not implemented yet; "
-                              "use pretrain.method=siamese")
+            from siamese_detr.methods.detreg.task import DETRegTask
+
+            return DETRegTask(cfg)
         case _:
             raise ConfigError(f"unknown pretrain.method={cfg.pretrain.method}")
 

@@ -10,11 +10,13 @@ from siamese_detr.cli.common import add_config_arguments, config_from_args, run_
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "pretrain", help="Siamese DETR pretraining on unlabeled images + offline proposals",
-        description="Pretrain the transformer of a DETR-family detector with Siamese DETR "
-        "(Multi-View Region Detection + Multi-View Semantic Discrimination) on a frozen "
-        "backbone. Paper recipes: --preset siamese/<detector>/<data>; the UP-DETR baseline "
-        "(random query patches, no proposals): --preset updetr/<detector>/<data>; multi-GPU: "
+        "pretrain", help="self-supervised pretraining on unlabeled images + offline proposals",
+        description="Pretrain the transformer of a DETR-family detector on a frozen backbone "
+        "with Siamese DETR (Multi-View Region Detection + Multi-View Semantic Discrimination). "
+        "Paper recipes: --preset siamese/<detector>/<data>; the baselines: UP-DETR (random "
+        "query patches, no proposals) --preset updetr/<detector>/<data>, DETReg (top-k "
+        "proposals as targets + embedding distillation) --preset detreg/<detector>/<data>; "
+        "multi-GPU: "
         "torchrun --nproc-per-node 8 -m siamese_detr pretrain --preset ... The checkpoint "
         "(OUT/last.pt) fine-tunes directly: siamese-detr finetune --init OUT/last.pt.")
     add_config_arguments(p, "tiny/conditional/siamese")

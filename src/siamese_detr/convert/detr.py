@@ -18,6 +18,7 @@ PRETEXT_DROPS: tuple[tuple[str, str], ...] = (
     ("feature_align.", "pretext-only: region-discrimination head"),
     ("projector.", "pretext-only: global-discrimination projector"),
     ("predictor.", "pretext-only: global-discrimination predictor"),
+    ("feature_embed.", "pretext-only: DETReg object-embedding head"),
     ("criterion.", "loss buffer, not a model parameter"),
 )
 

@@ -45,7 +45,7 @@ class DemoPlan:
     image_size: tuple[int, int] = (160, 160)
     backbone_steps: int = 300  # label-free photo-id warm-up of the shared ResNet-18
     # 800 iterations gave a gain in some pretraining runs and a loss in others; 2000 won in
-    # every run measured (bench/transfer_toy.py, README "What the demo does and shows")
+    # every run measured (bench/transfer.py, README "What the demo does and shows")
     pretrain_iters: int = 2000
     finetune_iters: int = 600
     variant: str = "deformable"

@@ -304,10 +304,16 @@ def build_detector(cfg: ModelConfig, num_logits: int,
 
 def build_detector_from_config(cfg: RunConfig) -> Detector:
     """The detector a run of ``cfg`` trains: the 2-way softmax pretext head for
-    ``task=pretrain``, the fine-tuning head chosen by ``cfg.loss`` otherwise."""
+    ``task=pretrain`` (DETReg: one class-agnostic class with the head ``cfg.loss`` picks,
+    sigmoid for focal), the fine-tuning head chosen by ``cfg.loss`` otherwise."""
+    from dataclasses import replace
+
     from siamese_detr.config import head_activation
     from siamese_detr.losses.set_criterion import num_logits
 
+    if cfg.task == "pretrain" and cfg.pretrain.method == "detreg":
+        one = replace(cfg.model, num_classes=1)
+        return build_detector(one, num_logits(one, cfg.loss), head_activation(one, cfg.loss))
     if cfg.task == "pretrain":
         return build_detector(cfg.model, 2, "softmax")
     return build_detector(cfg.model, num_logits(cfg.model, cfg.loss),
