@@ -68,6 +68,13 @@ def run(cfg: RunConfig, dist_info: DistInfo | None = None, resume: str | None = 
         cleanup()
 
 
+def _extra_meta(task: Task) -> dict[str, Any]:
+    """What a task adds to every checkpoint (optional ``checkpoint_meta()``, called after
+    ``build_dataset``; fine-tuning stores its category names)."""
+    extra = getattr(task, "checkpoint_meta", None)
+    return dict(extra()) if callable(extra) else {}
+
+
 def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict[str, float]:
     import torch
 
@@ -94,7 +101,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
         engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
-        checkpoint_meta={"kind": task.kind, "config": to_dict(cfg)},
+        checkpoint_meta={"kind": task.kind, "config": to_dict(cfg), **_extra_meta(task)},
         start=prep.start, scaler=prep.scaler, evaluate=task.make_evaluator(run_dir),
     )
     return task.finish(result, dist_info)

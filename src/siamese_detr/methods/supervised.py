@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from siamese_detr.engine.loop import TrainResult
     from siamese_detr.engine.setup import Prepared
 
-__all__ = ["DetectionTask", "SupervisedTask", "build_datasets"]
+__all__ = ["DetectionTask", "SupervisedTask", "build_datasets", "categories_of"]
 
 
 class DetectionTask(nn.Module):
@@ -39,6 +39,14 @@ class DetectionTask(nn.Module):
         out = self.detector(images)
         loss, _ = self.criterion(out, targets)
         return loss
+
+
+def categories_of(dataset: Any) -> list[dict[str, Any]]:
+    """``[{"id", "name"}]`` of a COCO-format data set sorted by id: stored in fine-tuning
+    checkpoints so that predictions and exports can name the labels."""
+    coco = dataset.coco
+    return [{"id": int(c["id"]), "name": str(c["name"])}
+            for c in sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])]
 
 
 def build_datasets(cfg: RunConfig, train: bool = True) -> tuple[Any, Any]:
@@ -75,10 +83,16 @@ class SupervisedTask:
         self.batch_size = cfg.data.batch_size
         self.num_workers = cfg.data.num_workers
         self._val_set: Any = None
+        self._categories: list[dict[str, Any]] = []
 
     def build_dataset(self) -> Any:
         train_set, self._val_set = build_datasets(self.cfg)
+        self._categories = categories_of(train_set)
         return train_set
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """``{"categories": [{"id", "name"}]}`` of the training json."""
+        return {"categories": self._categories}
 
     def build_module(self) -> nn.Module:
         from siamese_detr.engine.logging import get_logger
