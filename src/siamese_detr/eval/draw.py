@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PALETTE", "class_color", "draw_detections", "legend_band"]
+__all__ = ["PALETTE", "class_color", "draw_detections", "legend_band", "load_font"]
 
 RGB = tuple[int, int, int]
 
@@ -41,7 +41,7 @@ def class_color(label: int) -> RGB:
     return PALETTE[int(label) % len(PALETTE)]
 
 
-def _font(size: int) -> Any:
+def load_font(size: int) -> Any:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: a fixed bitmap font
@@ -105,16 +105,16 @@ def legend_band(width: int, classes: Sequence[tuple[str, RGB]], ground_truth: bo
                 caption: str | None, font_size: int) -> Image.Image:
     """A white band ``width`` wide: solid swatch + name per class ("prediction"), a dashed
     swatch ("ground truth") when ``ground_truth``, then the wrapped ``caption``."""
-    font = _font(font_size)
+    font = load_font(font_size)
     pad = max(3, font_size // 3)
     lw = max(2, font_size // 6)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = font_size + 2 * pad
     sw = 2 * font_size  # swatch width
-    items: list[tuple[str, RGB | None]] = [("predictions:", None)]
+    items: list[tuple[str, RGB | None]] = [("predicted class (solid box):", None)]
     items += [(name, color) for name, color in classes]
     if ground_truth:
-        items.append(("ground truth", GT_COLORS[0]))
+        items += [("   ", None), ("ground truth (dashed box)", GT_COLORS[0])]
     # lay the items out in rows
     rows: list[list[tuple[str, RGB | None, float]]] = [[]]
     x = pad
@@ -139,8 +139,8 @@ def legend_band(width: int, classes: Sequence[tuple[str, RGB]], ground_truth: bo
         for text, color, tw in row:
             if color is not None:
                 box = (x, y + 2, x + sw, y + font_size)
-                if text == "ground truth" and ground_truth and color == GT_COLORS[0]:
-                    draw.rectangle(box, fill=(170, 170, 170))
+                if text.startswith("ground truth") and ground_truth:
+                    draw.rectangle(box, fill=(150, 150, 150))
                     _dashed_rectangle(draw, box, lw, max(3, font_size // 3))
                 else:
                     draw.rectangle(box, outline=(0, 0, 0), width=lw + 2)
@@ -184,7 +184,7 @@ def draw_detections(image: Image.Image, boxes: Any, scores: Sequence[float],
     short = min(W, H)
     lw = max(2, round(short / 200))
     font_size = max(12, round(short / 30))
-    font = _font(font_size)
+    font = load_font(font_size)
     pad = max(2, font_size // 6)
     draw = ImageDraw.Draw(picture)
     boxes_a = np.asarray(boxes if not hasattr(boxes, "detach") else boxes.detach().cpu(),
