@@ -34,7 +34,11 @@ def build_task(cfg: RunConfig, device: Any = "cpu") -> Task:
             from siamese_detr.methods.siamese.task import SiameseTask
 
             return SiameseTask(cfg)
-        case "updetr" | "detreg":
+        case "updetr":
+            from siamese_detr.methods.updetr.task import UPDETRTask
+
+            return UPDETRTask(cfg)
+        case "detreg":
             raise ConfigError(f"pretrain.method={cfg.pretrain.method} is not implemented yet; "
                               "use pretrain.method=siamese")
         case _:
