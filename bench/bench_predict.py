@@ -8,8 +8,8 @@ category names) on the same real photos (scikit-image astronaut / coffee / chels
 
 * ``api``: ``load_detector(...).predict(paths)`` (decode, resize to ``data.val_size``,
   forward, post-process);
-* ``cli``: ``siamese-detr predict`` in-process (the above plus drawing and writing one PNG per
-  image and the json files).
+* ``cli``: ``siamese-detr predict`` in-process (the above plus loading the checkpoint once,
+  drawing and writing one PNG per image and the json files).
 
 Variants are interleaved round by round, so a shared machine's load hits them alike; the median
 over rounds is printed. Wall-clock numbers: state the machine and its load with them.
