@@ -72,13 +72,6 @@ def run(cfg: RunConfig, dist_info: DistInfo | None = None, resume: str | None = 
         cleanup()
 
 
-def _extra_meta(task: Task) -> dict[str, Any]:
-    """What a task adds to every checkpoint (optional ``checkpoint_meta()``, called after
-    ``build_dataset``; fine-tuning stores its category names)."""
-    extra = getattr(task, "checkpoint_meta", None)
-    return dict(extra()) if callable(extra) else {}
-
-
 def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict[str, float]:
     import torch
 
@@ -97,6 +90,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
                             sync_bn=task.sync_bn)
     get_logger().info("%s", task.describe(len(dataset), prep))
     extra = {} if task.collate is None else {"collate_fn": task.collate}
+    # optional Task hook: more checkpoint entries (fine-tuning stores its category names)
+    extras = getattr(task, "checkpoint_extras", dict)
 
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(dataset, task.batch_size, task.num_workers, cfg.seed,
@@ -105,7 +100,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
         engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
-        checkpoint_meta={"kind": task.kind, "config": to_dict(cfg), **_extra_meta(task)},
+        checkpoint_meta={"kind": task.kind, "config": to_dict(cfg), **extras()},
         start=prep.start, scaler=prep.scaler, evaluate=task.make_evaluator(run_dir),
     )
     return task.finish(result, dist_info)

@@ -204,3 +204,17 @@ def test_pretraining_checkpoint_must_be_finetuned_first(tmp_path, photos, capsys
     assert pre.kind == "pretrain" and not pre.can_detect
     with pytest.raises(UserError, match="must be fine-tuned first"):
         pre.predict(photos["astronaut"])
+
+
+def test_safetensors_folder_predicts_the_same_with_names(tmp_path, photos):
+    """``export --to safetensors`` folder -> load_detector -> predict: the .pt's detections
+    and its category names."""
+    pytest.importorskip("safetensors")
+    ckpt = _set_weights_checkpoint(tmp_path / "c.pt", "deformable")
+    assert main(["export", str(ckpt), "--to", "safetensors", "--out", str(tmp_path / "f")]) == 0
+    a = load_detector(ckpt, "cpu").predict(photos["coffee"], score_threshold=0.0)[0]
+    folder = load_detector(tmp_path / "f", "cpu")
+    assert folder.categories == {0: "face", 1: "cat", 2: "cup"}
+    b = folder.predict(photos["coffee"], score_threshold=0.0)[0]
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+    assert a.names == b.names and set(b.names) <= {"face", "cat", "cup"}

@@ -18,7 +18,7 @@
 - ``make_evaluator(run_dir)``: ``evaluate(module) -> metrics`` for the loop's periodic and
   final evaluation, or ``None`` if the task has none;
 - ``finish(result, dist_info)``: what :func:`~siamese_detr.runner.run` returns (metrics).
-- optional ``checkpoint_meta()``: extra entries of every checkpoint (called after
+- optional ``checkpoint_extras()``: extra entries of every checkpoint (called after
   ``build_dataset``; fine-tuning stores ``"categories"``, the training json's ``[{"id",
   "name"}]``, which :func:`siamese_detr.eval.load_detector` reads for the label names).
 

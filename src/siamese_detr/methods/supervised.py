@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from siamese_detr.engine.loop import TrainResult
     from siamese_detr.engine.setup import Prepared
 
-__all__ = ["DetectionTask", "SupervisedTask", "build_datasets", "categories_of"]
+__all__ = ["DetectionTask", "SupervisedTask", "build_datasets"]
 
 
 class DetectionTask(nn.Module):
@@ -39,14 +39,6 @@ class DetectionTask(nn.Module):
         out = self.detector(images)
         loss, _ = self.criterion(out, targets)
         return loss
-
-
-def categories_of(dataset: Any) -> list[dict[str, Any]]:
-    """``[{"id", "name"}]`` of a COCO-format data set sorted by id: stored in fine-tuning
-    checkpoints so that predictions and exports can name the labels."""
-    coco = dataset.coco
-    return [{"id": int(c["id"]), "name": str(c["name"])}
-            for c in sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])]
 
 
 def build_datasets(cfg: RunConfig, train: bool = True) -> tuple[Any, Any]:
@@ -67,6 +59,14 @@ def build_datasets(cfg: RunConfig, train: bool = True) -> tuple[Any, Any]:
     val_set = CocoDetection(d.val_images, d.val_ann, build_transforms(d, train=False),
                             num_classes=cfg.model.num_classes)
     return train_set, val_set
+
+
+def categories_of(dataset: Any) -> list[dict[str, Any]]:
+    """``[{"id", "name"}]`` of a COCO-format data set, sorted by id (stored in fine-tuning
+    checkpoints so that exports and predictions can name the labels)."""
+    coco = dataset.coco
+    return [{"id": int(c["id"]), "name": str(c["name"])}
+            for c in sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])]
 
 
 class SupervisedTask:
@@ -90,8 +90,8 @@ class SupervisedTask:
         self._categories = categories_of(train_set)
         return train_set
 
-    def checkpoint_meta(self) -> dict[str, Any]:
-        """``{"categories": [{"id", "name"}]}`` of the training json."""
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Stored in every checkpoint besides kind/config: the category names."""
         return {"categories": self._categories}
 
     def build_module(self) -> nn.Module:
