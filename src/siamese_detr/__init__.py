@@ -9,13 +9,15 @@ not import torch)::
     metrics = sd.run(cfg)                                  # train (and evaluate) it
     loaded = sd.load_detector("runs/x/last.pt")            # any of our checkpoints
     detector, cfg = loaded.detector, loaded.config
+    found = loaded.predict(["a.jpg"], score_threshold=0.3)  # boxes, scores, labels, names
 
 - :func:`get_preset` / :class:`RunConfig` (:mod:`siamese_detr.presets`, :mod:`.config`);
 - :func:`run` (:mod:`siamese_detr.runner`): build the task the config names and train it;
 - :func:`build_detector` (:func:`siamese_detr.models.detector.build_detector_from_config`):
   the untrained detector of a RunConfig;
 - :func:`load_detector` (:mod:`siamese_detr.eval.loading`): a pretraining or fine-tuning
-  checkpoint or a converted file -> :class:`LoadedDetector` (detector + its RunConfig);
+  checkpoint or a converted file -> :class:`LoadedDetector` (detector + its RunConfig +
+  category names; ``predict(images)`` -> one :class:`Detections` per image);
 - :func:`apply_overrides` (``key.sub=value`` strings), :class:`ConfigError`, :class:`UserError`.
 """
 
@@ -34,6 +36,7 @@ _HOME = {
     "build_detector": ("siamese_detr.models.detector", "build_detector_from_config"),
     "load_detector": ("siamese_detr.eval.loading", "load_detector"),
     "LoadedDetector": ("siamese_detr.eval.loading", "LoadedDetector"),
+    "Detections": ("siamese_detr.eval.loading", "Detections"),
     "ConfigError": ("siamese_detr.errors", "ConfigError"),
     "UserError": ("siamese_detr.errors", "UserError"),
 }

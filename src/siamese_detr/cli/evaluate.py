@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ann", default=None, help="COCO-format json (default: from checkpoint)")
     p.add_argument("--predictions", default=None,
                    help="write the COCO results json here")
+    p.add_argument("--out", default=None,
+                   help="folder for predictions.json and eval_metrics.json (means and per class)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=run)
 
@@ -28,11 +31,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from siamese_detr.configio import apply_overrides, from_dict
-    from siamese_detr.engine.checkpoint import load_checkpoint
+    from siamese_detr.engine.checkpoint import detector_state, load_checkpoint
     from siamese_detr.engine.distributed import init_distributed
-    from siamese_detr.errors import ConfigError
+    from siamese_detr.errors import ConfigError, UserError
     from siamese_detr.eval.detection import describe_metrics, predict, score
-    from siamese_detr.eval.loading import load_detector
+    from siamese_detr.eval.loading import load_detector, must_finetune_first
     from siamese_detr.files import write_json
     from siamese_detr.methods.supervised import build_datasets
 
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(ckpt.get("config"), dict):
         raise ConfigError(f"{args.checkpoint} has no stored config: evaluate a checkpoint "
                           "written by `siamese-detr finetune`")
+    if detector_state(ckpt).kind == "pretrain":
+        raise UserError(must_finetune_first(args.checkpoint, "pretrain"))
     cfg = apply_overrides(from_dict(ckpt["config"]), args.overrides)
     del ckpt
     data = cfg.data
@@ -50,11 +55,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, data=data, eval=replace(cfg.eval, metric=args.metric or cfg.eval.metric))
     info = init_distributed(cfg.engine.device)
     _, val_set = build_datasets(cfg, train=False)
-    detector = load_detector(args.checkpoint, info.device).detector
+    loaded = load_detector(args.checkpoint, info.device)
+    loaded.check_can_detect()
     with torch.no_grad():
-        results = predict(detector, val_set, cfg, info.device)
+        results = predict(loaded.detector, val_set, cfg, info.device,
+                          progress=not args.no_progress)
     metrics = score(results, val_set, cfg.eval.metric)
     if args.predictions:
         write_json(Path(args.predictions), results)
+    if args.out:
+        write_json(Path(args.out) / "predictions.json", results)
+        write_json(Path(args.out) / "eval_metrics.json", metrics, indent=2)
     print(describe_metrics(metrics))
     return 0

@@ -77,30 +77,89 @@ def loss_figure(run_dirs: dict[str, Path], path: Path, keys: tuple[str, ...]) ->
     return path
 
 
+TOY_CAPTION = ("Solid boxes with a filled tag: predictions (colour = predicted class, number "
+               "= score). Dashed black-and-white boxes: ground truth. The red, green and blue "
+               "frames inside the objects are part of the toy images' pixels, not boxes.")
+
+
+def _gt_boxes(gt: dict[str, Any], image_id: int) -> np.ndarray:
+    boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+              a["bbox"][1] + a["bbox"][3]] for a in gt["annotations"] if a["image_id"] == image_id]
+    return np.asarray(boxes, dtype=float).reshape(-1, 4)
+
+
+def _titled(tile: Image.Image, title: str) -> Image.Image:
+    from siamese_detr.eval.draw import load_font
+
+    size = max(12, tile.width // 22)
+    band = Image.new("RGB", (tile.width, size + 8), "white")
+    ImageDraw.Draw(band).text((4, 4), title, fill=(0, 0, 0), font=load_font(size))
+    out = Image.new("RGB", (tile.width, tile.height + band.height), "white")
+    out.paste(band, (0, 0))
+    out.paste(tile, (0, band.height))
+    return out
+
+
 def predictions_figure(ann_file: Path, images_dir: Path, predictions: dict[str, Path],
-                       path: Path, n: int = 4, min_score: float = 0.3) -> Path:
-    """Ground truth (white) and the predictions of each run drawn on ``n`` held-out images."""
+                       path: Path, n: int = 4, min_score: float = 0.3, top: int = 3) -> Path:
+    """One row per run (its ``top`` best detections with score >= ``min_score``) over the same
+    ``n`` held-out images, ground truth dashed, drawn by
+    :func:`siamese_detr.eval.draw.draw_detections` (as ``siamese-detr predict``), one legend
+    and caption under the grid."""
+    from siamese_detr.eval.draw import class_color, draw_detections, legend_band
+
     gt = json.loads(ann_file.read_text())
     names = {c["id"]: c["name"] for c in gt["categories"]}
     images = sorted(gt["images"], key=lambda im: im["id"])[:n]
-    rows = []
+    tiles = []
     for title, pred_path in predictions.items():
         preds = json.loads(pred_path.read_text()) if pred_path.is_file() else []
         for im in images:
             dets = [p for p in preds if p["image_id"] == im["id"] and p["score"] >= min_score]
-            dets = sorted(dets, key=lambda p: -p["score"])[:3]
-            base = Image.open(images_dir / im["file_name"]).convert("RGB")
-            draw = ImageDraw.Draw(base)
-            for a in gt["annotations"]:
-                if a["image_id"] == im["id"]:
-                    x, y, w, h = a["bbox"]
-                    draw.rectangle([x, y, x + w, y + h], outline=(255, 255, 255), width=1)
+            dets = sorted(dets, key=lambda p: -p["score"])[:top]
             boxes = np.array([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2],
                                d["bbox"][1] + d["bbox"][3]] for d in dets]).reshape(-1, 4)
-            labels = [f"{title}: {names.get(d['category_id'], d['category_id'])} "
-                      f"{d['score']:.2f}" for d in dets]
-            rows.append(draw_boxes(base, boxes, labels))
-    grid(rows, len(images)).save(path)
+            base = Image.open(images_dir / im["file_name"]).convert("RGB")
+            tile = draw_detections(
+                base, boxes, [d["score"] for d in dets], [d["category_id"] for d in dets],
+                [str(names.get(d["category_id"], f"class {d['category_id']}")) for d in dets],
+                gt_boxes=_gt_boxes(gt, im["id"]), legend=False, min_side=320)
+            tiles.append(_titled(tile, f"{title}, image {im['id']}"))
+    body = grid(tiles, len(images))
+    band = legend_band(body.width, [(str(n), class_color(k)) for k, n in sorted(names.items())],
+                       True, TOY_CAPTION + f" Best {top} detections with score >= "
+                       f"{min_score:g} per image.", max(12, body.width // 70))
+    canvas = Image.new("RGB", (body.width, body.height + band.height), "white")
+    canvas.paste(body, (0, 0))
+    canvas.paste(band, (0, body.height))
+    canvas.save(path)
+    return path
+
+
+def predict_figure(checkpoint: Path, ann_file: Path, images_dir: Path, path: Path,
+                   threshold: float = 0.3) -> Path:
+    """What ``siamese-detr predict CHECKPOINT IMAGE`` draws for the first held-out image
+    (:meth:`~siamese_detr.eval.loading.LoadedDetector.predict`, the same drawing), with its
+    ground truth dashed."""
+    from siamese_detr.eval.draw import draw_detections
+    from siamese_detr.eval.loading import load_detector
+
+    gt = json.loads(ann_file.read_text())
+    im = sorted(gt["images"], key=lambda i: i["id"])[0]
+    det = load_detector(checkpoint, "cpu")
+    picture = Image.open(images_dir / im["file_name"]).convert("RGB")
+    found = det.predict(picture, score_threshold=threshold)[0]
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    labels = found.labels.tolist()
+    tags = [n if det.categories else str(names.get(v, n)) for v, n in zip(labels, found.names)]
+    drawn = draw_detections(picture, found.boxes, found.scores.tolist(), labels, tags,
+                            gt_boxes=_gt_boxes(gt, im["id"]),
+                            legend_names=names,
+                            caption=f"siamese-detr predict on held-out image {im['file_name']} "
+                                    f"({len(found)} detections with score >= {threshold:g}). "
+                                    + TOY_CAPTION)
+    drawn.save(path)
     return path
 
 
@@ -135,6 +194,8 @@ def write_report(out: Path, plan: Any, seconds: float, pretrain_cfg: Any) -> Pat
         "scratch": out / "runs" / "finetune_scratch" / "predictions.json",
         "siamese": out / "runs" / "finetune_siamese" / "predictions.json"},
         fig / "predictions.png", min_score=0.25)
+    predict_figure(out / "runs" / "finetune_siamese" / "last.pt", det / "val.json", det / "val",
+                   fig / "predict.png")
     table = results_table(out)
     rows = []
     for name, label in (("scratch", "from scratch"), ("siamese", "Siamese DETR init")):
@@ -195,10 +256,17 @@ size in pixels and its two `L_r` crops: exactly the boxes and crops that trainin
 
 ![fine-tuning losses](figures/finetune_loss.png)
 
-Predictions on held-out images (white: ground truth; top row: from scratch, bottom row:
-Siamese DETR initialisation; the 3 best detections with score >= 0.25):
+Predictions on held-out images (dashed black-and-white: ground truth; solid boxes with a
+filled tag: predictions, colour = class; top row: from scratch, bottom row: Siamese DETR
+initialisation; the 3 best detections with score >= 0.25). The red, green and blue frames
+inside the toy objects are part of the images' pixels, not boxes:
 
 ![predictions](figures/predictions.png)
+
+`siamese-detr predict runs/finetune_siamese/last.pt IMAGE --out DIR` on a held-out image (all
+detections with score >= 0.3; the same drawing):
+
+![predict](figures/predict.png)
 
 ## 5. Results on the held-out images
 

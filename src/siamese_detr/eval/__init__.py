@@ -2,7 +2,9 @@
 
 - :mod:`.loading`: :func:`load_detector` (any of our checkpoints or a converted file ->
   :class:`LoadedDetector`), :func:`init_from_checkpoint` (fine-tuning ``init=``);
-- :mod:`.detection`: :func:`predict`, :func:`score`, :func:`evaluate_detector`;
+- :mod:`.detection`: :func:`detect` (the one inference step), :func:`predict`, :func:`score`,
+  :func:`evaluate_detector`;
+- :mod:`.draw`: :func:`draw_detections` (``siamese-detr predict``'s and the report's picture);
 - :mod:`.postprocess`, :mod:`.coco`, :mod:`.voc`: the pieces.
 
 The names above are importable from here; they load their module on first use.
@@ -17,6 +19,7 @@ _HOME = {
     "load_detector": "loading", "LoadedDetector": "loading", "init_from_checkpoint": "loading",
     "InitReport": "loading", "predict": "detection", "score": "detection",
     "evaluate_detector": "detection", "describe_metrics": "detection",
+    "Detections": "loading", "detect": "detection", "draw_detections": "draw",
 }
 __all__ = sorted(_HOME)
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "to_coco_results",
     "coco_evaluate",
     "load_coco",
+    "category_names",
     "format_metrics",
 ]
 
@@ -112,6 +114,7 @@ def coco_evaluate(
     results: list[dict[str, Any]],
     image_ids: Sequence[int] | None = None,
     verbose: bool = False,
+    per_category: bool = False,
 ) -> dict[str, float]:
     """pycocotools bbox evaluation.
 
@@ -120,10 +123,13 @@ def coco_evaluate(
         results: COCO result dicts (see :func:`to_coco_results`).
         image_ids: evaluate only these images (default: every ground-truth image).
         verbose: print pycocotools' own summary (quiet by default).
+        per_category: add ``AP/<name>`` and ``AP50/<name>`` for every ground-truth category
+            (the same precision table as ``AP`` / ``AP50``, area all, 100 detections, before
+            averaging over categories; see :func:`category_names` for the names).
 
     Returns:
         ``{AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}`` in [0, 1], or
-        -1 where pycocotools reports -1 (no ground truth in that area range).
+        -1 where pycocotools reports -1 (no ground truth in that area range / category).
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -137,7 +143,29 @@ def coco_evaluate(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {key: float(value) for key, value in zip(COCO_KEYS, ev.stats)}
+    metrics = {key: float(value) for key, value in zip(COCO_KEYS, ev.stats)}
+    if per_category:
+        names = category_names(coco_gt)
+        # precision [T iou thresholds, R recall points, K categories, A areas, M maxDets]
+        precision = ev.eval["precision"]
+        t50 = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
+        for k, cat_id in enumerate(ev.params.catIds):
+            for key, p in (("AP", precision[:, :, k, 0, -1]),
+                           ("AP50", precision[t50, :, k, 0, -1])):
+                valid = p[p > -1]
+                metrics[f"{key}/{names[cat_id]}"] = float(valid.mean()) if valid.size else -1.0
+    return metrics
+
+
+def category_names(gt: str | Path | Any) -> dict[int, str]:
+    """``{category id: name}`` of a ground truth; a name used by several ids gets `` (id)``."""
+    coco_gt = load_coco(gt)
+    cats = sorted(coco_gt.loadCats(coco_gt.getCatIds()), key=lambda c: c["id"])
+    counts: dict[str, int] = {}
+    for c in cats:
+        counts[str(c["name"])] = counts.get(str(c["name"]), 0) + 1
+    return {int(c["id"]): str(c["name"]) if counts[str(c["name"])] == 1
+            else f"{c['name']} ({c['id']})" for c in cats}
 
 
 def _definition(metric_name: str, key: str) -> str:

@@ -20,6 +20,7 @@ def postprocess(
     activation: Literal["softmax", "sigmoid", "ce", "focal"],
     max_detections: int = 100,
     score_threshold: float = 0.0,
+    clip: bool = False,
 ) -> list[dict[str, Tensor]]:
     """Turn the last decoder layer's predictions into detections.
 
@@ -38,6 +39,8 @@ def postprocess(
         activation: the head that produced the logits (``Detector.head_activation``).
         max_detections: detections kept per image.
         score_threshold: detections with a lower score are dropped.
+        clip: clip the boxes to the image (``0 <= x <= w``, ``0 <= y <= h``); off for COCO
+            evaluation (as upstream DETR), on for :meth:`LoadedDetector.predict`.
 
     Returns:
         per image ``{"scores": [K] float, "labels": [K] int64, "boxes": [K, 4]}`` with boxes in
@@ -50,6 +53,10 @@ def postprocess(
     B, Q, C = logits.shape
     orig_sizes = orig_sizes.to(boxes.device)
     abs_boxes = denormalize_cxcywh(boxes.float(), orig_sizes[:, 0], orig_sizes[:, 1])
+    if clip:
+        hw = orig_sizes.to(abs_boxes.dtype)
+        limit = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)[:, None, :]
+        abs_boxes = torch.minimum(abs_boxes.clamp(min=0), limit)
     if act == "softmax":
         prob = logits.softmax(-1)[..., :-1]
         scores, labels = prob.max(-1)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from siamese_detr.eval.coco import load_coco
+from siamese_detr.eval.coco import category_names, load_coco
 
 __all__ = ["voc_ap", "voc_evaluate"]
 
@@ -140,6 +140,7 @@ def voc_evaluate(
         x, y, w, h = r["bbox"]
         dets[int(r["category_id"])].append((int(r["image_id"]), float(r["score"]),
                                             [x, y, x + w, y + h]))
+    names = category_names(coco)
     out: dict[str, float] = {}
     valid = []
     for cat in cats:
@@ -149,7 +150,7 @@ def voc_evaluate(
             for img, objs in gts[cat["id"]].items()
         }
         ap = _class_ap(per_image, dets[cat["id"]], iou_threshold, use_07_metric)
-        out[f"AP50/{cat['name']}"] = ap
+        out[f"AP50/{names[int(cat['id'])]}"] = ap
         if ap >= 0:
             valid.append(ap)
     out = {"mAP": float(np.mean(valid)) if valid else -1.0, **out}

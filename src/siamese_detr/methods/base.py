@@ -18,6 +18,9 @@
 - ``make_evaluator(run_dir)``: ``evaluate(module) -> metrics`` for the loop's periodic and
   final evaluation, or ``None`` if the task has none;
 - ``finish(result, dist_info)``: what :func:`~siamese_detr.runner.run` returns (metrics).
+- optional ``checkpoint_extras()``: extra entries of every checkpoint (called after
+  ``build_dataset``; fine-tuning stores ``"categories"``, the training json's ``[{"id",
+  "name"}]``, which :func:`siamese_detr.eval.load_detector` reads for the label names).
 
 :class:`PretextTask` is the same contract with ``kind == "pretrain"``; UP-DETR and DETReg
 implement it next to :class:`siamese_detr.methods.siamese.task.SiameseTask`.
