@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from siamese_detr.models.attention import MultiheadAttention
 from siamese_detr.models.heads import inverse_sigmoid
 from siamese_detr.ops.deform_attn import MSDeformAttn
 
@@ -109,7 +110,7 @@ class DeformableTransformerEncoder(nn.Module):
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
-    """Self-attention (nn.MultiheadAttention) + deformable cross-attention + FFN, post-norm."""
+    """Self-attention (SDPA multi-head) + deformable cross-attention + FFN, post-norm."""
 
     def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int,
                  n_points: int):
@@ -117,7 +118,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout,
+        self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout,
                                                batch_first=True)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
