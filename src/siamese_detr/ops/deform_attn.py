@@ -19,18 +19,60 @@ kernel ``ms_deformable_im2col``.
 from __future__ import annotations
 
 import math
+import os
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn", "shapes_tensor",
+           "level_sizes", "triton_enabled"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_SHAPES_ATTR = "_siamese_detr_level_sizes"
+# "auto": the fused Triton kernels on CUDA when triton imports; "torch": always grid_sample
+BACKEND_ENV = "SIAMESE_DETR_DEFORM_ATTN"
 
 
-def _level_sizes(spatial_shapes: Tensor) -> list[tuple[int, int]]:
+def shapes_tensor(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """``[L, 2]`` int64 ``(h, w)`` on ``device`` that remembers the Python sizes, so that
+    :func:`level_sizes` needs no device-to-host read; the host-to-device copy is asynchronous
+    (pinned) on CUDA, so building it does not wait for queued kernels either."""
+    t = torch.tensor(shapes, dtype=torch.long).reshape(-1, 2)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    setattr(t, _SHAPES_ATTR, [(int(h), int(w)) for h, w in shapes])
+    return t
+
+
+def level_sizes(spatial_shapes: Tensor) -> list[tuple[int, int]]:
+    """Python ``(h, w)`` per level: remembered by :func:`shapes_tensor`, else read (a host
+    sync on a GPU)."""
+    known = getattr(spatial_shapes, _SHAPES_ATTR, None)
+    if known is not None:
+        return list(known)
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
+
+_level_sizes = level_sizes
+
+
+@cache
+def _triton_importable() -> bool:
+    try:
+        import siamese_detr.ops.deform_attn_triton  # noqa: F401
+    except Exception:  # no triton, or a triton that cannot build for this machine
+        return False
+    return True
+
+
+def triton_enabled(device: torch.device) -> bool:
+    """Does :func:`ms_deform_attn` take the fused Triton kernels for tensors on ``device``?"""
+    return (device.type == "cuda" and os.environ.get(BACKEND_ENV, "auto") != "torch"
+            and not torch.compiler.is_compiling() and _triton_importable())
 
 
 def _ms_deform_attn_fp(
@@ -80,9 +122,18 @@ def ms_deform_attn(
         attention_weights: ``[B, Q, H, L, P]`` (normally softmax-normalised over ``L*P``).
 
     Returns:
-        ``[B, Q, H*Dh]`` in ``value.dtype``. Half / bfloat16 inputs are computed in float32
-        (with autocast disabled) and cast back.
+        ``[B, Q, H*Dh]`` in ``value.dtype``. On CUDA with Triton (see :func:`triton_enabled`)
+        the fused kernels of :mod:`siamese_detr.ops.deform_attn_triton` run: the value is read
+        in its own dtype (bfloat16 under autocast), locations in float32, float32
+        accumulation. Otherwise ``grid_sample`` per level; there half / bfloat16 inputs are
+        computed in float32 (with autocast disabled) and cast back, because ``grid_sample``
+        needs the grid in the value's dtype and bfloat16 locations are too coarse.
     """
+    if triton_enabled(value.device):
+        from siamese_detr.ops.deform_attn_triton import ms_deform_attn_triton
+
+        return ms_deform_attn_triton(value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights)
     del level_start_index  # the split sizes come from spatial_shapes
     shapes = _level_sizes(spatial_shapes)
     out_dtype = value.dtype

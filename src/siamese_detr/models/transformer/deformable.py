@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from siamese_detr.models.attention import MultiheadAttention
 from siamese_detr.models.heads import inverse_sigmoid
-from siamese_detr.ops.deform_attn import MSDeformAttn
+from siamese_detr.ops.deform_attn import MSDeformAttn, level_sizes, shapes_tensor
 
 __all__ = [
     "DeformableTransformer",
@@ -86,7 +86,7 @@ class DeformableTransformerEncoder(nn.Module):
         """
         refs = []
         device, dtype = valid_ratios.device, valid_ratios.dtype
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_sizes(spatial_shapes)):
             ref_y, ref_x = torch.meshgrid(
                 torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device),
                 torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device),
@@ -275,7 +275,7 @@ class DeformableTransformer(nn.Module):
         memory_in = torch.cat(src_flat, 1)
         mask_cat = torch.cat(mask_flat, 1)
         pos_cat = torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=memory_in.device)
+        spatial_shapes = shapes_tensor(shapes, memory_in.device)
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from siamese_detr.models.attention import MultiheadAttention
+from siamese_detr.ops.deform_attn import shapes_tensor
 
 __all__ = ["Transformer", "TransformerEncoder", "TransformerEncoderLayer", "flatten_levels"]
 
@@ -31,9 +32,7 @@ def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -
         ``(src [B, S, D], mask [B, S], pos [B, S, D], spatial_shapes [L, 2] int64 (h, w),
         level_start_index [L] int64, valid_ratios [B, L, 2] float (w, h))``.
     """
-    shapes = torch.as_tensor(
-        [tuple(s.shape[-2:]) for s in srcs], dtype=torch.long, device=srcs[0].device
-    )
+    shapes = shapes_tensor([tuple(s.shape[-2:]) for s in srcs], srcs[0].device)
     starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
     ratios = []
     for m in masks:
