@@ -415,7 +415,7 @@ def main() -> None:
 
         for item in gpu_checks.run_all(device):
             res.add("checks", item)
-            log(f"check {item['name']}: {item.get('result')}")
+            log(f"check {item['name']}: ok={item.get('ok')} {item.get('result')}")
         if args.only_check:
             return
     for dtype in dtypes:
