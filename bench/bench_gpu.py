@@ -378,7 +378,7 @@ def main() -> None:
     args.crop = 32 if args.small else None
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick or args.small else 2)
     args.steps = args.steps if args.steps is not None else (
-        2 if args.small else 3 if args.quick else 6)
+        1 if args.small else 3 if args.quick else 6)
     dtypes = args.dtypes.split(",") if args.dtypes else (
         ["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
     torch.backends.cuda.matmul.allow_tf32 = False

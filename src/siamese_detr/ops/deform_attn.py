@@ -72,7 +72,7 @@ def _triton_importable() -> bool:
 def triton_enabled(device: torch.device) -> bool:
     """Does :func:`ms_deform_attn` take the fused Triton kernels for tensors on ``device``?"""
     return (device.type == "cuda" and os.environ.get(BACKEND_ENV, "auto") != "torch"
-            and not torch.compiler.is_compiling() and _triton_importable())
+            and _triton_importable())
 
 
 def _ms_deform_attn_fp(
@@ -103,6 +103,7 @@ def _ms_deform_attn_fp(
     return out.transpose(1, 2).contiguous()
 
 
+@torch.compiler.disable  # its own kernels (Triton) or per-level grid_sample; not traced
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
