@@ -17,8 +17,11 @@ the same optimiser groups (lr 1e-4 / backbone 1e-5, wd 1e-4) and clipping. Rando
 (4 boxes per image), unpadded images, TF32 matmul off.
 
 Reported per row: median ms/step after warm-ups (CUDA-synchronised), images/s, peak memory
-during the step, aten ops per step and host syncs per step (one extra step under
-``siamese_detr.engine.profiling.OpCounter``), trainable parameters, and ``ours/hf`` ratios.
+during the step, aten ops per step (also split into forward+loss+backward and the update:
+clip + AdamW; ours is fused, transformers' side gets torch's default AdamW: foreach on CUDA,
+a per-tensor loop on the CPU) and host syncs per step (one extra step under
+``siamese_detr.engine.profiling.OpCounter``; on the CPU it also counts ``.to("cpu")`` of
+tensors already there), trainable parameters, and ``ours/hf`` ratios.
 Everything is printed and written to ``--out`` (JSON, rewritten after every measurement).
 
     PYTHONPATH=src python bench/bench_gpu.py --check --out results.json    # GPU, paper sizes
@@ -220,34 +223,50 @@ def autocast(device: torch.device, dtype: str) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
+class Step:
+    """One training step as two parts: ``fwd_bwd`` (forward, loss, backward) and ``update``
+    (gradient clipping at 0.1, optimiser step, zero_grad)."""
+
+    def __init__(self, fwd_bwd: Callable[[], None], opt: torch.optim.Optimizer) -> None:
+        self.fwd_bwd, self.opt = fwd_bwd, opt
+
+    def update(self) -> None:
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
+                                       CLIP)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def __call__(self) -> None:
+        self.fwd_bwd()
+        self.update()
+
+
 def ours_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
-              targets: list[BoxTargets], device: torch.device, dtype: str) -> None:
-    with autocast(device, dtype):
-        loss = criterion(model(images), targets)[0].total
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], CLIP)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+              targets: list[BoxTargets], device: torch.device, dtype: str) -> Step:
+    def fwd_bwd() -> None:
+        with autocast(device, dtype):
+            loss = criterion(model(images), targets)[0].total
+        loss.backward()
+    return Step(fwd_bwd, opt)
 
 
 def hf_step(model: Any, opt: Any, images: ImageBatch, labels: list[dict[str, torch.Tensor]],
-            device: torch.device, dtype: str) -> None:
+            device: torch.device, dtype: str) -> Step:
     pixel_mask = (~images.mask).long()
-    with autocast(device, dtype):
-        loss = model(pixel_values=images.images, pixel_mask=pixel_mask, labels=labels).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], CLIP)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+
+    def fwd_bwd() -> None:
+        with autocast(device, dtype):
+            loss = model(pixel_values=images.images, pixel_mask=pixel_mask, labels=labels).loss
+        loss.backward()
+    return Step(fwd_bwd, opt)
 
 
-def pretrain_step(task: Any, opt: Any, batch: Any, device: torch.device, dtype: str) -> None:
-    with autocast(device, dtype):
-        loss = task(batch).total
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], CLIP)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def pretrain_step(task: Any, opt: Any, batch: Any, device: torch.device, dtype: str) -> Step:
+    def fwd_bwd() -> None:
+        with autocast(device, dtype):
+            loss = task(batch).total
+        loss.backward()
+    return Step(fwd_bwd, opt)
 
 
 def sync(device: torch.device) -> None:
@@ -268,12 +287,18 @@ def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
     return dt, peak
 
 
-def count(fn: Callable[[], None], device: torch.device) -> tuple[int, int, dict[str, int]]:
+def count(step: Step, device: torch.device) -> dict[str, Any]:
+    """Ops and host reads of one step, split into forward+loss+backward and the update."""
     sync(device)
-    with OpCounter() as c:
-        fn()
+    with OpCounter() as a:
+        step.fwd_bwd()
+    with OpCounter() as b:
+        step.update()
     sync(device)
-    return c.ops, c.syncs, dict(c.sync_sites)
+    sites = a.sync_sites + b.sync_sites
+    return {"ops_per_step": a.ops + b.ops, "ops_fwd_bwd": a.ops, "ops_update": b.ops,
+            "syncs_per_step": a.syncs + b.syncs, "syncs_update": b.syncs,
+            "sync_sites": dict(sites)}
 
 
 # ---------------------------------------------------------------- bench
@@ -285,21 +310,35 @@ def run_variant(variant: str, dtype: str, args: argparse.Namespace, device: torc
     cfg, (model, criterion), opt = build_ours(variant, device)
     images = make_images(b, h, w, device)
     targets = make_targets(b, cfg.model.num_classes, device)
-    steps: dict[str, Callable[[], None]] = {
-        "ours": lambda: ours_step(model, criterion, opt, images, targets, device, dtype)}
+    steps: dict[str, Step] = {
+        "ours": ours_step(model, criterion, opt, images, targets, device, dtype)}
     params = {"ours": trainable(model)}
     extra: dict[str, Any] = {}
+    if args.compile:
+        from siamese_detr.engine.compile import compile_transformers
+
+        _, (cmodel, ccrit), copt = build_ours(variant, device)
+        cmodel.load_state_dict(model.state_dict())
+        compile_transformers(cmodel)
+        steps["ours_compiled"] = ours_step(cmodel, ccrit, copt, images, targets, device, dtype)
+        params["ours_compiled"] = trainable(cmodel)
     if not args.no_hf:
-        hf, hf_opt, info = build_hf(variant, cfg, device, args.hf_backbone)
-        labels = [{"class_labels": t.labels, "boxes": t.boxes} for t in targets]
-        steps["hf"] = lambda: hf_step(hf, hf_opt, images, labels, device, dtype)
-        params["hf"] = trainable(hf)
-        extra["hf_config"] = info
+        try:
+            hf, hf_opt, info = build_hf(variant, cfg, device, args.hf_backbone)
+        except Exception as e:  # measure ours anyway
+            res.add("errors", {"variant": variant, "dtype": dtype, "error": f"hf build: {e!r}",
+                               "traceback": traceback.format_exc()})
+            log(f"!! transformers {variant} could not be built: {e!r}")
+        else:
+            labels = [{"class_labels": t.labels, "boxes": t.boxes} for t in targets]
+            steps["hf"] = hf_step(hf, hf_opt, images, labels, device, dtype)
+            params["hf"] = trainable(hf)
+            extra["hf_config"] = info
     if not args.no_pretrain:
         pcfg, task, popt = build_pretrain(variant, device, args.crop)
         sb = make_siamese_batch(b, h, w, pcfg.pretrain.siamese.num_regions,
                                 pcfg.pretrain.siamese.crop_size, device)
-        steps["pretrain"] = lambda: pretrain_step(task, popt, sb, device, dtype)
+        steps["pretrain"] = pretrain_step(task, popt, sb, device, dtype)
         params["pretrain"] = trainable(task)
     log(f"\n== {variant} {dtype}: batch {b} at {h}x{w}, queries {cfg.model.num_queries}, "
         f"FFN {cfg.model.dim_feedforward}, dropout ours {cfg.model.dropout} "
@@ -316,23 +355,28 @@ def run_variant(variant: str, dtype: str, args: argparse.Namespace, device: torc
                 peaks[k] = max(peaks[k], peak)
     rows = {}
     for k in names:
-        ops, syncs, sites = count(steps[k], device)
+        counts = count(steps[k], device)
         med = statistics.median(times[k])
         rows[k] = row = {
             "variant": variant, "dtype": dtype, "impl": k, "device": str(device),
             "batch": b, "size": [h, w], "ms_median": 1e3 * med,
             "ms_all": [1e3 * t for t in times[k]], "images_per_s": b / med,
-            "peak_mib": peaks[k], "ops_per_step": ops, "syncs_per_step": syncs,
-            "sync_sites": sites, "trainable_params": params[k], **extra,
+            "peak_mib": peaks[k], **counts, "trainable_params": params[k], **extra,
         }
         res.add("rows", row)
-        log(f"  {k:9s} {row['ms_median']:8.1f} ms/step  {row['images_per_s']:7.2f} img/s  "
-            f"peak {row['peak_mib']:8.0f} MiB  {ops:6d} ops  {syncs:3d} syncs  "
-            f"{params[k]:,} trainable")
+        log(f"  {k:13s} {row['ms_median']:8.1f} ms/step  {row['images_per_s']:7.2f} img/s  "
+            f"peak {row['peak_mib']:7.0f} MiB  {counts['ops_per_step']:6d} ops "
+            f"({counts['ops_fwd_bwd']} fwd+bwd, {counts['ops_update']} update)  "
+            f"{counts['syncs_per_step']:3d} syncs  {params[k]:,} trainable")
     ratios: dict[str, Any] = {"variant": variant, "dtype": dtype}
+    if "ours_compiled" in rows:
+        ratios["compiled_over_ours_ms"] = (rows["ours_compiled"]["ms_median"]
+                                           / rows["ours"]["ms_median"])
     if "hf" in rows:
         ratios["ours_over_hf_ms"] = rows["ours"]["ms_median"] / rows["hf"]["ms_median"]
         ratios["ours_over_hf_ops"] = rows["ours"]["ops_per_step"] / rows["hf"]["ops_per_step"]
+        ratios["ours_over_hf_ops_fwd_bwd"] = (rows["ours"]["ops_fwd_bwd"]
+                                              / rows["hf"]["ops_fwd_bwd"])
     if "pretrain" in rows:
         ratios["pretrain_over_ours_ms"] = rows["pretrain"]["ms_median"] / rows["ours"]["ms_median"]
     res.add("ratios", ratios)
@@ -369,6 +413,9 @@ def main() -> None:
     ap.add_argument("--hf-backbone", default="transformers", choices=["transformers", "timm"])
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-pretrain", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time our step with engine.compile (first steps compile: give "
+                         "--warmup 3 or more)")
     args = ap.parse_args()
 
     if args.device == "auto":

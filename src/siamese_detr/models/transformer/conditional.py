@@ -189,8 +189,8 @@ class ConditionalDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             scaled = sine if i == 0 else sine * self.query_scale(tgt)
             tgt = layer(tgt, memory, mask, pos, query_pos, scaled, self_attn_mask)
-            out.append(self.norm(tgt))
-        return torch.stack(out), reference
+            out.append(tgt)
+        return self.norm(torch.stack(out)), reference
 
 
 class ConditionalTransformer(nn.Module):

@@ -166,9 +166,14 @@ class DeformableTransformerDecoder(nn.Module):
         out = tgt
         ref = reference_points
         hidden, refs = [], []
+        fixed_in = None  # without refinement every layer samples around the same points
+        if self.bbox_embed is None:
+            fixed_in = ref[:, :, None] * valid_ratios[:, None]
         for lid, layer in enumerate(self.layers):
             refs.append(ref)
-            if ref.shape[-1] == 4:
+            if fixed_in is not None:
+                ref_in = fixed_in
+            elif ref.shape[-1] == 4:
                 ref_in = ref[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 ref_in = ref[:, :, None] * valid_ratios[:, None]
@@ -183,9 +188,10 @@ class DeformableTransformerDecoder(nn.Module):
                     new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]],
                                         -1)
                 ref = new_ref.sigmoid().detach()
-        if self.bbox_embed is not None:
-            # the first layer's 2-d point, padded with w = h = 0.5 (logit 0)
-            refs[0] = torch.cat([refs[0], torch.full_like(refs[0], 0.5)], -1)
+        if self.bbox_embed is None:  # the same point for every layer: a broadcast view
+            return torch.stack(hidden), ref.expand(len(self.layers), *ref.shape)
+        # the first layer's 2-d point, padded with w = h = 0.5 (logit 0)
+        refs[0] = torch.cat([refs[0], torch.full_like(refs[0], 0.5)], -1)
         return torch.stack(hidden), torch.stack(refs)
 
 

@@ -163,8 +163,8 @@ class TransformerDecoder(nn.Module):
         out = []
         for layer in self.layers:
             tgt = layer(tgt, memory, mask, pos, query_pos, self_attn_mask)
-            out.append(self.norm(tgt))
-        return torch.stack(out)
+            out.append(tgt)
+        return self.norm(torch.stack(out))  # one norm over all layers' outputs
 
 
 class Transformer(nn.Module):
