@@ -206,7 +206,7 @@ def check_fused_adamw(device: torch.device) -> Iterator[dict[str, Any]]:
             opt.zero_grad()
             net(x).square().mean().backward()
             opt.step()
-    err = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+    err = max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
     yield {"name": "fused AdamW vs foreach AdamW (3 steps)", "ok": err < 1e-6,
            "tolerance": "1e-6 abs", "result": {"params_abs": err,
                                                "fused": fused.defaults.get("fused")}}
