@@ -75,6 +75,54 @@ def triton_enabled(device: torch.device) -> bool:
             and _triton_importable())
 
 
+_SELF_TESTED: dict[tuple, bool] = {}
+
+
+def _triton_works(value: Tensor, sampling_locations: Tensor) -> bool:
+    """Once per (device, dtype, heads, channels, levels, points): compile the kernels on a tiny
+    case and compare forward and gradients with the ``grid_sample`` path; on an error or a
+    mismatch warn once and use ``grid_sample`` for that signature from then on."""
+    _, _, H, Dh = value.shape
+    _, _, _, L, P, _ = sampling_locations.shape
+    key = (value.device, value.dtype, H, Dh, L, P)
+    if key not in _SELF_TESTED:
+        import warnings
+
+        from siamese_detr.ops.deform_attn_triton import ms_deform_attn_triton
+
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(
+                    value.device.type, enabled=False):
+                g = torch.Generator(device="cpu").manual_seed(0)
+                sizes = [(3 + lvl, 4 + lvl) for lvl in range(L)]
+                shapes = torch.tensor(sizes, dtype=torch.long, device=value.device)
+                starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+                S = sum(h * w for h, w in sizes)
+                args = [torch.randn(1, S, H, Dh, generator=g),
+                        torch.rand(1, 5, H, L, P, 2, generator=g) * 1.2 - 0.1,
+                        torch.rand(1, 5, H, L, P, generator=g)]
+                results = []
+                for fn in (ms_deform_attn_triton, _ms_deform_attn_torch):
+                    xs = [a.to(value.device).requires_grad_(True) for a in args]
+                    xs[0] = xs[0].to(value.dtype).detach().requires_grad_(True)
+                    out = fn(xs[0], shapes, starts, xs[1], xs[2])
+                    out.float().square().sum().backward()
+                    results.append([out.detach().float()] + [x.grad.float() for x in xs])
+            tol = 1e-4 if value.dtype == torch.float32 else 5e-2
+            errs = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+                    for a, b in zip(*results)]
+            ok = max(errs) < tol
+            if not ok:
+                warnings.warn(f"deformable attention: Triton kernels differ from grid_sample "
+                              f"({errs}); using grid_sample", stacklevel=3)
+        except Exception as e:  # a Triton that cannot compile for this GPU
+            warnings.warn(f"deformable attention: Triton kernels unavailable ({e!r}); using "
+                          f"grid_sample", stacklevel=3)
+            ok = False
+        _SELF_TESTED[key] = ok
+    return _SELF_TESTED[key]
+
+
 def _ms_deform_attn_fp(
     value: Tensor,
     shapes: list[tuple[int, int]],
@@ -130,11 +178,23 @@ def ms_deform_attn(
         computed in float32 (with autocast disabled) and cast back, because ``grid_sample``
         needs the grid in the value's dtype and bfloat16 locations are too coarse.
     """
-    if triton_enabled(value.device):
+    if triton_enabled(value.device) and _triton_works(value, sampling_locations):
         from siamese_detr.ops.deform_attn_triton import ms_deform_attn_triton
 
         return ms_deform_attn_triton(value, spatial_shapes, level_start_index,
                                      sampling_locations, attention_weights)
+    return _ms_deform_attn_torch(value, spatial_shapes, level_start_index, sampling_locations,
+                                 attention_weights)
+
+
+def _ms_deform_attn_torch(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """The ``grid_sample`` path of :func:`ms_deform_attn`."""
     del level_start_index  # the split sizes come from spatial_shapes
     shapes = _level_sizes(spatial_shapes)
     out_dtype = value.dtype

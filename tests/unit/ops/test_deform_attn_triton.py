@@ -148,3 +148,21 @@ def test_cuda_kernels_match_grid_sample_path(monkeypatch: pytest.MonkeyPatch,
     for name, a, b in zip(("value", "locations", "weights"), grads, ref_grads):
         assert _rel(a, b) < tol * (10 if name == "locations" else 1), name
     assert math.isfinite(float(out.sum()))
+
+
+@pytest.mark.parametrize("broken", ["raises", "wrong"])
+def test_self_test_falls_back_to_grid_sample(monkeypatch: pytest.MonkeyPatch,
+                                             broken: str) -> None:
+    import siamese_detr.ops.deform_attn_triton as kernels
+
+    def bad(value, shapes, starts, loc, w):
+        if broken == "raises":
+            raise RuntimeError("no compiler for this GPU")
+        return deform_attn._ms_deform_attn_torch(value, shapes, starts, loc, w) * 1.5
+
+    monkeypatch.setattr(kernels, "ms_deform_attn_triton", bad)
+    monkeypatch.setattr(deform_attn, "_SELF_TESTED", {})
+    value, loc = torch.randn(1, 10, 2, 4), torch.rand(1, 3, 2, 2, 2, 2)
+    with pytest.warns(UserWarning, match="using grid_sample"):
+        assert not deform_attn._triton_works(value, loc)
+    assert not deform_attn._triton_works(value, loc)  # remembered, no second warning
