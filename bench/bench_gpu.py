@@ -116,7 +116,10 @@ def make_targets(b: int, num_classes: int, device: torch.device, seed: int = 1
 
 
 def make_siamese_batch(b: int, h: int, w: int, m: int, crop: int, device: torch.device) -> Any:
-    from siamese_detr.data.pretrain import SiameseBatch
+    try:
+        from siamese_detr.methods.siamese.data import SiameseBatch
+    except ImportError:  # before the issue-15 layout
+        from siamese_detr.data.pretrain import SiameseBatch  # type: ignore[no-redef]
 
     g = torch.Generator().manual_seed(2)
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
