@@ -20,7 +20,7 @@ from siamese_detr.structures import BoxTargets, ImageBatch
 
 
 def fake_siamese_batch(b: int, size: int, m: int, crop: int):
-    from siamese_detr.data.pretrain import SiameseBatch
+    from siamese_detr.methods.siamese.data import SiameseBatch
 
     def images() -> ImageBatch:
         return ImageBatch(torch.randn(b, 3, size, size), torch.zeros(b, size, size, dtype=bool),

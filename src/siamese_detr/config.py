@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from siamese_detr.errors import ConfigError  # re-exported: the old import path
+
 Variant = Literal["vanilla", "conditional", "deformable"]
 VARIANTS: tuple[Variant, ...] = ("vanilla", "conditional", "deformable")
 Method = Literal["siamese", "updetr", "detreg"]
 METHODS: tuple[Method, ...] = ("siamese", "updetr", "detreg")
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration mistake (one line, names the key and the fix)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,6 +250,15 @@ class RunConfig:
             raise ConfigError(
                 "task=pretrain needs model.backbone.freeze=all (the backbone is frozen)"
             )
+
+
+HeadActivation = Literal["softmax", "sigmoid"]
+
+
+def head_activation(cfg: ModelConfig, loss: LossConfig) -> HeadActivation:
+    """The class head a fine-tuning run builds: ``"softmax"`` over ``num_classes + 1`` columns
+    (last = no-object; cross-entropy) or ``"sigmoid"`` over ``num_classes`` (focal loss)."""
+    return "softmax" if resolved_cls_loss(cfg, loss) == "ce" else "sigmoid"
 
 
 def resolved_cls_loss(cfg: ModelConfig, loss: LossConfig) -> Literal["ce", "focal"]:

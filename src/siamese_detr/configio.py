@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -21,7 +19,9 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-from siamese_detr.config import ConfigError, RunConfig
+from siamese_detr.config import RunConfig
+from siamese_detr.errors import ConfigError
+from siamese_detr.files import write_text
 
 T = TypeVar("T")
 
@@ -203,22 +203,8 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_yaml(cfg: RunConfig, path: str | Path) -> None:
-    atomic_write_text(path, dump_yaml(cfg))
+    write_text(path, dump_yaml(cfg))
 
 
 def diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:

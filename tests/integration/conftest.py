@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from siamese_detr.data.synthetic import make_detection_set, make_unlabeled_set
+from siamese_detr.demo.synthetic import make_detection_set, make_unlabeled_set
 
 
 @pytest.fixture(scope="session")

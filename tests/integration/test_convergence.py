@@ -9,7 +9,7 @@ import json
 import pytest
 
 from siamese_detr.cli.main import main
-from siamese_detr.data.synthetic import make_detection_set
+from siamese_detr.demo.synthetic import make_detection_set
 
 # iterations per variant: single-scale DETR variants (5x5 tokens at 160 px) learn slower
 ITERS = {"deformable": 600, "conditional": 1500, "vanilla": 2000}

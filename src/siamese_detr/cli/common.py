@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from siamese_detr.config import ConfigError, RunConfig
+from siamese_detr.config import RunConfig
 from siamese_detr.configio import apply_overrides, load_yaml
+from siamese_detr.errors import ConfigError
 from siamese_detr.presets import get_preset
 
 
@@ -37,21 +36,16 @@ def config_from_args(args: argparse.Namespace, task: str) -> RunConfig:
     return cfg
 
 
-def run_training(cfg: RunConfig, resume: str | None,
-                 runner: Callable[[RunConfig, Any, str | None], dict[str, float]]
-                 ) -> tuple[dict[str, float], bool]:
-    """Initialise torch.distributed and logging, resolve ``--resume`` (``auto`` = OUT/last.pt),
-    run ``runner(cfg, dist_info, resume_path)``; returns its metrics and whether this is rank 0."""
+def run_training(cfg: RunConfig, resume: str | None) -> tuple[dict[str, float], bool]:
+    """Initialise torch.distributed and logging, then :func:`siamese_detr.runner.run` (``resume``
+    ``auto`` = OUT/last.pt); returns its metrics and whether this process is rank 0."""
     from siamese_detr.engine.distributed import cleanup, init_distributed
     from siamese_detr.engine.logging import setup_logging
+    from siamese_detr.runner import run
 
     info = init_distributed(cfg.engine.device)
-    run_dir = Path(cfg.output_dir)
-    setup_logging(info.is_main, run_dir / "log.txt")
-    resume_path = None
-    if resume:
-        resume_path = str(run_dir / "last.pt") if resume == "auto" else resume
+    setup_logging(info.is_main, Path(cfg.output_dir) / "log.txt")
     try:
-        return runner(cfg, info, resume_path), info.is_main
+        return run(cfg, info, resume), info.is_main
     finally:
         cleanup()

@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamese_detr.cli.main import UserError
-from siamese_detr.engine.checkpoint import load_checkpoint, save_checkpoint
+from siamese_detr.errors import UserError
+
+# the keys of siamese_detr.convert.TARGETS, listed here so that `--help` does not import torch
+# (tests/unit/test_layout.py checks that both agree)
+TARGET_NAMES = ("conditional-detr", "deformable-detr", "detr")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from siamese_detr.convert import TARGETS
-
     p = subparsers.add_parser(
         "convert",
         help="convert a checkpoint to an upstream repository's layout",
@@ -21,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Exits 1 when keys are left unmapped (unless --allow-unmapped).",
     )
     p.add_argument("--checkpoint", required=True, help="our checkpoint (.pt)")
-    p.add_argument("--to", required=True, choices=sorted(TARGETS), dest="target")
+    p.add_argument("--to", required=True, choices=TARGET_NAMES, dest="target")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--allow-unmapped", action="store_true",
                    help="write the file even if some keys could not be mapped")
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from siamese_detr.convert import ConversionError, convert_checkpoint, wrap_upstream
+    from siamese_detr.engine.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)  # safe load; one-line error on a bad file
     try:

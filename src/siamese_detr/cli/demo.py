@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from siamese_detr.demo import DEFAULT_MINUTES, DemoPlan, results_table, run_demo
+    from siamese_detr.demo.demo import DEFAULT_MINUTES, DemoPlan, results_table, run_demo
     from siamese_detr.engine.logging import setup_logging
 
     out = Path(args.out)

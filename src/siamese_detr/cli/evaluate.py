@@ -27,20 +27,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from siamese_detr.config import ConfigError
     from siamese_detr.configio import apply_overrides, from_dict
-    from siamese_detr.engine.checkpoint import detector_state_from_checkpoint, load_checkpoint
+    from siamese_detr.engine.checkpoint import load_checkpoint
     from siamese_detr.engine.distributed import init_distributed
-    from siamese_detr.eval.coco import write_json_atomic
-    from siamese_detr.finetune import build_datasets, describe_metrics, predict, score
-    from siamese_detr.losses.set_criterion import num_logits
-    from siamese_detr.models.detector import build_detector
+    from siamese_detr.errors import ConfigError
+    from siamese_detr.eval.detection import describe_metrics, predict, score
+    from siamese_detr.eval.loading import load_detector
+    from siamese_detr.files import write_json
+    from siamese_detr.methods.supervised import build_datasets
 
     ckpt = load_checkpoint(args.checkpoint)
     if not isinstance(ckpt.get("config"), dict):
         raise ConfigError(f"{args.checkpoint} has no stored config: evaluate a checkpoint "
                           "written by `siamese-detr finetune`")
     cfg = apply_overrides(from_dict(ckpt["config"]), args.overrides)
+    del ckpt
     data = cfg.data
     if args.images:
         data = replace(data, val_images=args.images)
@@ -49,13 +50,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, data=data, eval=replace(cfg.eval, metric=args.metric or cfg.eval.metric))
     info = init_distributed(cfg.engine.device)
     _, val_set = build_datasets(cfg, train=False)
-    detector = build_detector(cfg.model, num_logits(cfg.model, cfg.loss))
-    detector.load_state_dict(detector_state_from_checkpoint(ckpt))
-    detector.to(info.device)
+    detector = load_detector(args.checkpoint, info.device).detector
     with torch.no_grad():
         results = predict(detector, val_set, cfg, info.device)
     metrics = score(results, val_set, cfg.eval.metric)
     if args.predictions:
-        write_json_atomic(Path(args.predictions), results)
+        write_json(Path(args.predictions), results)
     print(describe_metrics(metrics))
     return 0

@@ -25,12 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from siamese_detr.finetune import describe_metrics, run_finetune
+    from siamese_detr.eval.detection import describe_metrics
 
     cfg = config_from_args(args, "finetune")
     if args.init:
         cfg = replace(cfg, init=args.init)
-    metrics, is_main = run_training(cfg, args.resume, run_finetune)
+    metrics, is_main = run_training(cfg, args.resume)
     if is_main:
         print(describe_metrics(metrics))
     return 0

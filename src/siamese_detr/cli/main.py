@@ -11,9 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as a single line."""
+from siamese_detr.errors import ConfigError, UserError  # noqa: F401  (UserError: old path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     import importlib
 
-    for name in ("proposals", "pretrain", "finetune", "evaluate", "convert", "config", "demo",
-                 "voc2coco"):
+    for name in ("proposals", "pretrain", "finetune", "evaluate", "convert", "export", "config",
+                 "demo", "voc2coco"):
         try:
             module = importlib.import_module(f"siamese_detr.cli.{name}")
         except ModuleNotFoundError as exc:  # sub-command not built yet
@@ -41,8 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from siamese_detr.config import ConfigError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may be interleaved with options (argparse only collects the first run)

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pretrain", help="Siamese DETR pretraining on unlabeled images + offline proposals",
         description="Pretrain the transformer of a DETR-family detector with Siamese DETR "
         "(Multi-View Region Detection + Multi-View Semantic Discrimination) on a frozen "
-        "backbone. Paper recipes: --preset siamese/<detector>/<data>; multi-GPU: "
+        "backbone. Paper recipes: --preset siamese/<detector>/<data>; the UP-DETR baseline "
+        "(random query patches, no proposals): --preset updetr/<detector>/<data>; multi-GPU: "
         "torchrun --nproc-per-node 8 -m siamese_detr pretrain --preset ... The checkpoint "
         "(OUT/last.pt) fine-tunes directly: siamese-detr finetune --init OUT/last.pt.")
     add_config_arguments(p, "tiny/conditional/siamese")
@@ -23,10 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from siamese_detr.pretrain import run_pretrain
-
     cfg = config_from_args(args, "pretrain")
-    metrics, is_main = run_training(cfg, args.resume, run_pretrain)
+    metrics, is_main = run_training(cfg, args.resume)
     if is_main:
         print("final losses: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                            if k.startswith("loss")))

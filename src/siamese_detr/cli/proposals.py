@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from siamese_detr.cli.main import UserError
+from siamese_detr.errors import UserError
 
 VERBS = ("run", "merge", "show", "stats")
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from siamese_detr.convert import conditional, deformable, detr
 from siamese_detr.convert.keymap import ConversionReport, apply_keymap
+from siamese_detr.engine.checkpoint import detector_state, upstream_to_internal
 
 __all__ = [
     "TARGETS",
@@ -33,13 +34,11 @@ class ConversionError(ValueError):
 
 
 def _detector_state(ckpt: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
-    """Strip ``module.`` and ``detector.`` prefixes; infer the kind when not stored."""
+    """All weights (pretext heads included, so that the report names them) in our names."""
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ConversionError("not a siamese-detr checkpoint (no 'model' entry)")
-    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    has_detector = any(k.startswith("detector.") for k in state)
-    kind = str(ckpt.get("kind") or ("pretrain" if has_detector else "finetune"))
-    return {k.removeprefix("detector."): v for k, v in state.items()}, kind
+    normalised = detector_state(ckpt)
+    return normalised.state, normalised.kind
 
 
 def convert_checkpoint(
@@ -89,8 +88,4 @@ def wrap_upstream(state_dict: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]
 def to_internal(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Inverse renaming: an upstream-layout state dict -> our ``Detector`` key names
     (``backbone.0.body.*`` -> ``backbone.body.*``; everything else is identical)."""
-    return {
-        ("backbone.body." + k[len("backbone.0.body.") :] if k.startswith("backbone.0.body.")
-         else k): v
-        for k, v in state_dict.items()
-    }
+    return upstream_to_internal(state_dict)

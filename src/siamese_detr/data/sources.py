@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from siamese_detr.cli.main import UserError
+from siamese_detr.errors import UserError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageRecord", "find_image", "list_images", "source_kind"]
 

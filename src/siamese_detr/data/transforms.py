@@ -26,6 +26,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
 from siamese_detr.config import DataConfig
+from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.ops.boxes import box_xyxy_to_cxcywh
 
 __all__ = [
@@ -45,8 +46,6 @@ __all__ = [
     "build_transforms",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 ImageLike = Image.Image | Tensor
 Target = dict[str, Any]

@@ -41,7 +41,7 @@ _CLASS_ID = {name: i for i, name in enumerate(VOC_CLASSES)}
 
 
 def _user_error(message: str) -> Exception:
-    from siamese_detr.cli.main import UserError
+    from siamese_detr.errors import UserError
 
     return UserError(message)
 
@@ -173,8 +173,8 @@ def voc_to_coco(devkit: str | Path, sets: Sequence[tuple[str, str]]) -> dict[str
 def convert_voc(devkit: str | Path, sets: Sequence[tuple[str, str]], out: str | Path
                 ) -> dict[str, Any]:
     """Convert and write the json atomically to ``out``; returns the dict."""
-    from siamese_detr.eval.coco import write_json_atomic
+    from siamese_detr.files import write_json
 
     data = voc_to_coco(devkit, sets)
-    write_json_atomic(out, data)
+    write_json(out, data)
     return data

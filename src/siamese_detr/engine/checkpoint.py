@@ -11,16 +11,16 @@ it and a checkpoint downloaded from the internet cannot run code.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from siamese_detr.config import ConfigError
+from siamese_detr.errors import ConfigError
+from siamese_detr.files import write_torch
 
 
 def capture_rng() -> dict[str, Any]:
@@ -48,16 +48,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Write ``payload`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_torch(path, payload)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -80,19 +71,51 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def detector_state_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The detector's state dict inside one of our checkpoints (pretraining or fine-tuning)
-    or a plain/``{"model": ...}`` detector state dict."""
+UPSTREAM_BACKBONE = "backbone.0.body."  # facebookresearch/detr and derivatives
+OUR_BACKBONE = "backbone.body."
+
+
+@dataclass
+class DetectorState:
+    """A checkpoint's weights in our ``Detector`` names (see :func:`detector_state`).
+
+    ``state`` keeps the file's key order; ``pretext`` names the keys that are not the
+    detector's (pretext heads of a pretraining checkpoint, a fine-tuning criterion's buffers).
+    """
+
+    state: dict[str, torch.Tensor]
+    kind: str  # "pretrain" | "finetune" (stored, else inferred)
+    pretext: frozenset[str] = frozenset()
+
+    def detector(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state.items() if k not in self.pretext}
+
+
+def upstream_to_internal(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``backbone.0.body.*`` (upstream layout) -> ``backbone.body.*``; other keys unchanged."""
+    return {(OUR_BACKBONE + k[len(UPSTREAM_BACKBONE):] if k.startswith(UPSTREAM_BACKBONE)
+             else k): v for k, v in state.items()}
+
+
+def detector_state(ckpt: dict[str, Any]) -> DetectorState:
+    """The one checkpoint-prefix normaliser: our pretraining / fine-tuning checkpoints
+    (``{"model": task state}``, detector under ``detector.``), DDP ``module.`` prefixes,
+    plain or ``{"model": ...}`` detector state dicts and converted upstream-layout files.
+
+    ``module.`` and ``detector.`` are stripped, the upstream backbone prefix is renamed; when
+    the file has ``detector.*`` keys, the others are listed in ``pretext``. The kind is the
+    stored ``"kind"``, else ``"pretrain"`` when there are ``detector.*`` keys, else
+    ``"finetune"``.
+    """
     state = ckpt.get("model", ckpt)
     if not isinstance(state, dict):
         raise ConfigError("checkpoint has no 'model' state dict")
-    if any(k.startswith("detector.") for k in state):
-        return {k[len("detector."):]: v for k, v in state.items() if k.startswith("detector.")}
-    if any(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    # upstream layouts (facebookresearch/detr and derivatives) call the backbone backbone.0.body
-    return {("backbone.body." + k[len("backbone.0.body."):] if k.startswith("backbone.0.body.")
-             else k): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    has_detector = any(k.startswith("detector.") for k in state)
+    pretext = frozenset(k for k in state if has_detector and not k.startswith("detector."))
+    state = upstream_to_internal({k.removeprefix("detector."): v for k, v in state.items()})
+    kind = str(ckpt.get("kind") or ("pretrain" if has_detector else "finetune"))
+    return DetectorState(state, kind, pretext)
 
 
 def rotate_checkpoints(folder: Path, keep: int) -> None:

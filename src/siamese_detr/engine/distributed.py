@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from siamese_detr.config import ConfigError
+from siamese_detr.engine.env import world_from_env
+from siamese_detr.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -31,24 +32,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def _env_int(*names: str) -> int | None:
-    for name in names:
-        if os.environ.get(name, "") != "":
-            return int(os.environ[name])
-    return None
-
-
-def world_from_env() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from torchrun or SLURM variables, else ``(0, 1, 0)``."""
-    world = _env_int("WORLD_SIZE")
-    if world is not None:
-        return _env_int("RANK") or 0, world, _env_int("LOCAL_RANK") or 0
-    world = _env_int("SLURM_NTASKS")
-    if world is not None and world > 1:
-        return _env_int("SLURM_PROCID") or 0, world, _env_int("SLURM_LOCALID") or 0
-    return 0, 1, 0
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:

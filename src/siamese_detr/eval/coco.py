@@ -11,9 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,6 @@ __all__ = [
     "coco_evaluate",
     "load_coco",
     "format_metrics",
-    "write_json_atomic",
 ]
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
@@ -54,23 +50,6 @@ METRIC_DEFINITIONS: dict[str, dict[str, str]] = {
     "voc-area": {"mAP": "VOC area-under-PR AP@0.5 (IoU>0.5, difficult ignored), mean over "
                         "classes", "AP50/": "VOC area-under-PR AP@0.5 of class"},
 }
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as json to ``path`` via a temporary file + ``os.replace`` (never a
-    half-written file). Parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def to_coco_results(

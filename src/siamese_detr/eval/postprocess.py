@@ -17,23 +17,25 @@ def postprocess(
     logits: Tensor,
     boxes: Tensor,
     orig_sizes: Tensor,
-    cls_loss: Literal["ce", "focal"],
+    activation: Literal["softmax", "sigmoid", "ce", "focal"],
     max_detections: int = 100,
     score_threshold: float = 0.0,
 ) -> list[dict[str, Tensor]]:
     """Turn the last decoder layer's predictions into detections.
 
-    * ``"ce"`` (DETR): softmax over ``C = K + 1`` columns, drop the trailing no-object column,
-      each query keeps its best class; the ``max_detections`` best queries are kept.
-    * ``"focal"`` (Conditional / Deformable DETR): sigmoid over ``C = K`` columns, top-k over
-      all ``Q * C`` (query, class) pairs with ``k = max_detections``, so one query may yield
-      several detections with different labels.
+    * ``"softmax"`` (DETR; synonym ``"ce"``): softmax over ``C = K + 1`` columns, drop the
+      trailing no-object column, each query keeps its best class; the ``max_detections``
+      best queries are kept.
+    * ``"sigmoid"`` (Conditional / Deformable DETR; synonym ``"focal"``): sigmoid over
+      ``C = K`` columns, top-k over all ``Q * C`` (query, class) pairs with
+      ``k = max_detections``, so one query may yield several detections with different
+      labels.
 
     Args:
         logits: ``[B, Q, C]`` class logits.
         boxes: ``[B, Q, 4]`` normalised cxcywh boxes.
         orig_sizes: ``[B, 2]`` ``(h, w)`` of the original images.
-        cls_loss: which classification head produced the logits.
+        activation: the head that produced the logits (``Detector.head_activation``).
         max_detections: detections kept per image.
         score_threshold: detections with a lower score are dropped.
 
@@ -41,13 +43,14 @@ def postprocess(
         per image ``{"scores": [K] float, "labels": [K] int64, "boxes": [K, 4]}`` with boxes in
         absolute xyxy pixels of the original image, sorted by decreasing score.
     """
-    if cls_loss not in ("ce", "focal"):
-        raise ValueError(f"cls_loss must be 'ce' or 'focal', got {cls_loss!r}")
+    act = {"ce": "softmax", "focal": "sigmoid"}.get(activation, activation)
+    if act not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
     logits = logits.float()
     B, Q, C = logits.shape
     orig_sizes = orig_sizes.to(boxes.device)
     abs_boxes = denormalize_cxcywh(boxes.float(), orig_sizes[:, 0], orig_sizes[:, 1])
-    if cls_loss == "ce":
+    if act == "softmax":
         prob = logits.softmax(-1)[..., :-1]
         scores, labels = prob.max(-1)
         k = min(max_detections, Q)

@@ -192,7 +192,14 @@ def num_logits(model_cfg: ModelConfig, loss_cfg: LossConfig) -> int:
 def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterion:
     """The set criterion of a fine-tuning run (upstream defaults for the ``-1`` entries:
     class weight and class cost 1 for CE, 2 for focal)."""
-    cls_loss = resolved_cls_loss(model_cfg, loss_cfg)
+    return build_set_criterion(loss_cfg, model_cfg.num_classes,
+                               resolved_cls_loss(model_cfg, loss_cfg), model_cfg.aux_loss)
+
+
+def build_set_criterion(loss_cfg: LossConfig, num_classes: int, cls_loss: Literal["ce", "focal"],
+                        aux_loss: bool) -> SetCriterion:
+    """Matcher costs and loss weights from ``loss_cfg`` (the one source of both, for
+    fine-tuning and for the pretext tasks)."""
     default = 1.0 if cls_loss == "ce" else 2.0
     for key in ("bbox_weight", "giou_weight", "cost_bbox", "cost_giou", "eos_coef"):
         if getattr(loss_cfg, key) < 0:
@@ -210,7 +217,7 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
         focal_gamma=loss_cfg.focal_gamma,
     )
     return SetCriterion(
-        num_classes=model_cfg.num_classes,
+        num_classes=num_classes,
         matcher=matcher,
         cls_loss=cls_loss,
         eos_coef=loss_cfg.eos_coef,
@@ -219,5 +226,5 @@ def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterio
         weight_ce=_resolve(loss_cfg.cls_weight, default, "loss.cls_weight"),
         weight_bbox=loss_cfg.bbox_weight,
         weight_giou=loss_cfg.giou_weight,
-        aux_loss=model_cfg.aux_loss,
+        aux_loss=aux_loss,
     )

@@ -1,12 +1,73 @@
-"""Helpers shared by the pretext tasks (Siamese DETR, UP-DETR, DETReg)."""
+"""What a training task gives the runner, and helpers shared by the pretext tasks.
+
+**The protocol.** :func:`siamese_detr.runner.run` trains any object with this shape
+(:class:`Task`); one per method, built from the :class:`~siamese_detr.config.RunConfig` by
+``runner.build_task(cfg)`` (one ``case`` per method, no registry):
+
+- ``kind``: ``"pretrain"`` or ``"finetune"``, stored as the checkpoint's ``"kind"``;
+- ``batch_size`` / ``num_workers``: per-process loader settings;
+- ``sync_bn``: convert BatchNorm to SyncBatchNorm under DDP (Siamese DETR's projector);
+- ``build_dataset()``: the training data set (a map-style ``torch.utils.data.Dataset``);
+- ``collate``: the batch function of the loader (``None``: the detection default,
+  ``(ImageBatch, list[BoxTargets])``);
+- ``build_module()``: the ``nn.Module`` that is trained and checkpointed. Its
+  ``forward(batch)`` returns a :class:`~siamese_detr.structures.LossOutput` and it holds the
+  detector as ``.detector``, so every checkpoint stores the detector under ``detector.*``
+  (what :func:`siamese_detr.eval.load_detector` and fine-tuning read);
+- ``describe(num_images, prepared)``: the one start-up log line;
+- ``make_evaluator(run_dir)``: ``evaluate(module) -> metrics`` for the loop's periodic and
+  final evaluation, or ``None`` if the task has none;
+- ``finish(result, dist_info)``: what :func:`~siamese_detr.runner.run` returns (metrics).
+
+:class:`PretextTask` is the same contract with ``kind == "pretrain"``; UP-DETR and DETReg
+implement it next to :class:`siamese_detr.methods.siamese.task.SiameseTask`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-__all__ = ["roi_pool_features", "global_pool_features"]
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.engine.loop import TrainResult
+    from siamese_detr.engine.setup import Prepared
+
+__all__ = ["PretextTask", "Task", "global_pool_features", "roi_pool_features"]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A training task as the runner sees it (see the module docstring)."""
+
+    kind: Literal["pretrain", "finetune"]
+    batch_size: int
+    num_workers: int
+    sync_bn: bool
+    collate: Callable[[Any], Any] | None
+
+    def build_dataset(self) -> Dataset: ...
+
+    def build_module(self) -> nn.Module: ...
+
+    def describe(self, num_images: int, prepared: Prepared) -> str: ...
+
+    def make_evaluator(self, run_dir: Path
+                       ) -> Callable[[nn.Module], dict[str, float]] | None: ...
+
+    def finish(self, result: TrainResult, dist_info: DistInfo) -> dict[str, float]: ...
+
+
+class PretextTask(Task, Protocol):
+    """A self-supervised pretraining method (``kind == "pretrain"``); its module holds the
+    detector as ``.detector`` so that fine-tuning loads ``detector.*`` keys directly."""
 
 
 def roi_pool_features(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from siamese_detr.config import ModelConfig, Variant
+from siamese_detr.config import HeadActivation, ModelConfig, RunConfig, Variant
 from siamese_detr.models.backbone import Backbone, load_backbone_weights
 from siamese_detr.models.heads import MLP, inverse_sigmoid
 from siamese_detr.models.position import sine_position_encoding
@@ -49,6 +49,9 @@ class Detector(nn.Module):
             the number of backbone levels.
         box_refine: deformable only; independent per-layer heads and iterative refinement.
         focal_prior: initialise the class bias to ``-log((1 - 0.01) / 0.01)``.
+        head_activation: what the class head's logits mean, read by postprocessing
+            (:attr:`head_activation`): ``"softmax"`` (last column = no-object) or
+            ``"sigmoid"`` (one independent score per class).
     """
 
     def __init__(
@@ -63,10 +66,16 @@ class Detector(nn.Module):
         num_feature_levels: int = 1,
         box_refine: bool = False,
         focal_prior: bool = False,
+        head_activation: HeadActivation = "softmax",
     ) -> None:
         super().__init__()
         D = hidden_dim
         self.variant: Variant = variant
+        if head_activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"head_activation must be 'softmax' or 'sigmoid', "
+                             f"got {head_activation!r}")
+        #: ``"softmax"`` (C = K + 1 logits, last = no-object) or ``"sigmoid"`` (C = K)
+        self.head_activation: HeadActivation = head_activation
         self.num_queries = num_queries
         self.hidden_dim = D
         self.num_feature_levels = num_feature_levels
@@ -248,9 +257,13 @@ def _backbone_levels(cfg: ModelConfig) -> tuple[int, ...]:
     return (4, 5) if cfg.num_feature_levels == 2 else (3, 4, 5)
 
 
-def build_detector(cfg: ModelConfig, num_logits: int) -> Detector:
+def build_detector(cfg: ModelConfig, num_logits: int,
+                   head_activation: HeadActivation | None = None) -> Detector:
     """Build the detector of ``cfg``; ``num_logits`` is ``num_classes + 1`` (softmax CE, last =
     no-object) or ``num_classes`` (sigmoid focal: the class bias gets the focal prior).
+    ``head_activation`` defaults to ``"sigmoid"`` when ``num_logits == num_classes``, else
+    ``"softmax"``; library code passes it (``config.head_activation``). To build from a whole
+    :class:`~siamese_detr.config.RunConfig`, use :func:`build_detector_from_config`.
 
     Loads ``cfg.backbone.weights`` when set (see :func:`load_backbone_weights`).
     """
@@ -289,4 +302,18 @@ def build_detector(cfg: ModelConfig, num_logits: int) -> Detector:
         num_feature_levels=cfg.num_feature_levels,
         box_refine=cfg.box_refine,
         focal_prior=num_logits == cfg.num_classes,
+        head_activation=head_activation or (
+            "sigmoid" if num_logits == cfg.num_classes else "softmax"),
     )
+
+
+def build_detector_from_config(cfg: RunConfig) -> Detector:
+    """The detector a run of ``cfg`` trains: the 2-way softmax pretext head for
+    ``task=pretrain``, the fine-tuning head chosen by ``cfg.loss`` otherwise."""
+    from siamese_detr.config import head_activation
+    from siamese_detr.losses.set_criterion import num_logits
+
+    if cfg.task == "pretrain":
+        return build_detector(cfg.model, 2, "softmax")
+    return build_detector(cfg.model, num_logits(cfg.model, cfg.loss),
+                          head_activation(cfg.model, cfg.loss))

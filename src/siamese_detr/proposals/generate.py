@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -32,8 +31,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from siamese_detr.cli.main import UserError
 from siamese_detr.data.sources import ImageRecord, list_images, source_kind
+from siamese_detr.engine.env import world_from_env
+from siamese_detr.errors import UserError
 from siamese_detr.proposals import methods
 from siamese_detr.proposals.store import (
     ImageProposals,
@@ -122,12 +122,8 @@ def _fmt_stats(stats: dict[str, float]) -> str:
 def resolve_shard(shard: tuple[int, int] | str | None = None) -> tuple[int, int]:
     """``(I, N)`` from ``shard`` (``"I/N"`` or a tuple), else torchrun, else SLURM, else 0/1."""
     if shard is None:
-        for rank_key, size_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-            if rank_key in os.environ and size_key in os.environ:
-                shard = (int(os.environ[rank_key]), int(os.environ[size_key]))
-                break
-        else:
-            return 0, 1
+        rank, world, _ = world_from_env()
+        shard = (rank, world)
     if isinstance(shard, str):
         try:
             index, count = (int(x) for x in shard.split("/"))

@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from siamese_detr.cli.main import UserError
+from siamese_detr.errors import UserError
+from siamese_detr.files import write_json, write_npy
 
 __all__ = [
     "ImageProposals",
@@ -68,20 +69,8 @@ class ImageProposals:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
+    """The store's JSON files: ``files.write_json`` with one-space indent and sorted keys."""
+    write_json(path, data, indent=1, sort_keys=True)
 
 
 def part_dir(store_dir: str | Path, chunk: int) -> Path:
@@ -188,8 +177,8 @@ def finalize_store(store_dir: str | Path) -> dict[str, Any]:
     loc = np.array([rows[i] for i in order], np.int64).reshape(-1, 5)
     if len(id_array) > 1 and np.any(id_array[1:] == id_array[:-1]):
         raise UserError(f"{store_dir}: an image id occurs in two parts; the store is mixed up")
-    _atomic_save_npy(store_dir / "index_ids.npy", id_array)
-    _atomic_save_npy(store_dir / "index_loc.npy", loc)
+    write_npy(store_dir / "index_ids.npy", id_array)
+    write_npy(store_dir / "index_loc.npy", loc)
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -10,8 +10,8 @@ import torch
 
 from siamese_detr.config import ConfigError, DataConfig
 from siamese_detr.data.coco import CocoDetection
-from siamese_detr.data.synthetic import make_detection_set
 from siamese_detr.data.transforms import build_transforms
+from siamese_detr.demo.synthetic import make_detection_set
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
 
 

@@ -16,8 +16,8 @@ from siamese_detr.data.loaders import (
     build_detection_loader,
     build_eval_loader,
 )
-from siamese_detr.data.synthetic import make_detection_set
 from siamese_detr.data.transforms import build_transforms
+from siamese_detr.demo.synthetic import make_detection_set
 
 
 def _take(sampler, n):

@@ -16,9 +16,9 @@ from siamese_detr.eval.coco import (
     coco_evaluate,
     format_metrics,
     to_coco_results,
-    write_json_atomic,
 )
 from siamese_detr.eval.postprocess import postprocess
+from siamese_detr.files import write_json
 
 # two images, four large objects (area > 96^2) of category 1 and one of category 3
 GT_BOXES = {
@@ -35,7 +35,7 @@ def _gt(tmp_path: Path) -> Path:
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat,
                          "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
     cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
-    return write_json_atomic(tmp_path / "gt.json",
+    return write_json(tmp_path / "gt.json",
                              {"images": images, "annotations": anns, "categories": cats})
 
 

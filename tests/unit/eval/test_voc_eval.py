@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from siamese_detr.eval.coco import write_json_atomic
 from siamese_detr.eval.voc import voc_ap, voc_evaluate
+from siamese_detr.files import write_json
 
 
 def _gt(tmp_path: Path, flag: str = "difficult", difficult: int = 1) -> Path:
@@ -24,7 +24,7 @@ def _gt(tmp_path: Path, flag: str = "difficult", difficult: int = 1) -> Path:
              "iscrowd": 0, flag: d} for k, (i, c, b, d) in enumerate(objs)]
     images = [{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 100} for i in (1, 2)]
     cats = [{"id": i, "name": n} for i, n in enumerate("abc")]
-    return write_json_atomic(tmp_path / "gt.json",
+    return write_json(tmp_path / "gt.json",
                              {"images": images, "annotations": anns, "categories": cats})
 
 

@@ -52,7 +52,7 @@ def _boxes(g: torch.Generator, h: int, w: int) -> torch.Tensor:
 
 def make_batch(seed: int = 0, crops: bool = True, sizes=((64, 80), (48, 64))):
     """Two samples; sample 1 is smaller (padded), both views of a sample share its size."""
-    from siamese_detr.data.pretrain import SiameseBatch
+    from siamese_detr.methods.siamese.data import SiameseBatch
 
     g = torch.Generator().manual_seed(seed)
     H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
@@ -264,3 +264,34 @@ def test_few_iterations_decrease_loss(variant: str, levels: int) -> None:
         losses.append(out.total.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize("preset", ["siamese/detr/in1k", "siamese/conditional-100q/in1k",
+                                    "siamese/deformable-ms-300q/in1k",
+                                    "siamese/conditional-100q/coco", "tiny/vanilla/siamese",
+                                    "tiny/deformable/siamese"])
+def test_pretext_criterion_reads_cfg_loss_and_presets_keep_the_old_numbers(preset: str) -> None:
+    """Before issue 15 these numbers were hard-coded in build_siamese_task (costs 1/5/2, weights
+    1/5/2, eos 0.1, softmax CE, aux on); the presets must give exactly them through cfg.loss."""
+    from siamese_detr.methods.siamese.task import build_pretext_criterion
+    from siamese_detr.presets import get_preset
+
+    c = build_pretext_criterion(get_preset(preset))
+    m = c.matcher
+    assert (m.cost_class, m.cost_bbox, m.cost_giou, m.cls_loss) == (1.0, 5.0, 2.0, "ce")
+    assert (c.num_classes, c.cls_loss, c.eos_coef, c.aux_loss) == (1, "ce", 0.1, True)
+    assert c.weights == {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    assert torch.equal(c.empty_weight, torch.tensor([1.0, 0.1]))
+
+
+def test_pretext_criterion_follows_a_changed_cfg_loss() -> None:
+    from siamese_detr.config import LossConfig
+    from siamese_detr.methods.siamese.task import build_pretext_criterion
+
+    cfg = make_cfg()
+    cfg = replace(cfg, loss=LossConfig(cls_loss="ce", bbox_weight=7.0, cost_giou=3.0,
+                                       eos_coef=0.2))
+    c = build_pretext_criterion(cfg)
+    assert (c.weights["loss_bbox"], c.matcher.cost_giou, c.eos_coef) == (7.0, 3.0, 0.2)
+    with pytest.raises(ConfigError, match="loss.cls_loss"):
+        build_pretext_criterion(replace(cfg, loss=LossConfig(cls_loss="focal")))

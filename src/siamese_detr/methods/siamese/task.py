@@ -1,6 +1,6 @@
 """Siamese DETR pretext task (Chen et al., CVPR 2023; method.md sections 3-6).
 
-One training step on a :class:`~siamese_detr.data.pretrain.SiameseBatch`:
+One training step on a :class:`~siamese_detr.methods.siamese.data.SiameseBatch`:
 
 1. Encode both views with the shared detector (frozen backbone, trainable transformer).
 2. Region queries of view ``a``: RoIAlign + GAP of view ``a``'s raw backbone maps at its
@@ -20,7 +20,9 @@ the box/class weights inside the criterion).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -40,10 +42,15 @@ from siamese_detr.structures import (
 )
 
 if TYPE_CHECKING:
-    from siamese_detr.data.pretrain import SiameseBatch
+    from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.engine.loop import TrainResult
+    from siamese_detr.engine.setup import Prepared
+    from siamese_detr.losses.set_criterion import SetCriterion
+    from siamese_detr.methods.siamese.data import SiameseBatch
     from siamese_detr.models.detector import Detector
 
-__all__ = ["SiameseDETR", "build_siamese_task"]
+__all__ = ["SiameseDETR", "SiameseTask", "build_pretext_criterion", "build_siamese_task",
+           "check_regions"]
 
 
 class SiameseDETR(nn.Module):
@@ -79,11 +86,7 @@ class SiameseDETR(nn.Module):
             self.predictor: nn.Sequential | None = build_predictor(head_dim, head_dim)
         else:
             self.projector = self.predictor = None
-        if detector.num_queries % opts.num_regions != 0:
-            raise ConfigError(
-                f"model.num_queries={detector.num_queries} must be a multiple of "
-                f"pretrain.siamese.num_regions={opts.num_regions}"
-            )
+        check_regions(detector.num_queries, opts.num_regions)
         # the backbone never trains during pretraining (method.md 3.1)
         detector.backbone.requires_grad_(False)
 
@@ -120,10 +123,9 @@ class SiameseDETR(nn.Module):
         """
         B, M = int(boxes.shape[0]), int(boxes.shape[1])
         N = self.detector.num_queries
-        if M == 0 or N % M != 0:
-            raise ConfigError(
-                f"model.num_queries={N} must be a multiple of the number of regions ({M})"
-            )
+        if M == 0:
+            raise ConfigError("a batch without regions: pretrain.siamese.num_regions must be >= 1")
+        check_regions(N, M)
         jittered = self._clamp_to_view(jitter_xyxy(boxes, self.opts.box_jitter), sizes)
         with torch.no_grad():
             feats = roi_pool_features(enc.features, enc.strides, jittered.detach())
@@ -263,24 +265,70 @@ def build_siamese_task(cfg: RunConfig) -> SiameseDETR:
         ConfigError: backbone not fully frozen, or ``num_queries`` not a multiple of
             ``num_regions``.
     """
-    from siamese_detr.losses.set_criterion import SetCriterion
-    from siamese_detr.matcher import HungarianMatcher
     from siamese_detr.models.detector import build_detector
 
     opts = cfg.pretrain.siamese
     if cfg.model.backbone.freeze != "all":
         raise ConfigError("Siamese DETR pretraining needs model.backbone.freeze=all")
-    if cfg.model.num_queries % opts.num_regions != 0:
-        raise ConfigError(
-            f"model.num_queries={cfg.model.num_queries} must be a multiple of "
-            f"pretrain.siamese.num_regions={opts.num_regions}"
-        )
+    check_regions(cfg.model.num_queries, opts.num_regions)
     # build_detector loads cfg.model.backbone.weights (models.backbone.load_backbone_weights)
-    detector = build_detector(cfg.model, num_logits=2)
-    matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, cls_loss="ce")
-    criterion = SetCriterion(
-        num_classes=1, matcher=matcher, cls_loss="ce", eos_coef=0.1, focal_alpha=0.25,
-        focal_gamma=2.0, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
-        aux_loss=True,  # every decoder layer, as in all official configs
-    )
-    return SiameseDETR(detector, opts, criterion)
+    detector = build_detector(cfg.model, num_logits=2, head_activation="softmax")
+    return SiameseDETR(detector, opts, build_pretext_criterion(cfg))
+
+
+def build_pretext_criterion(cfg: RunConfig) -> SetCriterion:
+    """The region-detection criterion: one class (region) + no-object, softmax CE, every
+    decoder layer (as in all official configs); matcher costs and loss weights come from
+    ``cfg.loss`` (the paper presets: costs 1 / 5 / 2, weights 1 / 5 / 2, ``eos_coef`` 0.1)."""
+    from siamese_detr.losses.set_criterion import build_set_criterion
+
+    if cfg.loss.cls_loss == "focal":
+        raise ConfigError("loss.cls_loss=focal: the pretext head is a 2-way softmax (region / "
+                          "no-object); set loss.cls_loss=ce (or auto) for pretraining")
+    return build_set_criterion(cfg.loss, num_classes=1, cls_loss="ce", aux_loss=True)
+
+
+def check_regions(num_queries: int, num_regions: int) -> None:
+    """The one ``num_queries % num_regions`` check (queries are split evenly over regions)."""
+    if num_queries % num_regions != 0:
+        raise ConfigError(
+            f"model.num_queries={num_queries} must be a multiple of "
+            f"pretrain.siamese.num_regions={num_regions}"
+        )
+
+
+class SiameseTask:
+    """Siamese DETR pretraining as a :class:`~siamese_detr.methods.base.PretextTask`: the
+    two-view data set over ``cfg.pretrain.images`` (+ offline proposals) and
+    :class:`SiameseDETR`; ``run`` returns the last logged losses."""
+
+    kind: Literal["pretrain", "finetune"] = "pretrain"
+    sync_bn = True  # SyncBN in the global projector
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from siamese_detr.methods.siamese.data import collate_siamese
+
+        self.cfg = cfg
+        self.batch_size = cfg.pretrain.batch_size
+        self.num_workers = cfg.pretrain.num_workers
+        self.collate: Callable[[Any], Any] | None = collate_siamese
+
+    def build_dataset(self) -> Any:
+        from siamese_detr.methods.siamese.data import build_pretrain_dataset
+
+        return build_pretrain_dataset(self.cfg)
+
+    def build_module(self) -> nn.Module:
+        return build_siamese_task(self.cfg)
+
+    def describe(self, num_images: int, prepared: Prepared) -> str:
+        s = prepared.schedule
+        return (f"pretraining {self.cfg.pretrain.method}/{self.cfg.model.variant}: {num_images} "
+                f"images, {s.total_steps} iterations (lr drops at {list(s.lr_drops)}), global "
+                f"batch {prepared.global_batch}")
+
+    def make_evaluator(self, run_dir: Path) -> None:
+        return None
+
+    def finish(self, result: TrainResult, dist_info: DistInfo) -> dict[str, float]:
+        return result.last_metrics

@@ -1,6 +1,7 @@
 """Siamese DETR data side: one image + its proposals -> two overlapping views with shared regions.
 
-Implements ``/work/shared/design/method.md`` section 2.1-2.2 (official ``SiameseDETRDataset``).
+Implements the view sampling of the official ``SiameseDETRDataset`` (Zx55/SiameseDETR; see
+docs/method.md, "One training step").
 
 Coordinate frames (all boxes are absolute **xyxy**, float):
 
@@ -26,6 +27,7 @@ from PIL import Image, ImageFilter
 from torch import Tensor
 
 from siamese_detr.config import SiameseOptions
+from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.transforms import get_size
 
 __all__ = [
@@ -35,8 +37,6 @@ __all__ = [
     "view_to_image",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # colour pipeline of views and crops (official configs)
 JITTER_P, JITTER_BCS, JITTER_HUE = 0.8, 0.4, 0.1
 GRAYSCALE_P = 0.2

@@ -220,7 +220,7 @@ def _write_split(out_dir: Path, split: str, n: int, image_size: tuple[int, int],
     ann_file = out_dir / f"{split}.json"
     doc = {
         "info": {"description": f"siamese_detr synthetic toy detection set ({split}, "
-                                f"seed {seed}); see siamese_detr.data.synthetic"},
+                                f"seed {seed}); see siamese_detr.demo.synthetic"},
         "images": images, "annotations": annotations, "categories": CATEGORIES,
     }
     ann_file.write_text(json.dumps(doc, indent=1))

@@ -4,9 +4,9 @@ Stages, each resumable (a finished stage is skipped on a re-run, an interrupted 
 continues from its last checkpoint):
 
 1. data: a labeled toy detection set and unlabeled images (real photos shipped in
-   scikit-image, see :mod:`siamese_detr.data.synthetic`), plus the ResNet-18 backbone shared
+   scikit-image, see :mod:`siamese_detr.demo.synthetic`), plus the ResNet-18 backbone shared
    by every run, warmed up without labels on the same photos
-   (:mod:`siamese_detr.data.photo_backbone`; SwAV weights cannot be downloaded here);
+   (:mod:`siamese_detr.demo.photo_backbone`; SwAV weights cannot be downloaded here);
 2. EdgeBoxes proposals of the unlabeled images;
 3. Siamese DETR pretraining (frozen backbone);
 4. fine-tuning from scratch and from the pretrained checkpoint, same budget, then COCO AP;
@@ -25,9 +25,13 @@ import torch
 
 from siamese_detr.config import RunConfig
 from siamese_detr.configio import apply_overrides
+from siamese_detr.demo.report import results_table, write_report
 from siamese_detr.engine.distributed import DistInfo
 from siamese_detr.engine.logging import get_logger
 from siamese_detr.presets import get_preset
+
+__all__ = ["BACKBONE_FILE", "DEFAULT_MINUTES", "DemoPlan", "finetune_config", "make_data",
+           "make_proposals", "pretrain_config", "results_table", "run_demo"]
 
 BACKBONE_FILE = "backbone_resnet18_photo_ids.pth"
 DEFAULT_MINUTES = 16.0  # the default plan's wall time on 2 CPU cores (measured 16 min 13 s)
@@ -75,7 +79,7 @@ def _cpu() -> DistInfo:
 
 
 def make_data(out: Path, plan: DemoPlan) -> None:
-    from siamese_detr.data.synthetic import make_detection_set, make_unlabeled_set
+    from siamese_detr.demo.synthetic import make_detection_set, make_unlabeled_set
 
     if _stage_done(out, "data"):
         return
@@ -83,7 +87,7 @@ def make_data(out: Path, plan: DemoPlan) -> None:
                        seed=plan.seed)
     make_unlabeled_set(out / "data" / "unlabeled", plan.n_unlabeled, plan.image_size,
                        seed=plan.seed + 1)
-    from siamese_detr.data.photo_backbone import train_photo_backbone
+    from siamese_detr.demo.photo_backbone import train_photo_backbone
 
     loss = train_photo_backbone(out / "data" / BACKBONE_FILE, steps=plan.backbone_steps,
                                 seed=plan.seed)
@@ -140,8 +144,7 @@ def _train_stage(out: Path, name: str, cfg: RunConfig, fn: Any) -> None:
 
 def run_demo(out: Path, plan: DemoPlan) -> Path:
     """Run every stage (skipping finished ones) and write ``out/report.md``."""
-    from siamese_detr.finetune import run_finetune
-    from siamese_detr.pretrain import run_pretrain
+    from siamese_detr.runner import run
 
     log = get_logger()
     out.mkdir(parents=True, exist_ok=True)
@@ -153,24 +156,13 @@ def run_demo(out: Path, plan: DemoPlan) -> Path:
     log.info("[3/5] Siamese DETR pretraining (%s, %d iterations)", plan.variant,
              plan.pretrain_iters)
     pre_cfg = pretrain_config(out, plan)
-    _train_stage(out, "pretrain", pre_cfg, run_pretrain)
+    _train_stage(out, "pretrain", pre_cfg, run)
     pre_ckpt = str(Path(pre_cfg.output_dir) / "last.pt")
     log.info("[4/5] fine-tuning from scratch and from the Siamese DETR checkpoint (%d its each)",
              plan.finetune_iters)
     for name, init in (("finetune_scratch", ""), ("finetune_siamese", pre_ckpt)):
-        _train_stage(out, name, finetune_config(out, plan, init), run_finetune)
+        _train_stage(out, name, finetune_config(out, plan, init), run)
     log.info("[5/5] writing the report")
-    from siamese_detr.report import write_report
-
-    report = write_report(out, plan, time.perf_counter() - t0)
+    report = write_report(out, plan, time.perf_counter() - t0, pre_cfg)
     log.info("report: %s", report)
     return report
-
-
-def results_table(out: Path) -> dict[str, dict[str, float]]:
-    """``{"scratch": metrics, "siamese": metrics}`` as written by the evaluator."""
-    table = {}
-    for name in ("scratch", "siamese"):
-        path = out / "runs" / f"finetune_{name}" / "eval_metrics.json"
-        table[name] = json.loads(path.read_text()) if path.is_file() else {}
-    return table

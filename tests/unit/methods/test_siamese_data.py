@@ -13,7 +13,7 @@ from PIL import Image
 
 from siamese_detr.config import ProposalReadConfig, SiameseOptions
 from siamese_detr.data.loaders import PositionedSampler
-from siamese_detr.data.pretrain import (
+from siamese_detr.methods.siamese.data import (
     PretrainDataset,
     collate_siamese,
     draw_views,

@@ -1,6 +1,6 @@
 import torch
 
-from siamese_detr.data.photo_backbone import train_photo_backbone
+from siamese_detr.demo.photo_backbone import train_photo_backbone
 from siamese_detr.models.backbone import Backbone, load_backbone_weights
 
 

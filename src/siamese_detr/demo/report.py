@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from siamese_detr.engine.logging import read_jsonl
+from siamese_detr.files import write_json, write_text
 
 COLORS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
@@ -103,19 +104,27 @@ def predictions_figure(ann_file: Path, images_dir: Path, predictions: dict[str, 
     return path
 
 
+def results_table(out: Path) -> dict[str, dict[str, float]]:
+    """``{"scratch": metrics, "siamese": metrics}`` as written by the evaluator."""
+    table = {}
+    for name in ("scratch", "siamese"):
+        path = out / "runs" / f"finetune_{name}" / "eval_metrics.json"
+        table[name] = json.loads(path.read_text()) if path.is_file() else {}
+    return table
+
+
 def _fmt(v: Any) -> str:
     return f"{100 * v:.1f}" if isinstance(v, float) and v >= 0 else "n/a"
 
 
-def write_report(out: Path, plan: Any, seconds: float) -> Path:
-    """Write ``out/report.md`` and its PNGs; returns the report path."""
-    from siamese_detr.demo import results_table
-
+def write_report(out: Path, plan: Any, seconds: float, pretrain_cfg: Any) -> Path:
+    """Write ``out/report.md`` and its PNGs; returns the report path. ``plan`` is the
+    demo's ``DemoPlan``, ``pretrain_cfg`` the RunConfig of its pretraining stage."""
     fig = out / "figures"
     fig.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     proposals_figure(data / "proposals", data / "unlabeled", fig / "proposals.png")
-    _views_figure(out, plan, fig / "views.png")
+    _views_figure(pretrain_cfg, fig / "views.png")
     loss_figure({"Siamese DETR pretraining": out / "runs" / "pretrain"}, fig / "pretrain_loss.png",
                 ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_region", "loss_global"))
     loss_figure({"fine-tune from scratch": out / "runs" / "finetune_scratch",
@@ -132,21 +141,19 @@ def write_report(out: Path, plan: Any, seconds: float) -> Path:
         m = table[name]
         rows.append(f"| {label} | {_fmt(m.get('coco/AP'))} | {_fmt(m.get('coco/AP50'))} | "
                     f"{_fmt(m.get('coco/AP75'))} |")
-    (out / "results.json").write_text(json.dumps(table, indent=2))
+    write_json(out / "results.json", table, indent=2)
     text = REPORT.format(variant=plan.variant, minutes=seconds / 60, n_unlabeled=plan.n_unlabeled,
                          n_train=plan.n_train, n_val=plan.n_val, pre=plan.pretrain_iters,
                          ft=plan.finetune_iters, rows="\n".join(rows))
     path = out / "report.md"
-    path.write_text(text)
+    write_text(path, text)
     return path
 
 
-def _views_figure(out: Path, plan: Any, path: Path) -> None:
-    from siamese_detr.data.pretrain import draw_views
-    from siamese_detr.demo import pretrain_config
-    from siamese_detr.pretrain import build_pretrain_dataset
+def _views_figure(pretrain_cfg: Any, path: Path) -> None:
+    from siamese_detr.methods.siamese.data import build_pretrain_dataset, draw_views
 
-    dataset = build_pretrain_dataset(pretrain_config(out, plan))
+    dataset = build_pretrain_dataset(pretrain_cfg)
     for index in range(len(dataset)):
         sample = dataset[index]
         if sample is not None:

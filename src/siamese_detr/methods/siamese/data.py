@@ -19,18 +19,16 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from siamese_detr.config import ProposalReadConfig, SiameseOptions
+from siamese_detr.config import ProposalReadConfig, RunConfig, SiameseOptions
+from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.collate import pad_images
-from siamese_detr.methods.siamese.views import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SiameseSample,
-    sample_views,
-)
+from siamese_detr.errors import ConfigError
+from siamese_detr.methods.siamese.views import SiameseSample, sample_views
 from siamese_detr.structures import ImageBatch
 
 __all__ = [
     "PretrainDataset",
+    "build_pretrain_dataset",
     "SiameseBatch",
     "collate_siamese",
     "draw_views",
@@ -255,3 +253,27 @@ def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8, scale: int
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
     return path
+
+
+def build_pretrain_dataset(cfg: RunConfig) -> PretrainDataset:
+    """Unlabeled images + their offline proposals -> a data set of two-view samples."""
+    from siamese_detr.data.sources import list_images
+    from siamese_detr.proposals.store import ProposalStore
+
+    pre = cfg.pretrain
+    if not pre.images:
+        raise ConfigError("pretrain.images is empty: give an image folder, list file or COCO "
+                          "json, e.g. pretrain.images=data/imagenet/train")
+    records = list_images(pre.images)
+    store = None
+    if pre.siamese.box_source == "proposals":
+        if not pre.proposals.store:
+            raise ConfigError("pretrain.proposals.store is empty: run `siamese-detr proposals "
+                              "run IMAGES --out STORE` first, or set "
+                              "pretrain.siamese.box_source=random")
+        if not Path(pre.proposals.store).is_dir():
+            raise ConfigError(f"proposal store {pre.proposals.store} does not exist: run "
+                              f"`siamese-detr proposals run {pre.images} --out "
+                              f"{pre.proposals.store}`")
+        store = ProposalStore.open(pre.proposals.store)
+    return PretrainDataset(records, store, pre.siamese, cfg.seed, pre.proposals)

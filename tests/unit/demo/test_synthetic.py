@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siamese_detr.data import synthetic
-from siamese_detr.data.synthetic import NUM_CLASSES, make_detection_set, make_unlabeled_set
+from siamese_detr.demo import synthetic
+from siamese_detr.demo.synthetic import NUM_CLASSES, make_detection_set, make_unlabeled_set
 
 SIZE = (96, 128)
 

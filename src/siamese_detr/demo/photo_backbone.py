@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from siamese_detr.data.synthetic import photo_names, shipped_photo
+from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
+from siamese_detr.demo.synthetic import photo_names, shipped_photo
 from siamese_detr.engine.checkpoint import save_checkpoint
-from siamese_detr.methods.siamese.views import IMAGENET_MEAN, IMAGENET_STD
 
 _MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
 _STD = torch.tensor(IMAGENET_STD)[:, None, None]

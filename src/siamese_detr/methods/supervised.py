@@ -1,0 +1,133 @@
+"""Supervised detection fine-tuning as a :class:`~siamese_detr.methods.base.Task`.
+
+"From scratch" is simply fine-tuning with no ``init`` checkpoint. ``init`` accepts our
+pretraining or fine-tuning checkpoints directly (no conversion needed) as well as converted
+upstream-layout files (:func:`siamese_detr.eval.loading.init_from_checkpoint`); keys whose
+shapes do not fit (the pretext class head) are skipped and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import nn
+
+from siamese_detr.config import RunConfig
+from siamese_detr.errors import ConfigError
+from siamese_detr.structures import BoxTargets, ImageBatch, LossOutput
+
+if TYPE_CHECKING:
+    from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.engine.loop import TrainResult
+    from siamese_detr.engine.setup import Prepared
+
+__all__ = ["DetectionTask", "SupervisedTask", "build_datasets"]
+
+
+class DetectionTask(nn.Module):
+    """Supervised detection as a task for the engine: ``forward((images, targets))``."""
+
+    def __init__(self, detector: nn.Module, criterion: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+        self.criterion = criterion
+
+    def forward(self, batch: tuple[ImageBatch, list[BoxTargets]]) -> LossOutput:
+        images, targets = batch
+        out = self.detector(images)
+        loss, _ = self.criterion(out, targets)
+        return loss
+
+
+def build_datasets(cfg: RunConfig, train: bool = True) -> tuple[Any, Any]:
+    """``(train_set, val_set)`` of ``cfg.data`` (COCO format); ``train_set`` is ``None`` when
+    ``train`` is False."""
+    from siamese_detr.data.coco import CocoDetection
+    from siamese_detr.data.transforms import build_transforms
+
+    d = cfg.data
+    for key in (["train_images", "train_ann"] if train else []) + ["val_images", "val_ann"]:
+        if not getattr(d, key):
+            raise ConfigError(f"data.{key} is empty: give the COCO-format data set, e.g. "
+                              f"data.{key}=PATH")
+    train_set = None
+    if train:
+        train_set = CocoDetection(d.train_images, d.train_ann, build_transforms(d, train=True),
+                                  num_classes=cfg.model.num_classes)
+    val_set = CocoDetection(d.val_images, d.val_ann, build_transforms(d, train=False),
+                            num_classes=cfg.model.num_classes)
+    return train_set, val_set
+
+
+def categories_of(dataset: Any) -> list[dict[str, Any]]:
+    """``[{"id", "name"}]`` of a COCO-format data set, sorted by id (stored in fine-tuning
+    checkpoints so that exports and predictions can name the labels)."""
+    coco = dataset.coco
+    return [{"id": int(c["id"]), "name": str(c["name"])}
+            for c in sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])]
+
+
+class SupervisedTask:
+    """Fine-tune ``cfg``'s detector (from ``cfg.init`` or from scratch), evaluating on
+    ``cfg.data.val_*``; ``run`` returns the final evaluation metrics."""
+
+    kind: Literal["pretrain", "finetune"] = "finetune"
+    sync_bn = False
+    collate: Callable[[Any], Any] | None = None
+
+    def __init__(self, cfg: RunConfig, device: Any = "cpu") -> None:
+        self.cfg = cfg
+        self.device = device
+        self.batch_size = cfg.data.batch_size
+        self.num_workers = cfg.data.num_workers
+        self._val_set: Any = None
+        self._categories: list[dict[str, Any]] = []
+
+    def build_dataset(self) -> Any:
+        train_set, self._val_set = build_datasets(self.cfg)
+        self._categories = categories_of(train_set)
+        return train_set
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Stored in every checkpoint besides kind/config: the category names."""
+        return {"categories": self._categories}
+
+    def build_module(self) -> nn.Module:
+        from siamese_detr.engine.logging import get_logger
+        from siamese_detr.eval.loading import init_from_checkpoint
+        from siamese_detr.losses.set_criterion import build_criterion
+        from siamese_detr.models.detector import build_detector_from_config
+
+        cfg, log = self.cfg, get_logger()
+        detector = build_detector_from_config(cfg)
+        if cfg.model.backbone.weights:  # loaded by build_detector
+            log.info("backbone weights: %s", cfg.model.backbone.weights)
+        if cfg.init:
+            log.info("init from %s: %s", cfg.init, init_from_checkpoint(
+                detector, cfg.init, cfg.model.variant).summary())
+        return DetectionTask(detector, build_criterion(cfg.model, cfg.loss))
+
+    def describe(self, num_images: int, prepared: Prepared) -> str:
+        s = prepared.schedule
+        return (f"fine-tuning {self.cfg.model.variant}: {s.total_steps} iterations (lr drops "
+                f"at {list(s.lr_drops)}), {num_images} train images, global batch "
+                f"{prepared.global_batch}")
+
+    def make_evaluator(self, run_dir: Path) -> Callable[[nn.Module], dict[str, float]]:
+        from siamese_detr.eval.detection import evaluate_detector
+
+        def evaluate(task: nn.Module) -> dict[str, float]:
+            return evaluate_detector(task.detector, self._val_set, self.cfg, self.device,
+                                     run_dir)
+
+        return evaluate
+
+    def finish(self, result: TrainResult, dist_info: DistInfo) -> dict[str, float]:
+        from siamese_detr.files import write_json
+
+        if dist_info.is_main:
+            write_json(Path(self.cfg.output_dir) / "final_metrics.json", result.eval_metrics,
+                       indent=2)
+        return result.eval_metrics

@@ -1,0 +1,106 @@
+"""``run(cfg)``: build the task the config names and train it with the shared engine.
+
+One runner for every training task (fine-tuning, Siamese DETR pretraining, and the pretext
+tasks to come): seed, data set, module, optimiser / schedule / resume / DDP
+(:func:`~siamese_detr.engine.setup.prepare_training`), one start-up log line, the loader
+stream, :func:`~siamese_detr.engine.loop.train`, then the task's ``finish``. What differs
+between tasks is the :class:`~siamese_detr.methods.base.Task` object ``build_task`` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from siamese_detr.config import RunConfig
+from siamese_detr.errors import ConfigError
+
+if TYPE_CHECKING:
+    from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.methods.base import Task
+
+__all__ = ["build_task", "run"]
+
+
+def build_task(cfg: RunConfig, device: Any = "cpu") -> Task:
+    """The task ``cfg`` names: ``task=finetune`` or ``task=pretrain`` + ``pretrain.method``."""
+    if cfg.task == "finetune":
+        from siamese_detr.methods.supervised import SupervisedTask
+
+        return SupervisedTask(cfg, device)
+    match cfg.pretrain.method:
+        case "siamese":
+            from siamese_detr.methods.siamese.task import SiameseTask
+
+            return SiameseTask(cfg)
+        case "updetr":
+            from siamese_detr.methods.updetr.task import UPDETRTask
+
+            return UPDETRTask(cfg)
+        case "detreg":
+            raise ConfigError(f"pretrain.method={cfg.pretrain.method} is not implemented yet; "
+                              "use pretrain.method=siamese")
+        case _:
+            raise ConfigError(f"unknown pretrain.method={cfg.pretrain.method}")
+
+
+def run(cfg: RunConfig, dist_info: DistInfo | None = None, resume: str | None = None
+        ) -> dict[str, float]:
+    """Train ``cfg`` and return its metrics (fine-tuning: the final evaluation; pretraining:
+    the last logged losses).
+
+    Args:
+        cfg: a validated RunConfig (``get_preset`` + overrides).
+        dist_info: from :func:`~siamese_detr.engine.distributed.init_distributed`; when
+            ``None``, ``run`` initialises torch.distributed (torchrun / SLURM environment or
+            one process) and the package logging itself, and cleans up afterwards.
+        resume: a checkpoint to continue exactly from; ``"auto"`` = ``OUTPUT_DIR/last.pt``.
+    """
+    from siamese_detr.engine.distributed import cleanup, init_distributed
+    from siamese_detr.engine.logging import setup_logging
+
+    run_dir = Path(cfg.output_dir)
+    resume_path = str(run_dir / "last.pt") if resume == "auto" else resume
+    if dist_info is not None:
+        return _train(cfg, dist_info, resume_path)
+    info = init_distributed(cfg.engine.device)
+    setup_logging(info.is_main, run_dir / "log.txt")
+    try:
+        return _train(cfg, info, resume_path)
+    finally:
+        cleanup()
+
+
+def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict[str, float]:
+    import torch
+
+    from siamese_detr.configio import to_dict
+    from siamese_detr.data.loaders import build_detection_loader
+    from siamese_detr.engine.logging import get_logger
+    from siamese_detr.engine.loop import train
+    from siamese_detr.engine.setup import prepare_training
+
+    run_dir = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg, dist_info.device)
+    dataset = task.build_dataset()
+    module = task.build_module().to(dist_info.device)
+    prep = prepare_training(module, cfg, dist_info, len(dataset), task.batch_size, resume_path,
+                            sync_bn=task.sync_bn)
+    get_logger().info("%s", task.describe(len(dataset), prep))
+    extra = {} if task.collate is None else {"collate_fn": task.collate}
+    # optional Task hook: more checkpoint entries (fine-tuning stores its category names)
+    extras = getattr(task, "checkpoint_extras", dict)
+
+    def batches(position: int) -> Iterator[Any]:
+        return build_detection_loader(dataset, task.batch_size, task.num_workers, cfg.seed,
+                                      start_step=position, **extra)
+
+    result = train(
+        task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
+        engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
+        checkpoint_meta={"kind": task.kind, "config": to_dict(cfg), **extras()},
+        start=prep.start, scaler=prep.scaler, evaluate=task.make_evaluator(run_dir),
+    )
+    return task.finish(result, dist_info)
