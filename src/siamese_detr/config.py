@@ -164,6 +164,8 @@ class EngineConfig:
     tensorboard: bool = False
     progress: bool = True
     deterministic: bool = False
+    # torch.compile the transformer's encoder and decoder (dynamic shapes); see engine/compile
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.accum_steps < 1:

@@ -46,8 +46,20 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float, weight_decay: 
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_backbone, cfg.weight_decay,
-                                          cfg.lr_linear_proj_mult))
+    """AdamW over :func:`param_groups`; the fused kernel (one op per step for all tensors)
+    when every parameter is a floating tensor on one CPU or CUDA device, else torch's
+    default (foreach on CUDA). Build it after moving the model to its device."""
+    groups = param_groups(model, cfg.lr, cfg.lr_backbone, cfg.weight_decay,
+                          cfg.lr_linear_proj_mult)
+    return torch.optim.AdamW(groups, fused=True if can_fuse(groups) else None)
+
+
+def can_fuse(groups: Sequence[dict]) -> bool:
+    """Can ``torch.optim.AdamW(groups, fused=True)`` take these parameter groups?"""
+    params = [p for g in groups for p in g["params"]]
+    return (bool(params) and len({p.device for p in params}) == 1
+            and params[0].device.type in ("cpu", "cuda")
+            and all(p.is_floating_point() for p in params))
 
 
 def resolve_schedule(cfg: OptimConfig, iters_per_epoch: int) -> tuple[int, tuple[int, ...]]:

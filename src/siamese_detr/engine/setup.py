@@ -34,6 +34,10 @@ def prepare_training(task: nn.Module, cfg: RunConfig, dist_info: DistInfo, datas
     checkpoint when ``resume_path`` is given, write ``config.yaml`` and wrap in DDP."""
     global_batch = per_process_batch * dist_info.world_size * cfg.engine.accum_steps
     total, drops = resolve_schedule(cfg.optim, math.ceil(dataset_len / global_batch))
+    if cfg.engine.compile:
+        from siamese_detr.engine.compile import compile_transformers
+
+        get_logger().info("torch.compile: %s", ", ".join(compile_transformers(task)))
     optimizer = build_optimizer(task, cfg.optim)
     scaler = None
     if cfg.engine.amp == "fp16" and dist_info.device.type == "cuda":

@@ -225,10 +225,16 @@ class Detector(nn.Module):
                 boxes = self._offset(self.bbox_embed(hidden), refs).sigmoid()
             case "deformable":
                 assert refs is not None
-                logits = torch.stack([head(h) for head, h in zip(self.class_embed, hidden)])
-                boxes = torch.stack(
-                    [self._offset(head(h), r) for head, h, r in zip(self.bbox_embed, hidden, refs)]
-                ).sigmoid()
+                heads = list(self.class_embed), list(self.bbox_embed)
+                if all(h is heads[0][0] for h in heads[0]) and all(
+                        h is heads[1][0] for h in heads[1]):  # shared heads: one batched call
+                    logits = heads[0][0](hidden)
+                    boxes = self._offset(heads[1][0](hidden), refs).sigmoid()
+                else:
+                    logits = torch.stack([head(h) for head, h in zip(heads[0], hidden)])
+                    boxes = torch.stack(
+                        [self._offset(head(h), r) for head, h, r in zip(heads[1], hidden, refs)]
+                    ).sigmoid()
             case _:
                 assert_never(self.variant)
         return DetectorOutput(logits=logits, boxes=boxes, hidden=hidden)

@@ -19,18 +19,108 @@ kernel ``ms_deformable_im2col``.
 from __future__ import annotations
 
 import math
+import os
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn", "shapes_tensor",
+           "level_sizes", "triton_enabled"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_SHAPES_ATTR = "_siamese_detr_level_sizes"
+# "auto": the fused Triton kernels on CUDA when triton imports; "torch": always grid_sample
+BACKEND_ENV = "SIAMESE_DETR_DEFORM_ATTN"
 
 
-def _level_sizes(spatial_shapes: Tensor) -> list[tuple[int, int]]:
+def shapes_tensor(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """``[L, 2]`` int64 ``(h, w)`` on ``device`` that remembers the Python sizes, so that
+    :func:`level_sizes` needs no device-to-host read; the host-to-device copy is asynchronous
+    (pinned) on CUDA, so building it does not wait for queued kernels either."""
+    t = torch.tensor(shapes, dtype=torch.long).reshape(-1, 2)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    setattr(t, _SHAPES_ATTR, [(int(h), int(w)) for h, w in shapes])
+    return t
+
+
+def level_sizes(spatial_shapes: Tensor) -> list[tuple[int, int]]:
+    """Python ``(h, w)`` per level: remembered by :func:`shapes_tensor`, else read (a host
+    sync on a GPU)."""
+    known = getattr(spatial_shapes, _SHAPES_ATTR, None)
+    if known is not None:
+        return list(known)
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
+
+_level_sizes = level_sizes
+
+
+@cache
+def _triton_importable() -> bool:
+    try:
+        import siamese_detr.ops.deform_attn_triton  # noqa: F401
+    except Exception:  # no triton, or a triton that cannot build for this machine
+        return False
+    return True
+
+
+def triton_enabled(device: torch.device) -> bool:
+    """Does :func:`ms_deform_attn` take the fused Triton kernels for tensors on ``device``?"""
+    return (device.type == "cuda" and os.environ.get(BACKEND_ENV, "auto") != "torch"
+            and _triton_importable())
+
+
+_SELF_TESTED: dict[tuple, bool] = {}
+
+
+def _triton_works(value: Tensor, sampling_locations: Tensor) -> bool:
+    """Once per (device, dtype, heads, channels, levels, points): compile the kernels on a tiny
+    case and compare forward and gradients with the ``grid_sample`` path; on an error or a
+    mismatch warn once and use ``grid_sample`` for that signature from then on."""
+    _, _, H, Dh = value.shape
+    _, _, _, L, P, _ = sampling_locations.shape
+    key = (value.device, value.dtype, H, Dh, L, P)
+    if key not in _SELF_TESTED:
+        import warnings
+
+        from siamese_detr.ops.deform_attn_triton import ms_deform_attn_triton
+
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(
+                    value.device.type, enabled=False):
+                g = torch.Generator(device="cpu").manual_seed(0)
+                sizes = [(3 + lvl, 4 + lvl) for lvl in range(L)]
+                shapes = torch.tensor(sizes, dtype=torch.long, device=value.device)
+                starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+                S = sum(h * w for h, w in sizes)
+                args = [torch.randn(1, S, H, Dh, generator=g),
+                        torch.rand(1, 5, H, L, P, 2, generator=g) * 1.2 - 0.1,
+                        torch.rand(1, 5, H, L, P, generator=g)]
+                results = []
+                for fn in (ms_deform_attn_triton, _ms_deform_attn_torch):
+                    xs = [a.to(value.device).requires_grad_(True) for a in args]
+                    xs[0] = xs[0].to(value.dtype).detach().requires_grad_(True)
+                    out = fn(xs[0], shapes, starts, xs[1], xs[2])
+                    out.float().square().sum().backward()
+                    results.append([out.detach().float()] + [x.grad.float() for x in xs])
+            tol = 1e-4 if value.dtype == torch.float32 else 5e-2
+            errs = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+                    for a, b in zip(*results)]
+            ok = max(errs) < tol
+            if not ok:
+                warnings.warn(f"deformable attention: Triton kernels differ from grid_sample "
+                              f"({errs}); using grid_sample", stacklevel=3)
+        except Exception as e:  # a Triton that cannot compile for this GPU
+            warnings.warn(f"deformable attention: Triton kernels unavailable ({e!r}); using "
+                          f"grid_sample", stacklevel=3)
+            ok = False
+        _SELF_TESTED[key] = ok
+    return _SELF_TESTED[key]
 
 
 def _ms_deform_attn_fp(
@@ -61,6 +151,7 @@ def _ms_deform_attn_fp(
     return out.transpose(1, 2).contiguous()
 
 
+@torch.compiler.disable  # its own kernels (Triton) or per-level grid_sample; not traced
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -80,9 +171,30 @@ def ms_deform_attn(
         attention_weights: ``[B, Q, H, L, P]`` (normally softmax-normalised over ``L*P``).
 
     Returns:
-        ``[B, Q, H*Dh]`` in ``value.dtype``. Half / bfloat16 inputs are computed in float32
-        (with autocast disabled) and cast back.
+        ``[B, Q, H*Dh]`` in ``value.dtype``. On CUDA with Triton (see :func:`triton_enabled`)
+        the fused kernels of :mod:`siamese_detr.ops.deform_attn_triton` run: the value is read
+        in its own dtype (bfloat16 under autocast), locations in float32, float32
+        accumulation. Otherwise ``grid_sample`` per level; there half / bfloat16 inputs are
+        computed in float32 (with autocast disabled) and cast back, because ``grid_sample``
+        needs the grid in the value's dtype and bfloat16 locations are too coarse.
     """
+    if triton_enabled(value.device) and _triton_works(value, sampling_locations):
+        from siamese_detr.ops.deform_attn_triton import ms_deform_attn_triton
+
+        return ms_deform_attn_triton(value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights)
+    return _ms_deform_attn_torch(value, spatial_shapes, level_start_index, sampling_locations,
+                                 attention_weights)
+
+
+def _ms_deform_attn_torch(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """The ``grid_sample`` path of :func:`ms_deform_attn`."""
     del level_start_index  # the split sizes come from spatial_shapes
     shapes = _level_sizes(spatial_shapes)
     out_dtype = value.dtype

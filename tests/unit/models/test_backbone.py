@@ -153,3 +153,16 @@ def test_bad_files(tmp_path) -> None:
     torch.save(_torchvision_state(), wrong)
     with pytest.raises(ConfigError, match="shape"):
         load_backbone_weights(Backbone(50), wrong)
+
+
+def test_frozen_bn_keeps_bfloat16() -> None:
+    bn = FrozenBatchNorm2d(4)
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    bn.running_var.copy_(torch.tensor([4.0, 0.25, 1.0, 9.0]))
+    bn.weight.copy_(torch.tensor([1.0, 2.0, -1.0, 0.5]))
+    x = torch.randn(2, 4, 3, 5)
+    y = bn(x.bfloat16())
+    assert y.dtype == torch.bfloat16  # no float32 copy of a bfloat16 feature map
+    expected = (x - bn.running_mean[:, None, None]) / (bn.running_var[:, None, None] + 1e-5
+                                                       ).sqrt() * bn.weight[:, None, None]
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)

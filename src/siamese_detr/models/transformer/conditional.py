@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from siamese_detr.models.attention import attend, sdpa_mask
 from siamese_detr.models.heads import MLP
 from siamese_detr.models.transformer.vanilla import (
     Flat,
@@ -78,16 +79,9 @@ class ProjectionFreeAttention(nn.Module):
         ``key_padding_mask [B, S]`` bool (True = blocked) -> ``[B, Q, V]``."""
         B, Q, E = q.shape
         S, h = k.shape[1], self.num_heads
-        q = q.reshape(B, Q, h, E // h).transpose(1, 2) * (E // h) ** -0.5
-        k = k.reshape(B, S, h, E // h).transpose(1, 2)
-        v = v.reshape(B, S, h, self.vdim // h).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2)  # [B, h, Q, S]
-        if attn_mask is not None:
-            scores = scores.masked_fill(attn_mask, float("-inf"))
-        if key_padding_mask is not None:
-            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        attn = F.dropout(scores.softmax(-1), p=self.dropout, training=self.training)
-        out = (attn @ v).transpose(1, 2).reshape(B, Q, self.vdim)
+        out = attend(q.view(B, Q, h, E // h), k.view(B, S, h, E // h),
+                     v.view(B, S, h, self.vdim // h), sdpa_mask(attn_mask, key_padding_mask),
+                     self.dropout if self.training else 0.0)
         return self.out_proj(out)
 
 
@@ -195,8 +189,8 @@ class ConditionalDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             scaled = sine if i == 0 else sine * self.query_scale(tgt)
             tgt = layer(tgt, memory, mask, pos, query_pos, scaled, self_attn_mask)
-            out.append(self.norm(tgt))
-        return torch.stack(out), reference
+            out.append(tgt)
+        return self.norm(torch.stack(out)), reference
 
 
 class ConditionalTransformer(nn.Module):

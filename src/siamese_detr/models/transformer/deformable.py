@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from siamese_detr.models.attention import MultiheadAttention
 from siamese_detr.models.heads import inverse_sigmoid
-from siamese_detr.ops.deform_attn import MSDeformAttn
+from siamese_detr.ops.deform_attn import MSDeformAttn, level_sizes, shapes_tensor
 
 __all__ = [
     "DeformableTransformer",
@@ -85,7 +86,7 @@ class DeformableTransformerEncoder(nn.Module):
         """
         refs = []
         device, dtype = valid_ratios.device, valid_ratios.dtype
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_sizes(spatial_shapes)):
             ref_y, ref_x = torch.meshgrid(
                 torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device),
                 torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device),
@@ -109,7 +110,7 @@ class DeformableTransformerEncoder(nn.Module):
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
-    """Self-attention (nn.MultiheadAttention) + deformable cross-attention + FFN, post-norm."""
+    """Self-attention (SDPA multi-head) + deformable cross-attention + FFN, post-norm."""
 
     def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int,
                  n_points: int):
@@ -117,7 +118,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout,
+        self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout,
                                                batch_first=True)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
@@ -165,9 +166,14 @@ class DeformableTransformerDecoder(nn.Module):
         out = tgt
         ref = reference_points
         hidden, refs = [], []
+        fixed_in = None  # without refinement every layer samples around the same points
+        if self.bbox_embed is None:
+            fixed_in = ref[:, :, None] * valid_ratios[:, None]
         for lid, layer in enumerate(self.layers):
             refs.append(ref)
-            if ref.shape[-1] == 4:
+            if fixed_in is not None:
+                ref_in = fixed_in
+            elif ref.shape[-1] == 4:
                 ref_in = ref[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 ref_in = ref[:, :, None] * valid_ratios[:, None]
@@ -182,9 +188,10 @@ class DeformableTransformerDecoder(nn.Module):
                     new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]],
                                         -1)
                 ref = new_ref.sigmoid().detach()
-        if self.bbox_embed is not None:
-            # the first layer's 2-d point, padded with w = h = 0.5 (logit 0)
-            refs[0] = torch.cat([refs[0], torch.full_like(refs[0], 0.5)], -1)
+        if self.bbox_embed is None:  # the same point for every layer: a broadcast view
+            return torch.stack(hidden), ref.expand(len(self.layers), *ref.shape)
+        # the first layer's 2-d point, padded with w = h = 0.5 (logit 0)
+        refs[0] = torch.cat([refs[0], torch.full_like(refs[0], 0.5)], -1)
         return torch.stack(hidden), torch.stack(refs)
 
 
@@ -274,7 +281,7 @@ class DeformableTransformer(nn.Module):
         memory_in = torch.cat(src_flat, 1)
         mask_cat = torch.cat(mask_flat, 1)
         pos_cat = torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=memory_in.device)
+        spatial_shapes = shapes_tensor(shapes, memory_in.device)
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from siamese_detr.models.attention import MultiheadAttention
+from siamese_detr.ops.deform_attn import shapes_tensor
+
 __all__ = ["Transformer", "TransformerEncoder", "TransformerEncoderLayer", "flatten_levels"]
 
 Flat = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -29,9 +32,7 @@ def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -
         ``(src [B, S, D], mask [B, S], pos [B, S, D], spatial_shapes [L, 2] int64 (h, w),
         level_start_index [L] int64, valid_ratios [B, L, 2] float (w, h))``.
     """
-    shapes = torch.as_tensor(
-        [tuple(s.shape[-2:]) for s in srcs], dtype=torch.long, device=srcs[0].device
-    )
+    shapes = shapes_tensor([tuple(s.shape[-2:]) for s in srcs], srcs[0].device)
     starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
     ratios = []
     for m in masks:
@@ -68,7 +69,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -104,8 +105,8 @@ class TransformerDecoderLayer(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.multihead_attn = nn.MultiheadAttention(
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.multihead_attn = MultiheadAttention(
             d_model, nhead, dropout=dropout, batch_first=True
         )
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -162,8 +163,8 @@ class TransformerDecoder(nn.Module):
         out = []
         for layer in self.layers:
             tgt = layer(tgt, memory, mask, pos, query_pos, self_attn_mask)
-            out.append(self.norm(tgt))
-        return torch.stack(out)
+            out.append(tgt)
+        return self.norm(torch.stack(out))  # one norm over all layers' outputs
 
 
 class Transformer(nn.Module):

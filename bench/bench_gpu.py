@@ -1,0 +1,497 @@
+"""Training-step speed of our detectors against Hugging Face ``transformers``, in one process.
+
+For each variant (DETR 100q, Conditional DETR 100q, Deformable DETR multi-scale 300q) and each
+precision (fp32, bf16 autocast), three steps are built once and then run interleaved, step
+after step, in a rotating order:
+
+* ``ours``: our fine-tuning step (forward, set criterion, backward, grad clip 0.1, AdamW);
+* ``hf``: the same step on ``transformers``' ``*ForObjectDetection`` (loss computed by the
+  model from ``labels``), built from a config with random weights, no download;
+* ``pretrain``: our Siamese DETR pretraining step on the same detector size and batch.
+
+Equal configuration on both sides: ResNet-50 (frozen BatchNorm, stem+layer1 frozen: the HF
+freeze rule is re-applied by name because its own does not match ``stages.N``), hidden 256,
+6+6 layers, FFN as our paper preset (2048; 1024 for Deformable DETR), the same dropout on
+both sides (``dropout = attention_dropout = activation_dropout`` = ours), auxiliary losses on,
+the same optimiser groups (lr 1e-4 / backbone 1e-5, wd 1e-4) and clipping. Random targets
+(4 boxes per image), unpadded images, TF32 matmul off.
+
+Reported per row: median ms/step after warm-ups (CUDA-synchronised), images/s, peak memory
+during the step, aten ops per step (also split into forward+loss+backward and the update:
+clip + AdamW; ours is fused, transformers' side gets torch's default AdamW: foreach on CUDA,
+a per-tensor loop on the CPU) and host syncs per step (one extra step under
+``siamese_detr.engine.profiling.OpCounter``; on the CPU it also counts ``.to("cpu")`` of
+tensors already there), trainable parameters, and ``ours/hf`` ratios.
+Everything is printed and written to ``--out`` (JSON, rewritten after every measurement).
+
+    PYTHONPATH=src python bench/bench_gpu.py --check --out results.json    # GPU, paper sizes
+    PYTHONPATH=src python bench/bench_gpu.py --device cpu --small          # CPU, small sizes
+    PYTHONPATH=src python bench/bench_gpu.py --quick                       # fewer steps
+
+On CPU only op and sync counts mean something (the machine may be shared); times are shown
+but must not be read as results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siamese_detr.engine.optim import build_optimizer
+from siamese_detr.engine.profiling import OpCounter
+from siamese_detr.losses.set_criterion import build_criterion, num_logits
+from siamese_detr.models.detector import build_detector
+from siamese_detr.presets import get_preset
+from siamese_detr.structures import BoxTargets, ImageBatch
+
+VARIANTS = {
+    "detr": ("finetune/detr/coco", "siamese/detr/in1k"),
+    "conditional": ("finetune/conditional-100q/coco", "siamese/conditional-100q/in1k"),
+    "deformable": ("finetune/deformable-ms-300q/coco", "siamese/deformable-ms-300q/in1k"),
+}
+LR, LR_BACKBONE, WD, CLIP = 1e-4, 1e-5, 1e-4, 0.1
+BOXES_PER_IMAGE = 4
+
+
+# ---------------------------------------------------------------- output
+
+
+class Results:
+    """Rows and checks, printed and rewritten atomically to ``path`` after every change."""
+
+    def __init__(self, path: str | None, meta: dict[str, Any]) -> None:
+        self.path = Path(path) if path else None
+        self.data: dict[str, Any] = {"meta": meta, "rows": [], "ratios": [], "checks": [],
+                                     "errors": []}
+        self.flush()
+
+    def flush(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+    def add(self, key: str, item: dict[str, Any]) -> None:
+        self.data[key].append(item)
+        self.flush()
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def make_images(b: int, h: int, w: int, device: torch.device, seed: int = 0) -> ImageBatch:
+    g = torch.Generator().manual_seed(seed)
+    return ImageBatch(torch.randn(b, 3, h, w, generator=g), torch.zeros(b, h, w, dtype=torch.bool),
+                      torch.tensor([[h, w]] * b)).to(device)
+
+
+def make_targets(b: int, num_classes: int, device: torch.device, seed: int = 1
+                 ) -> list[BoxTargets]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(b):
+        cxcy = torch.rand(BOXES_PER_IMAGE, 2, generator=g) * 0.5 + 0.25
+        wh = torch.rand(BOXES_PER_IMAGE, 2, generator=g) * 0.3 + 0.1
+        labels = torch.randint(0, num_classes, (BOXES_PER_IMAGE,), generator=g)
+        out.append(BoxTargets(torch.cat([cxcy, wh], -1), labels).to(device))
+    return out
+
+
+def make_siamese_batch(b: int, h: int, w: int, m: int, crop: int, device: torch.device) -> Any:
+    try:
+        from siamese_detr.methods.siamese.data import SiameseBatch
+    except ImportError:  # before the issue-15 layout
+        from siamese_detr.data.pretrain import SiameseBatch  # type: ignore[no-redef]
+
+    g = torch.Generator().manual_seed(2)
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    xy = torch.rand(b, m, 2, generator=g) * 0.5
+    wh = torch.rand(b, m, 2, generator=g) * 0.3 + 0.1
+    boxes = torch.cat([xy, xy + wh], -1) * scale
+    crops = torch.randn(b, m, 3, crop, crop, generator=g)
+    return SiameseBatch(view1=make_images(b, h, w, device, 3),
+                        view2=make_images(b, h, w, device, 4),
+                        boxes1=boxes.to(device), boxes2=boxes.clone().to(device),
+                        crops1=crops.to(device), crops2=crops.clone().to(device),
+                        image_ids=[str(i) for i in range(b)])
+
+
+# ---------------------------------------------------------------- models
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_ours(variant: str, device: torch.device) -> tuple[Any, Any, Any]:
+    cfg = get_preset(VARIANTS[variant][0])
+    model = build_detector(cfg.model, num_logits(cfg.model, cfg.loss)).to(device)
+    criterion = build_criterion(cfg.model, cfg.loss).to(device)
+    optim_cfg = replace(cfg.optim, lr=LR, lr_backbone=LR_BACKBONE, weight_decay=WD)
+    return cfg, (model, criterion), build_optimizer(model, optim_cfg)
+
+
+def build_pretrain(variant: str, device: torch.device, crop: int | None) -> tuple[Any, Any, Any]:
+    from siamese_detr.methods.siamese.task import build_siamese_task
+
+    cfg = get_preset(VARIANTS[variant][1])
+    model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=""))
+    siamese = cfg.pretrain.siamese
+    if crop is not None:
+        siamese = replace(siamese, crop_size=crop)
+    cfg = replace(cfg, model=model_cfg, pretrain=replace(cfg.pretrain, siamese=siamese))
+    task = build_siamese_task(cfg).to(device)
+    optim_cfg = replace(cfg.optim, lr=LR, lr_backbone=0.0, weight_decay=WD)
+    return cfg, task, build_optimizer(task, optim_cfg)
+
+
+def _hf_freeze_stem_layer1(model: torch.nn.Module) -> None:
+    """Train layer2-4 (``stages.1-3`` / timm ``layer2-4``) of the HF backbone, nothing else of
+    it. transformers' own rule checks ``"stage.1" in name``, which never matches the ResNet
+    backbone's ``stages.1``, so it would freeze the whole backbone."""
+    backbone = model.model.backbone
+    keep = ("stages.1.", "stages.2.", "stages.3.", "layer2", "layer3", "layer4")
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(any(k in name for k in keep))
+
+
+def build_hf(variant: str, ours_cfg: Any, device: torch.device, backbone: str
+             ) -> tuple[Any, Any, dict[str, Any]]:
+    import transformers as tf
+
+    m = ours_cfg.model
+    deformable = variant == "deformable"
+    common: dict[str, Any] = dict(
+        num_labels=m.num_classes, num_queries=m.num_queries, d_model=m.hidden_dim,
+        encoder_layers=m.enc_layers, decoder_layers=m.dec_layers,
+        encoder_attention_heads=m.nheads, decoder_attention_heads=m.nheads,
+        encoder_ffn_dim=m.dim_feedforward, decoder_ffn_dim=m.dim_feedforward,
+        dropout=m.dropout, attention_dropout=m.dropout, activation_dropout=m.dropout,
+        auxiliary_loss=m.aux_loss, use_pretrained_backbone=False,
+    )
+    if deformable:
+        common.update(num_feature_levels=m.num_feature_levels, encoder_n_points=m.enc_n_points,
+                      decoder_n_points=m.dec_n_points, with_box_refine=m.box_refine,
+                      two_stage=False)
+    if backbone == "timm":
+        common.update(use_timm_backbone=True, backbone="resnet50")
+    else:
+        stages = ["stage2", "stage3", "stage4"] if deformable else ["stage4"]
+        common.update(backbone_config=tf.ResNetConfig(out_features=stages),
+                      use_timm_backbone=False)
+    cls = {"detr": (tf.DetrConfig, tf.DetrForObjectDetection),
+           "conditional": (tf.ConditionalDetrConfig, tf.ConditionalDetrForObjectDetection),
+           "deformable": (tf.DeformableDetrConfig, tf.DeformableDetrForObjectDetection)}[variant]
+    try:
+        config = cls[0](**common)
+    except (TypeError, ValueError):  # a transformers version without one of the flags
+        common.pop("use_timm_backbone", None)
+        config = cls[0](**common)
+    model = cls[1](config)
+    _hf_freeze_stem_layer1(model)
+    model = model.to(device).train()
+    backbone_params = [p for n, p in model.named_parameters()
+                       if p.requires_grad and "backbone" in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "backbone" not in n]
+    opt = torch.optim.AdamW([{"params": rest, "lr": LR},
+                             {"params": backbone_params, "lr": LR_BACKBONE}], weight_decay=WD)
+    info = {"dropout": config.dropout, "attention_dropout": config.attention_dropout,
+            "activation_dropout": config.activation_dropout,
+            "attn_implementation": getattr(config, "_attn_implementation", None)}
+    return model, opt, info
+
+
+# ---------------------------------------------------------------- steps
+
+
+def autocast(device: torch.device, dtype: str) -> Any:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+class Step:
+    """One training step as two parts: ``fwd_bwd`` (forward, loss, backward) and ``update``
+    (gradient clipping at 0.1, optimiser step, zero_grad)."""
+
+    def __init__(self, fwd_bwd: Callable[[], None], opt: torch.optim.Optimizer) -> None:
+        self.fwd_bwd, self.opt = fwd_bwd, opt
+
+    def update(self) -> None:
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
+                                       CLIP)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def __call__(self) -> None:
+        self.fwd_bwd()
+        self.update()
+
+
+def ours_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
+              targets: list[BoxTargets], device: torch.device, dtype: str) -> Step:
+    def fwd_bwd() -> None:
+        with autocast(device, dtype):
+            loss = criterion(model(images), targets)[0].total
+        loss.backward()
+    return Step(fwd_bwd, opt)
+
+
+def hf_step(model: Any, opt: Any, images: ImageBatch, labels: list[dict[str, torch.Tensor]],
+            device: torch.device, dtype: str) -> Step:
+    pixel_mask = (~images.mask).long()
+
+    def fwd_bwd() -> None:
+        with autocast(device, dtype):
+            loss = model(pixel_values=images.images, pixel_mask=pixel_mask, labels=labels).loss
+        loss.backward()
+    return Step(fwd_bwd, opt)
+
+
+def pretrain_step(task: Any, opt: Any, batch: Any, device: torch.device, dtype: str) -> Step:
+    def fwd_bwd() -> None:
+        with autocast(device, dtype):
+            loss = task(batch).total
+        loss.backward()
+    return Step(fwd_bwd, opt)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Run ``fn`` once; (seconds, peak MiB allocated during it, CUDA only)."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return dt, peak
+
+
+def count(step: Step, device: torch.device) -> dict[str, Any]:
+    """Ops and host reads of one step, split into forward+loss+backward and the update."""
+    sync(device)
+    with OpCounter() as a:
+        step.fwd_bwd()
+    with OpCounter() as b:
+        step.update()
+    sync(device)
+    sites = a.sync_sites + b.sync_sites
+    return {"ops_per_step": a.ops + b.ops, "ops_fwd_bwd": a.ops, "ops_update": b.ops,
+            "syncs_per_step": a.syncs + b.syncs, "syncs_update": b.syncs,
+            "sync_sites": dict(sites)}
+
+
+# ---------------------------------------------------------------- bench
+
+
+def run_variant(variant: str, dtype: str, args: argparse.Namespace, device: torch.device,
+                res: Results) -> None:
+    b, (h, w) = args.batch, args.size
+    cfg, (model, criterion), opt = build_ours(variant, device)
+    images = make_images(b, h, w, device)
+    targets = make_targets(b, cfg.model.num_classes, device)
+    steps: dict[str, Step] = {
+        "ours": ours_step(model, criterion, opt, images, targets, device, dtype)}
+    params = {"ours": trainable(model)}
+    extra: dict[str, Any] = {}
+    if args.compile:
+        from siamese_detr.engine.compile import compile_transformers
+
+        _, (cmodel, ccrit), copt = build_ours(variant, device)
+        cmodel.load_state_dict(model.state_dict())
+        compile_transformers(cmodel)
+        steps["ours_compiled"] = ours_step(cmodel, ccrit, copt, images, targets, device, dtype)
+        params["ours_compiled"] = trainable(cmodel)
+    if not args.no_hf:
+        try:
+            hf, hf_opt, info = build_hf(variant, cfg, device, args.hf_backbone)
+        except Exception as e:  # measure ours anyway
+            res.add("errors", {"variant": variant, "dtype": dtype, "error": f"hf build: {e!r}",
+                               "traceback": traceback.format_exc()})
+            log(f"!! transformers {variant} could not be built: {e!r}")
+        else:
+            labels = [{"class_labels": t.labels, "boxes": t.boxes} for t in targets]
+            steps["hf"] = hf_step(hf, hf_opt, images, labels, device, dtype)
+            params["hf"] = trainable(hf)
+            extra["hf_config"] = info
+    if not args.no_pretrain:
+        pcfg, task, popt = build_pretrain(variant, device, args.crop)
+        sb = make_siamese_batch(b, h, w, pcfg.pretrain.siamese.num_regions,
+                                pcfg.pretrain.siamese.crop_size, device)
+        steps["pretrain"] = pretrain_step(task, popt, sb, device, dtype)
+        params["pretrain"] = trainable(task)
+    log(f"\n== {variant} {dtype}: batch {b} at {h}x{w}, queries {cfg.model.num_queries}, "
+        f"FFN {cfg.model.dim_feedforward}, dropout ours {cfg.model.dropout} "
+        f"(hf {extra.get('hf_config', {})}), trainable params {params}")
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    peaks: dict[str, float] = dict.fromkeys(steps, 0.0)
+    names = list(steps)
+    for i in range(args.warmup + args.steps):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for k in order:
+            try:
+                dt, peak = timed(steps[k], device)
+            except Exception as e:  # drop this implementation, keep measuring the others
+                res.add("errors", {"variant": variant, "dtype": dtype, "impl": k,
+                                   "error": repr(e), "traceback": traceback.format_exc()})
+                log(f"!! {k} {variant} {dtype} failed: {e!r}")
+                names.remove(k)
+                continue
+            if i >= args.warmup:
+                times[k].append(dt)
+                peaks[k] = max(peaks[k], peak)
+    rows = {}
+    for k in names:
+        counts = count(steps[k], device)
+        med = statistics.median(times[k])
+        rows[k] = row = {
+            "variant": variant, "dtype": dtype, "impl": k, "device": str(device),
+            "batch": b, "size": [h, w], "ms_median": 1e3 * med,
+            "ms_all": [1e3 * t for t in times[k]], "images_per_s": b / med,
+            "peak_mib": peaks[k], **counts, "trainable_params": params[k], **extra,
+        }
+        res.add("rows", row)
+        log(f"  {k:13s} {row['ms_median']:8.1f} ms/step  {row['images_per_s']:7.2f} img/s  "
+            f"peak {row['peak_mib']:7.0f} MiB  {counts['ops_per_step']:6d} ops "
+            f"({counts['ops_fwd_bwd']} fwd+bwd, {counts['ops_update']} update)  "
+            f"{counts['syncs_per_step']:3d} syncs  {params[k]:,} trainable")
+    ratios: dict[str, Any] = {"variant": variant, "dtype": dtype}
+    if "ours_compiled" in rows and "ours" in rows:
+        ratios["compiled_over_ours_ms"] = (rows["ours_compiled"]["ms_median"]
+                                           / rows["ours"]["ms_median"])
+    if "hf" in rows and "ours" in rows:
+        ratios["ours_over_hf_ms"] = rows["ours"]["ms_median"] / rows["hf"]["ms_median"]
+        ratios["ours_over_hf_ops"] = rows["ours"]["ops_per_step"] / rows["hf"]["ops_per_step"]
+        ratios["ours_over_hf_ops_fwd_bwd"] = (rows["ours"]["ops_fwd_bwd"]
+                                              / rows["hf"]["ops_fwd_bwd"])
+    if "pretrain" in rows and "ours" in rows:
+        ratios["pretrain_over_ours_ms"] = rows["pretrain"]["ms_median"] / rows["ours"]["ms_median"]
+    res.add("ratios", ratios)
+    log("  ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()
+                                 if isinstance(v, float)))
+
+
+def bf16_vs_fp32(res: Results) -> None:
+    """ours bf16 speed-up over ours fp32, per variant, from the rows measured so far."""
+    rows = res.data["rows"]
+    for v in VARIANTS:
+        ms = {r["dtype"]: r["ms_median"] for r in rows
+              if r["variant"] == v and r["impl"] == "ours"}
+        if "fp32" in ms and "bf16" in ms:
+            res.add("ratios", {"variant": v,
+                               "ours_fp32_over_ours_bf16_ms": ms["fp32"] / ms["bf16"]})
+            log(f"{v}: ours fp32 / ours bf16 = {ms['fp32'] / ms['bf16']:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--small", action="store_true", help="images 64x96, crops 32 (CPU sizes)")
+    ap.add_argument("--quick", action="store_true", help="1 warm-up, 3 timed steps")
+    ap.add_argument("--check", action="store_true",
+                    help="first run the parity checks of the fast paths (bench/gpu_checks.py)")
+    ap.add_argument("--only-check", action="store_true", help="parity checks only")
+    ap.add_argument("--out", default=None, help="JSON file, rewritten after each measurement")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--dtypes", default=None, help="default fp32,bf16 (CUDA) / fp32 (CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 6)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--hf-backbone", default="transformers", choices=["transformers", "timm"])
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-pretrain", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time our step with engine.compile (first steps compile: give "
+                         "--warmup 3 or more)")
+    args = ap.parse_args()
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    args.size = (64, 96) if args.small else (800, 1088)
+    args.crop = 32 if args.small else None
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick or args.small else 2)
+    args.steps = args.steps if args.steps is not None else (
+        1 if args.small else 3 if args.quick else 6)
+    dtypes = args.dtypes.split(",") if args.dtypes else (
+        ["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+
+    meta: dict[str, Any] = {
+        "argv": sys.argv, "torch": torch.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu_threads": torch.get_num_threads(), "tf32_matmul": False,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32, "size_hw": list(args.size),
+        "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "dtypes": dtypes,
+        "hf_backbone": args.hf_backbone,
+        "note": "times on a CPU or a shared machine are not results; ops/syncs are counts",
+    }
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        meta["transformers"] = None
+        args.no_hf = True
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    res = Results(args.out, meta)
+    log(json.dumps(meta))
+
+    if args.check or args.only_check:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import gpu_checks
+
+        for item in gpu_checks.run_all(device):
+            res.add("checks", item)
+            log(f"check {item['name']}: ok={item.get('ok')} {item.get('result')}")
+        if args.only_check:
+            return
+    for dtype in dtypes:
+        for variant in args.variants.split(","):
+            try:
+                run_variant(variant, dtype, args, device, res)
+            except Exception as e:  # keep measuring the other rows
+                res.add("errors", {"variant": variant, "dtype": dtype, "error": repr(e),
+                                   "traceback": traceback.format_exc()})
+                log(f"!! {variant} {dtype} failed: {e!r}")
+                traceback.print_exc()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bf16_vs_fp32(res)
+    banned = sorted(m for m in ("cv2", "pycocotools") if sys.modules.get(m) is not None)
+    res.data["meta"]["heavy_imports"] = banned
+    res.flush()
+    log(f"imports of cv2/pycocotools on this path: {banned or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
