@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from siamese_detr.config import ConfigError
+from siamese_detr.data.images import load_rgb
 from siamese_detr.data.transforms import Compose, Normalize, ToTensor, Transform
 from siamese_detr.structures import BoxTargets
 
@@ -143,8 +144,10 @@ class CocoDetection(Dataset):
                 f"image {str(path)!r} listed in {str(self.ann_file)!r} does not exist; check "
                 "the image folder (data.train_images / data.val_images)"
             )
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        info = self.coco.imgs[self.ids[index]]
+        expected = (info["width"], info["height"]) if "width" in info and "height" in info \
+            else None
+        return load_rgb(path, expected_size=expected)
 
     def __getitem__(self, index: int) -> tuple[Tensor, BoxTargets]:
         image_id = self.ids[index]

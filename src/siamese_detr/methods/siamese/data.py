@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from siamese_detr.config import ProposalReadConfig, RunConfig, SiameseOptions
 from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.collate import pad_images
+from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.views import SiameseSample, sample_views
 from siamese_detr.structures import ImageBatch
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_IMAGE_ERRORS = IMAGE_ERRORS
 
 
 class _Record(Protocol):
@@ -110,8 +111,7 @@ class PretrainDataset(Dataset):
 
     def _load_image(self, record: _Record) -> Image.Image | None:
         try:
-            with Image.open(record.path) as im:
-                image = im.convert("RGB")
+            image = load_rgb(record.path)
         except _IMAGE_ERRORS as exc:
             self._warn(record.image_id, f"unreadable image {record.path} ({exc})")
             return None
