@@ -148,10 +148,16 @@ class EngineConfig:
     tensorboard: bool = False
     progress: bool = True
     deterministic: bool = False
+    max_empty_batches: int = 100  # consecutive batches without a usable sample -> stop
+    max_nonfinite_steps: int = 2  # steps with a non-finite loss skipped; one more -> stop
 
     def __post_init__(self) -> None:
         if self.accum_steps < 1:
             raise ConfigError("engine.accum_steps must be >= 1")
+        if self.max_empty_batches < 1:
+            raise ConfigError("engine.max_empty_batches must be >= 1")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError("engine.max_nonfinite_steps must be >= 0 (0: stop at the first)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from siamese_detr.config import RunConfig
-from siamese_detr.errors import ConfigError
+from siamese_detr.errors import ConfigError, RunStopped
 
 if TYPE_CHECKING:
     from siamese_detr.engine.distributed import DistInfo
@@ -97,4 +97,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
         checkpoint_meta={"kind": task.kind, "config": to_dict(cfg)},
         start=prep.start, scaler=prep.scaler, evaluate=task.make_evaluator(run_dir),
     )
+    if result.stopped_early:  # a signal: the run is not finished, say so (CLI exit 75)
+        raise RunStopped(result.step, prep.schedule.total_steps, str(run_dir / "last.pt"),
+                         "stop signal")
     return task.finish(result, dist_info)

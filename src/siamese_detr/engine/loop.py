@@ -9,6 +9,19 @@ every ``eval_every``. A task is any ``nn.Module`` whose ``forward(batch)`` retur
 
 Resume is exact: the checkpoint stores the step, model, optimiser, scaler, every RNG state and
 the number of micro-batches consumed, and the caller rebuilds the data stream from there.
+
+Faults (issue 10), each handled in one helper below:
+
+- empty batches (every sample unusable): :func:`next_usable_batch` waits for a usable one,
+  checks the stop flag in every wait and raises :class:`DataError` naming the counted skip
+  reasons after ``engine.max_empty_batches`` consecutive empty batches;
+- SIGTERM/SIGUSR1: checkpoint, then :class:`RunStopped` (the CLI prints the resume command and
+  exits 75);
+- non-finite loss: :class:`NonFinitePolicy`. The update of a step whose loss is NaN/inf is not
+  applied (no backward, gradients cleared, no optimiser step), the loss terms and the batch's
+  image ids are logged; after ``engine.max_nonfinite_steps`` such steps the run stops with a
+  checkpoint (:class:`NonFiniteLossError`). The policy needs one host boolean per step, which
+  the loop takes from the loss value it already reads for logging.
 """
 
 from __future__ import annotations
@@ -37,11 +50,15 @@ from siamese_detr.engine.checkpoint import (
 from siamese_detr.engine.distributed import DistInfo, all_reduce_mean
 from siamese_detr.engine.logging import MetricsWriter, get_logger
 from siamese_detr.engine.optim import lr_factor, set_lr
+from siamese_detr.errors import DataError, RunStopped
 from siamese_detr.structures import LossOutput
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message lists every term."""
+class NonFiniteLossError(RunStopped, RuntimeError):
+    """Too many non-finite losses: the run stopped with a checkpoint of the last finite
+    weights; the message lists every loss term and the batch's image ids."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -126,10 +143,68 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _check_finite(value: float, out: LossOutput, step: int) -> None:
-    if not math.isfinite(value):
+def image_ids_of(batch: Any) -> list[Any]:
+    """The image ids of a batch: ``batch.image_ids`` or the targets' ``image_id``s."""
+    if hasattr(batch, "image_ids"):
+        return list(batch.image_ids)
+    if isinstance(batch, tuple | list) and len(batch) > 1 and isinstance(batch[1], list | tuple):
+        return [getattr(t, "image_id", None) for t in batch[1]]
+    return []
+
+
+def next_usable_batch(stream: Iterator[Any], stop: _StopFlag, max_empty: int,
+                      reasons: dict[str, int]) -> tuple[Any | None, int]:
+    """The next batch holding at least one sample and the number of micro-batches consumed;
+    ``None`` when a stop was requested while waiting. Skipped samples are added to
+    ``reasons`` (``batch.skip_reasons``, else ``batch.skipped`` as "unusable sample")."""
+    consumed = empty = 0
+    while True:
+        batch = next(stream)
+        consumed += 1
+        found = dict(getattr(batch, "skip_reasons", None) or {})
+        rest = int(getattr(batch, "skipped", 0)) - sum(found.values())
+        if rest > 0:
+            found["unusable sample"] = found.get("unusable sample", 0) + rest
+        for k, v in found.items():
+            reasons[k] = reasons.get(k, 0) + v
+        if batch_size_of(batch) > 0:
+            return batch, consumed
+        empty += 1
+        if stop.set:
+            return None, consumed
+        if empty >= max_empty:
+            counted = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(),
+                                                               key=lambda kv: -kv[1]))
+            raise DataError(f"no usable sample in {empty} consecutive batches (skipped so far: "
+                            f"{counted or 'nothing counted'}); fix the data or the settings "
+                            "that reject it (engine.max_empty_batches sets this bound)")
+
+
+class NonFinitePolicy:
+    """Skip the update of a step with a non-finite loss up to ``limit`` times, then stop.
+
+    ``observe(finite, ...)`` is called once per step with one host boolean; it logs the loss
+    terms and image ids of a bad step and returns whether to apply the update.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.skipped: list[int] = []
+        self.last_message = ""
+
+    def observe(self, finite: bool, step: int, out: LossOutput, image_ids: list[Any]) -> bool:
+        if finite:
+            return True
         terms = ", ".join(f"{k}={w:.4g} (raw {r:.4g})" for k, (w, r) in out.terms.items())
-        raise NonFiniteLossError(f"non-finite loss at step {step}: {terms}")
+        self.skipped.append(step)
+        self.last_message = (f"non-finite loss at step {step}: {terms}; images {image_ids}")
+        get_logger().warning("%s; update skipped (%d of at most %d)", self.last_message,
+                             len(self.skipped), self.limit)
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return len(self.skipped) > self.limit
 
 
 def train(
@@ -166,7 +241,9 @@ def train(
     stream = batches(position)
     result = TrainResult(step=start.step)
     window: dict[str, list[float]] = {}
-    skipped = 0
+    skip_reasons: dict[str, int] = {}
+    nonfinite = NonFinitePolicy(engine.max_nonfinite_steps)
+    stop_reason = ""
     last_logged = start.step
     t_last = time.perf_counter()
     pbar = None
@@ -196,15 +273,15 @@ def train(
             factor = lr_factor(step, schedule.lr_drops, schedule.gamma, schedule.warmup_iters)
             set_lr(optimizer, factor)
             t_data = 0.0
+            step_position, finite = position, True
             for micro in range(engine.accum_steps):
                 t0 = time.perf_counter()
-                batch = next(stream)
-                position += 1
-                while batch_size_of(batch) == 0:  # every sample of the batch was unusable
-                    skipped += 1
-                    batch = next(stream)
-                    position += 1
-                skipped += int(getattr(batch, "skipped", 0))
+                batch, consumed = next_usable_batch(stream, stop, engine.max_empty_batches,
+                                                    skip_reasons)
+                position += consumed
+                if batch is None:  # stop requested while waiting for data: redo this step
+                    break
+                ids = image_ids_of(batch)
                 batch = move_to(batch, device)
                 t_data += time.perf_counter() - t0
                 sync = micro == engine.accum_steps - 1 or not hasattr(task, "no_sync")
@@ -212,7 +289,9 @@ def train(
                 with ctx, autocast_context(engine.amp, device):
                     out: LossOutput = task(batch)
                 logged = out.log_dict()  # one device sync for the loss value per micro-batch
-                _check_finite(logged["loss"], out, step)
+                if not math.isfinite(logged["loss"]):  # never backpropagated
+                    finite = finite and nonfinite.observe(False, step, out, ids)
+                    continue
                 loss = out.total / engine.accum_steps
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -220,14 +299,30 @@ def train(
                     loss.backward()
                 for k, v in logged.items():
                     window.setdefault(k, []).append(v)
-            if scaler is not None:
+            if batch is None:
+                position = step_position
+                log.warning("stop signal received while waiting for data: checkpoint at step "
+                            "%d", step)
+                save(step)
+                result.stopped_early, stop_reason = True, "stop signal"
+                break
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                if nonfinite.exhausted:  # the skipped step counts as done, like the others
+                    save(step + 1)
+                    result.step, result.stopped_early = step + 1, True
+                    stop_reason = "non-finite"
+                    break
+            if scaler is not None and finite:
                 scaler.unscale_(optimizer)
-            if schedule.clip_max_norm > 0:
+            if schedule.clip_max_norm > 0 and finite:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]],
                     schedule.clip_max_norm)
                 window.setdefault("grad_norm", []).append(float(grad_norm))
-            if scaler is not None:
+            if not finite:
+                pass  # the update of a non-finite step is not applied
+            elif scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
@@ -240,14 +335,16 @@ def train(
             window.setdefault("data_time", []).append(t_data)
             if pbar is not None:
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{window['loss'][-1]:.3f}", refresh=False)
+                if window.get("loss"):
+                    pbar.set_postfix(loss=f"{window['loss'][-1]:.3f}", refresh=False)
             if done % engine.log_every == 0 or done == schedule.total_steps:
                 now = time.perf_counter()
                 record = {k: sum(v) / len(v) for k, v in window.items()}
                 record = all_reduce_mean(record, device)
                 record.update(step=done, lr=optimizer.param_groups[0]["lr"],
                               step_time=(now - t_last) / max(1, done - last_logged),
-                              skipped_samples=skipped)
+                              skipped_samples=sum(skip_reasons.values()),
+                              nonfinite_steps=len(nonfinite.skipped))
                 last_logged = done
                 if device.type == "cuda":
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -266,7 +363,7 @@ def train(
             if stop.set:
                 log.warning("stop signal received: checkpoint at step %d, exiting", done)
                 save(done)
-                result.stopped_early = True
+                result.stopped_early, stop_reason = True, "stop signal"
                 break
     if pbar is not None:
         pbar.close()
@@ -277,6 +374,12 @@ def train(
             metrics.write({"step": result.step, **{f"eval/{k}": v for k, v in
                                                    result.eval_metrics.items()}})
     metrics.close()
-    if skipped:
-        log.info("skipped %d unusable samples (corrupt image or no region)", skipped)
+    if skip_reasons:
+        log.info("skipped %d unusable samples (%s)", sum(skip_reasons.values()),
+                 ", ".join(f"{k}: {v}" for k, v in sorted(skip_reasons.items())))
+    if stop_reason == "non-finite":
+        raise NonFiniteLossError(result.step, schedule.total_steps, str(run_dir / "last.pt"),
+                                 f"{len(nonfinite.skipped)} non-finite losses, more than "
+                                 f"engine.max_nonfinite_steps={engine.max_nonfinite_steps}; "
+                                 f"last: {nonfinite.last_message}")
     return result
