@@ -92,9 +92,35 @@ def run_training(cfg: RunConfig, resume: str | None, overwrite: bool = False
     from siamese_detr.engine.logging import setup_logging
     from siamese_detr.runner import run
 
+    run_dir = Path(cfg.output_dir)
+    fresh = not run_dir.exists()
     info = init_distributed(cfg.engine.device)
-    setup_logging(info.is_main, Path(cfg.output_dir) / "log.txt")
+    setup_logging(info.is_main, run_dir / "log.txt")
     try:
         return run(cfg, info, resume), info.is_main
+    except (UserError, ConfigError):
+        if fresh and info.is_main:
+            _remove_unused_run_folder(run_dir)
+        raise
     finally:
         cleanup()
+
+
+def _remove_unused_run_folder(run_dir: Path) -> None:
+    """A run that failed on a user mistake before training leaves no folder behind."""
+    import logging
+
+    from siamese_detr.engine.logging import get_logger
+
+    if not run_dir.is_dir() or any(p.name not in ("log.txt", "config.yaml")
+                                   for p in run_dir.iterdir()):
+        return
+    for logger in (get_logger(), logging.getLogger()):
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler) and \
+                    Path(handler.baseFilename).parent == run_dir.resolve():
+                logger.removeHandler(handler)
+                handler.close()
+    for p in run_dir.iterdir():
+        p.unlink(missing_ok=True)
+    run_dir.rmdir()

@@ -150,18 +150,17 @@ class PretrainDataset(Dataset):
                            "no proposals in the store")
                 return None
             stored = getattr(self.store, "image_size", None)
-            if image_size is not None and stored is not None:
-                h, w = stored(record.image_id)
-                if h > 0 and w > 0 and (w, h) != tuple(image_size):
-                    self._warn(record.image_id, f"image is {image_size[0]}x{image_size[1]} but "
-                               f"its proposals were computed on {w}x{h} (skipped)",
-                               "image size differs from the proposal store")
-                    return None
+            h, w = stored(record.image_id) if stored is not None else (0, 0)
             boxes, _ = self.store.get(
                 record.image_id, top_k=cfg.top_k, min_size=cfg.min_size, min_score=cfg.min_score
             )
         except (KeyError, OSError, ValueError) as exc:
             self._warn(record.image_id, f"unreadable proposals ({exc})", "unreadable proposals")
+            return None
+        if image_size is not None and h > 0 and w > 0 and (w, h) != tuple(image_size):
+            self._warn(record.image_id, f"image is {image_size[0]}x{image_size[1]} but its "
+                       f"proposals were computed on {w}x{h} (skipped)",
+                       "image size differs from the proposal store")
             return None
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         if len(boxes) == 0:
