@@ -68,6 +68,25 @@ def run(cfg: RunConfig, dist_info: DistInfo | None = None, resume: str | None = 
         cleanup()
 
 
+def check_backbone_weights(cfg: RunConfig) -> None:
+    """A frozen backbone without weights is random: it trains without error but the
+    features do not transfer. Error for the paper pretraining presets, a warning otherwise;
+    ``model.backbone.weights=random`` says it is intended."""
+    from siamese_detr.engine.logging import get_logger
+
+    b = cfg.model.backbone
+    if b.weights or b.freeze == "none":
+        return
+    what = ("model.backbone.weights is empty: the frozen backbone ("
+            f"{'all' if b.freeze == 'all' else b.freeze}) is randomly initialised and "
+            "pretraining on random features does not transfer; set model.backbone.weights="
+            "PATH (SwAV / torchvision ResNet file, see the README) or "
+            "model.backbone.weights=random if that is intended")
+    if cfg.task == "pretrain" and not cfg.name.startswith("tiny/"):
+        raise ConfigError(f"preset {cfg.name}: {what}")
+    get_logger().warning("%s", what)
+
+
 def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict[str, float]:
     import torch
 
@@ -78,6 +97,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
     from siamese_detr.engine.setup import prepare_training
 
     run_dir = Path(cfg.output_dir)
+    check_backbone_weights(cfg)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, dist_info.device)
     dataset = task.build_dataset()
