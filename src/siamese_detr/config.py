@@ -95,6 +95,13 @@ class LossConfig:
     cost_giou: float = 2.0
 
 
+def _check_loader(section: str, batch_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"{section}.batch_size={batch_size}: must be >= 1 (images per process)")
+    if num_workers < 0:
+        raise ConfigError(f"{section}.num_workers={num_workers}: must be >= 0")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """A COCO-format detection data set (images folder + json)."""
@@ -112,6 +119,9 @@ class DataConfig:
     val_size: int = 800
     batch_size: int = 2  # per process
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_loader("data", self.batch_size, self.num_workers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +235,9 @@ class PretrainConfig:
     detreg: DETRegOptions = field(default_factory=DETRegOptions)
     batch_size: int = 8  # per process
     num_workers: int = 4
+
+    def __post_init__(self) -> None:
+        _check_loader("pretrain", self.batch_size, self.num_workers)
 
 
 @dataclass(frozen=True, kw_only=True)

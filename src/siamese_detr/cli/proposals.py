@@ -107,7 +107,11 @@ def _stats(args: argparse.Namespace) -> int:
     from siamese_detr.proposals.store import ProposalStore
 
     store = ProposalStore.open(args.store)
-    stats = store.stats()
+    try:
+        stats = store.stats()
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"proposal store {args.store} is damaged ({type(exc).__name__}: {exc});"
+                        " rebuild it with `siamese-detr proposals run`") from None
     if args.json:
         print(json.dumps(stats, sort_keys=True))
         return 0
@@ -140,7 +144,11 @@ def _show(args: argparse.Namespace) -> int:
     if not source.get("path"):
         raise UserError(f"{args.store} does not record its image source")
     path = find_image(source["path"], args.image_id, source.get("images_root"))
-    boxes, scores = store.get(args.image_id, top_k=args.top)
+    try:
+        boxes, scores = store.get(args.image_id, top_k=args.top)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"proposal store {args.store} is damaged ({type(exc).__name__}: {exc});"
+                        " rebuild it with `siamese-detr proposals run`") from None
     canvas = load_rgb(path)
     draw = ImageDraw.Draw(canvas)
     palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
