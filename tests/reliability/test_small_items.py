@@ -114,3 +114,32 @@ def test_voc_metrics_print_na_like_coco():
     text = describe_metrics({"coco/AP": -1.0, "voc07/AP50": -1.0})
     assert "-1.0000" not in text
     assert "voc07/AP50 = n/a (no ground truth)" in text
+
+
+def test_views_picture_draws_no_zero_area_region(tmp_path):
+    from PIL import Image
+
+    from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
+    from siamese_detr.methods.siamese.data import _palette, draw_views
+    from siamese_detr.methods.siamese.views import SiameseSample
+
+    grey = ((torch.full((3, 40, 40), 0.5) - torch.tensor(IMAGENET_MEAN)[:, None, None])
+            / torch.tensor(IMAGENET_STD)[:, None, None])
+    boxes = torch.tensor([[5.0, 5.0, 30.0, 30.0], [10.0, 2.0, 10.0, 35.0]])  # 2nd: zero width
+    sample = SiameseSample(grey, grey.clone(), boxes, boxes.clone(), None, None, "x")
+    arr = np.asarray(Image.open(draw_views(sample, tmp_path / "v.png", gap=0)))
+    colour = np.array(_palette(2)[1])
+    assert not (arr == colour).all(-1).any()  # region 1 (zero area) is not drawn as a line
+    assert (arr == np.array(_palette(2)[0])).all(-1).any()
+
+
+def test_demo_backbone_warmup_shows_progress(tmp_path, caplog):
+    import logging
+
+    from siamese_detr.demo.photo_backbone import train_photo_backbone
+
+    with caplog.at_level(logging.INFO, logger="siamese_detr"):
+        train_photo_backbone(tmp_path / "b.pt", steps=2, batch_size=2, crop_size=32)
+    lines = [r.getMessage() for r in caplog.records if "backbone warm-up" in r.getMessage()]
+    assert [m.split(",")[0] for m in lines] == ["backbone warm-up: step 1/2",
+                                                "backbone warm-up: step 2/2"]

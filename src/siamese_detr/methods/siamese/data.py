@@ -280,6 +280,8 @@ def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8, scale: int
     colours = _palette(len(sample.boxes1))
     for offset, boxes in ((0, sample.boxes1), (left.width + gap, sample.boxes2)):
         for j, (x0, y0, x1, y1) in reversed(list(enumerate(boxes.tolist()))):  # 0 on top
+            if x1 <= x0 or y1 <= y0:  # zero-area region (no box): nothing to draw
+                continue
             draw.rectangle([x0 + offset, y0, x1 + offset, y1], outline=colours[j],
                            width=3 if j == 0 else 2)
             draw.text((x0 + offset + 2, y0 + 1), str(j), fill=colours[j])
