@@ -43,7 +43,7 @@ class Toy(nn.Module):
         loss = self.lin(batch.x).pow(2).mean()
         if batch.poison:
             loss = loss * float("nan")
-        v = float(loss)
+        v = float(loss.detach())
         return LossOutput(total=loss, terms={"loss_sq": (v, v)})
 
 

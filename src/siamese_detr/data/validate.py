@@ -8,8 +8,9 @@ is usable, or without images, is an error.
 
 Unusable annotation: no ``bbox`` or not 4 finite numbers, ``category_id`` missing/null/not an
 integer, ``image_id`` of no listed image, or a box with zero or negative width/height after
-clipping to the image. Unusable image: its file is missing or empty (0 bytes). Files that are
-present but cannot be decoded are found while training and skipped (counted) there.
+clipping to the image. Unusable image: its file is empty (0 bytes). Files that are present but
+cannot be decoded are found while training and skipped (counted) there; a missing file is a
+configuration error when it is read.
 """
 
 from __future__ import annotations
@@ -67,9 +68,7 @@ def sanitize_coco(coco: Any, ann_file: str | Path, image_folder: str | Path | No
             name = str(im.get("file_name", ""))
             try:
                 empty = (folder / name).stat().st_size == 0
-            except OSError:
-                problems.setdefault("image files missing", []).append(name)
-                bad_images.add(image_id)
+            except OSError:  # missing: a config error when read (names the folder keys)
                 continue
             if empty:
                 problems.setdefault("empty image files (0 bytes)", []).append(name)
