@@ -161,6 +161,8 @@ class CocoDetection(Dataset):
         image_id = self.ids[index]
         try:
             image = self.load_image(index)
+        except ConfigError:  # a missing file: the folder setting is wrong, not the image
+            raise
         except IMAGE_ERRORS as exc:
             if image_id not in self._unreadable:
                 self._unreadable.add(image_id)
