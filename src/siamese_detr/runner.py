@@ -34,7 +34,11 @@ def build_task(cfg: RunConfig, device: Any = "cpu") -> Task:
             from siamese_detr.methods.siamese.task import SiameseTask
 
             return SiameseTask(cfg)
-        case "updetr" | "detreg":
+        case "updetr":
+            from siamese_detr.methods.updetr.task import UPDETRTask
+
+            return UPDETRTask(cfg)
+        case "detreg":
             raise ConfigError(f"pretrain.method={cfg.pretrain.method} is not implemented yet; "
                               "use pretrain.method=siamese")
         case _:
@@ -106,6 +110,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
                             sync_bn=task.sync_bn)
     get_logger().info("%s", task.describe(len(dataset), prep))
     extra = {} if task.collate is None else {"collate_fn": task.collate}
+    # optional Task hook: more checkpoint entries (fine-tuning stores its category names)
+    extras = getattr(task, "checkpoint_extras", dict)
 
     def batches(position: int) -> Iterator[Any]:
         return build_detection_loader(dataset, task.batch_size, task.num_workers, cfg.seed,
@@ -114,7 +120,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
     result = train(
         task=prep.model, batches=batches, optimizer=prep.optimizer, schedule=prep.schedule,
         engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
-        checkpoint_meta={"kind": task.kind, "config": to_dict(cfg)},
+        checkpoint_meta={"kind": task.kind, "config": to_dict(cfg), **extras()},
         start=prep.start, scaler=prep.scaler, evaluate=task.make_evaluator(run_dir),
     )
     if result.stopped_early:  # a signal: the run is not finished, say so (CLI exit 75)

@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     import importlib
 
-    for name in ("proposals", "pretrain", "finetune", "evaluate", "convert", "config", "demo",
-                 "voc2coco"):
+    for name in ("proposals", "pretrain", "finetune", "evaluate", "convert", "export", "config",
+                 "demo", "voc2coco"):
         try:
             module = importlib.import_module(f"siamese_detr.cli.{name}")
         except ModuleNotFoundError as exc:  # sub-command not built yet

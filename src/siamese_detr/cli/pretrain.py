@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pretrain", help="Siamese DETR pretraining on unlabeled images + offline proposals",
         description="Pretrain the transformer of a DETR-family detector with Siamese DETR "
         "(Multi-View Region Detection + Multi-View Semantic Discrimination) on a frozen "
-        "backbone. Paper recipes: --preset siamese/<detector>/<data>; multi-GPU: "
+        "backbone. Paper recipes: --preset siamese/<detector>/<data>; the UP-DETR baseline "
+        "(random query patches, no proposals): --preset updetr/<detector>/<data>; multi-GPU: "
         "torchrun --nproc-per-node 8 -m siamese_detr pretrain --preset ... The checkpoint "
         "(OUT/last.pt) fine-tunes directly: siamese-detr finetune --init OUT/last.pt.")
     add_config_arguments(p, "tiny/conditional/siamese")

@@ -43,7 +43,9 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu",
     """Rebuild the detector of a checkpoint and load its weights.
 
     Args:
-        path: our pretraining / fine-tuning checkpoint or a converted upstream-layout file.
+        path: our pretraining / fine-tuning checkpoint, a converted upstream-layout file,
+            our safetensors folder (``siamese-detr export --to safetensors``, read without
+            pickle) or a transformers DETR directory.
         device: where the detector goes.
         config: the RunConfig to build from when the file has none (converted files);
             ignored when the file stores one.
@@ -57,10 +59,11 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu",
             fit the configured detector (names the first offending key).
     """
     from siamese_detr.configio import from_dict
+    from siamese_detr.convert.source import read_checkpoint_or_folder
     from siamese_detr.models.detector import build_detector_from_config
 
     path = Path(path)
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint_or_folder(path)  # .pt (safe load), our folder or transformers dir
     stored = ckpt.get("config")
     if isinstance(stored, dict):
         cfg = from_dict(stored)
@@ -111,9 +114,20 @@ class InitReport:
 
 
 def init_from_checkpoint(detector: nn.Module, path: str | Path, variant: str) -> InitReport:
-    """Initialise a fine-tuning ``detector`` from a checkpoint (``init=``); the class head is
+    """Initialise a fine-tuning ``detector`` from a checkpoint (``init=``), our safetensors
+    folder or a transformers DETR / Conditional / Deformable DETR directory; the class head is
     re-initialised when its shape differs (a pretext head or another label set)."""
-    ckpt = load_checkpoint(path)
+    hint = ""
+    if Path(path).is_dir():
+        from siamese_detr.convert.source import read_checkpoint_or_folder
+
+        ckpt = read_checkpoint_or_folder(path)
+        model = ckpt["config"]["model"]
+        hint = " (its config: " + " ".join(
+            f"model.{k}={model[k]}" for k in ("hidden_dim", "nheads", "enc_layers", "dec_layers",
+                                                "dim_feedforward", "num_queries")) + ")"
+    else:
+        ckpt = load_checkpoint(path)
     stored = ckpt.get("config", {}).get("model", {}).get("variant") if isinstance(
         ckpt.get("config"), dict) else None
     if stored is not None and stored != variant:
@@ -129,7 +143,7 @@ def init_from_checkpoint(detector: nn.Module, path: str | Path, variant: str) ->
                 continue
             raise ConfigError(f"--init {path}: '{k}' has shape {tuple(v.shape)} but the model "
                               f"expects {tuple(own[k].shape)} (check model.num_queries, "
-                              "hidden_dim and layer counts)")
+                              f"hidden_dim and layer counts){hint}")
         usable[k] = v
     result = detector.load_state_dict(usable, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("class_embed")]

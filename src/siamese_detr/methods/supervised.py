@@ -61,6 +61,14 @@ def build_datasets(cfg: RunConfig, train: bool = True) -> tuple[Any, Any]:
     return train_set, val_set
 
 
+def categories_of(dataset: Any) -> list[dict[str, Any]]:
+    """``[{"id", "name"}]`` of a COCO-format data set, sorted by id (stored in fine-tuning
+    checkpoints so that exports and predictions can name the labels)."""
+    coco = dataset.coco
+    return [{"id": int(c["id"]), "name": str(c["name"])}
+            for c in sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])]
+
+
 class SupervisedTask:
     """Fine-tune ``cfg``'s detector (from ``cfg.init`` or from scratch), evaluating on
     ``cfg.data.val_*``; ``run`` returns the final evaluation metrics."""
@@ -75,10 +83,16 @@ class SupervisedTask:
         self.batch_size = cfg.data.batch_size
         self.num_workers = cfg.data.num_workers
         self._val_set: Any = None
+        self._categories: list[dict[str, Any]] = []
 
     def build_dataset(self) -> Any:
         train_set, self._val_set = build_datasets(self.cfg)
+        self._categories = categories_of(train_set)
         return train_set
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Stored in every checkpoint besides kind/config: the category names."""
+        return {"categories": self._categories}
 
     def build_module(self) -> nn.Module:
         from siamese_detr.engine.logging import get_logger
