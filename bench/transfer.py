@@ -217,6 +217,8 @@ def _train(kind: str, cfg: RunConfig, marker: str, configs: Path) -> None:
            str(cfg_path)]
     if (run_dir / "last.pt").is_file():
         cmd += ["--resume", "auto"]
+    else:  # killed before its first checkpoint: start again (a fresh run folder is refused)
+        cmd += ["--overwrite"]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     _run(cmd, run_dir.with_suffix(".log"))
 

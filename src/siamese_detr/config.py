@@ -95,6 +95,13 @@ class LossConfig:
     cost_giou: float = 2.0
 
 
+def _check_loader(section: str, batch_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"{section}.batch_size={batch_size}: must be >= 1 (images per process)")
+    if num_workers < 0:
+        raise ConfigError(f"{section}.num_workers={num_workers}: must be >= 0")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """A COCO-format detection data set (images folder + json)."""
@@ -117,8 +124,7 @@ class DataConfig:
     num_workers: int = 2
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("data.batch_size must be >= 1")
+        _check_loader("data", self.batch_size, self.num_workers)
         if self.global_batch < 0:
             raise ConfigError("data.global_batch must be >= 0 (0 = not fixed)")
 
@@ -166,10 +172,16 @@ class EngineConfig:
     deterministic: bool = False
     # torch.compile the transformer's encoder and decoder (dynamic shapes); see engine/compile
     compile: bool = False
+    max_empty_batches: int = 100  # consecutive batches without a usable sample -> stop
+    max_nonfinite_steps: int = 2  # steps with a non-finite loss skipped; one more -> stop
 
     def __post_init__(self) -> None:
         if self.accum_steps < 1:
             raise ConfigError("engine.accum_steps must be >= 1")
+        if self.max_empty_batches < 1:
+            raise ConfigError("engine.max_empty_batches must be >= 1")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError("engine.max_nonfinite_steps must be >= 0 (0: stop at the first)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,8 +279,7 @@ class PretrainConfig:
     num_workers: int = 4
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("pretrain.batch_size must be >= 1")
+        _check_loader("pretrain", self.batch_size, self.num_workers)
         if self.global_batch < 0:
             raise ConfigError("pretrain.global_batch must be >= 0 (0 = not fixed)")
 

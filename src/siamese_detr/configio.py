@@ -183,7 +183,17 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def apply_overrides(cfg: RunConfig, pairs: Iterable[str]) -> RunConfig:
-    return from_dict(parse_overrides(pairs), base=cfg)
+    """``cfg`` with ``key.sub=value`` overrides. Changing ``optim.length`` alone moves the lr
+    drops with it (same fractions of the run, e.g. 240 of 300 -> 8 of 10)."""
+    data = parse_overrides(pairs)
+    optim = data.get("optim")
+    if isinstance(optim, Mapping) and "length" in optim and "lr_drops" not in optim:
+        old, new = float(cfg.optim.length), float(optim["length"])
+        if old > 0 and new > 0 and any(d > new for d in cfg.optim.lr_drops):
+            data = {**data, "optim": {**optim, "lr_drops": [
+                max(1, int(d * new / old)) if float(d).is_integer() else d * new / old
+                for d in cfg.optim.lr_drops]}}
+    return from_dict(data, base=cfg)
 
 
 def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:

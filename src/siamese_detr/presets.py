@@ -451,7 +451,7 @@ def _tiny_detreg(variant: str) -> Callable[[], RunConfig]:
                        "demo_data/proposals", 4,
                        OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300,
                                    lr_drops=(240,)), loss, opts,
-                       EngineConfig(log_every=10, ckpt_every=100, device="cpu"), workers=0)
+                       EngineConfig(log_every=10, ckpt_every=100), workers=0)
     return preset
 
 

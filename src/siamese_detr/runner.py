@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from siamese_detr.config import RunConfig
-from siamese_detr.errors import ConfigError
+from siamese_detr.errors import ConfigError, RunStopped
 
 if TYPE_CHECKING:
     from siamese_detr.engine.distributed import DistInfo
@@ -73,6 +73,25 @@ def run(cfg: RunConfig, dist_info: DistInfo | None = None, resume: str | None = 
         cleanup()
 
 
+def check_backbone_weights(cfg: RunConfig) -> None:
+    """A frozen backbone without weights is random: it trains without error but the
+    features do not transfer. Error for the paper pretraining presets, a warning otherwise;
+    ``model.backbone.weights=random`` says it is intended."""
+    from siamese_detr.engine.logging import get_logger
+
+    b = cfg.model.backbone
+    if b.weights or b.freeze == "none":
+        return
+    what = ("model.backbone.weights is empty: the frozen backbone ("
+            f"{'all' if b.freeze == 'all' else b.freeze}) is randomly initialised and "
+            "pretraining on random features does not transfer; set model.backbone.weights="
+            "PATH (SwAV / torchvision ResNet file, see the README) or "
+            "model.backbone.weights=random if that is intended")
+    if cfg.task == "pretrain" and not cfg.name.startswith("tiny/"):
+        raise ConfigError(f"preset {cfg.name}: {what}")
+    get_logger().warning("%s", what)
+
+
 def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict[str, float]:
     import torch
 
@@ -87,6 +106,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
     cfg, batch_plan = apply_global_batch(cfg, dist_info.world_size)
     get_logger().info("%s", batch_plan.describe())
     run_dir = Path(cfg.output_dir)
+    check_backbone_weights(cfg)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, dist_info.device)
     dataset = task.build_dataset()
@@ -109,4 +129,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
         checkpoint_meta={"kind": task.kind, "config": to_dict(cfg), **extras()},
         start=prep.start, scaler=prep.scaler, evaluate=task.make_evaluator(run_dir),
     )
+    if result.stopped_early:  # a signal: the run is not finished, say so (CLI exit 75)
+        raise RunStopped(result.step, prep.schedule.total_steps, str(run_dir / "last.pt"),
+                         "stop signal")
     return task.finish(result, dist_info)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from siamese_detr.cli.common import add_config_arguments, config_from_args, run_training
+from siamese_detr.cli.common import (
+    add_config_arguments,
+    add_run_folder_arguments,
+    config_from_args,
+    run_training,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None,
                    help="checkpoint to start from: a `siamese-detr pretrain` checkpoint (no "
                         "conversion needed), a fine-tuning checkpoint or a converted file")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue exactly from a checkpoint (default: OUT/last.pt)")
+    add_run_folder_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -30,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "finetune")
     if args.init:
         cfg = replace(cfg, init=args.init)
-    metrics, is_main = run_training(cfg, args.resume)
+    metrics, is_main = run_training(cfg, args.resume, args.overwrite)
     if is_main:
         print(describe_metrics(metrics))
     return 0

@@ -11,7 +11,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from siamese_detr.errors import ConfigError, UserError  # noqa: F401  (UserError: old path)
+from siamese_detr.errors import (  # noqa: F401  (UserError: old path)
+    EXIT_STOPPED,
+    ConfigError,
+    RunStopped,
+    UserError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,17 +55,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except (UserError, ConfigError, FileNotFoundError) as exc:
         print(f"siamese-detr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:  # a signal or too many non-finite losses; checkpoint saved
+        from siamese_detr.cli.common import resume_command
+
+        print(f"siamese-detr {args.command}: {exc}; resume with: {resume_command(argv)}",
+              file=sys.stderr)
+        return int(getattr(exc, "exit_code", EXIT_STOPPED))
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
     except KeyboardInterrupt:
-        print(f"siamese-detr {args.command}: interrupted (finished work is kept; re-run to "
-              "resume)", file=sys.stderr)
+        print(f"siamese-detr {args.command}: interrupted; {_interrupted_hint(args, argv)}",
+              file=sys.stderr)
         return 130
+
+
+def _interrupted_hint(args: argparse.Namespace, argv: list[str]) -> str:
+    """Where an interrupted training run can be resumed from (its last checkpoint)."""
+    out = getattr(args, "out", None)
+    if args.command not in ("pretrain", "finetune"):
+        return "finished work is kept; re-run to continue"
+    from pathlib import Path
+
+    from siamese_detr.cli.common import resume_command
+
+    if out is None or not (Path(out) / "last.pt").is_file():
+        return "no checkpoint was written yet; re-run the command to start again"
+    return (f"the last periodic checkpoint {Path(out) / 'last.pt'} is kept; resume with: "
+            f"{resume_command(argv)}")
 
 
 if __name__ == "__main__":

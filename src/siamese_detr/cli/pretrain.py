@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamese_detr.cli.common import add_config_arguments, config_from_args, run_training
+from siamese_detr.cli.common import (
+    add_config_arguments,
+    add_run_folder_arguments,
+    config_from_args,
+    run_training,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,14 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "torchrun --nproc-per-node 8 -m siamese_detr pretrain --preset ... The checkpoint "
         "(OUT/last.pt) fine-tunes directly: siamese-detr finetune --init OUT/last.pt.")
     add_config_arguments(p, "tiny/conditional/siamese")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue exactly from a checkpoint (default: OUT/last.pt)")
+    add_run_folder_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "pretrain")
-    metrics, is_main = run_training(cfg, args.resume)
+    metrics, is_main = run_training(cfg, args.resume, args.overwrite)
     if is_main:
         print("final losses: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                            if k.startswith("loss")))

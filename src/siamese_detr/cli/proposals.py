@@ -107,7 +107,11 @@ def _stats(args: argparse.Namespace) -> int:
     from siamese_detr.proposals.store import ProposalStore
 
     store = ProposalStore.open(args.store)
-    stats = store.stats()
+    try:
+        stats = store.stats()
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"proposal store {args.store} is damaged ({type(exc).__name__}: {exc});"
+                        " rebuild it with `siamese-detr proposals run`") from None
     if args.json:
         print(json.dumps(stats, sort_keys=True))
         return 0
@@ -125,8 +129,9 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
+    from siamese_detr.data.images import load_rgb
     from siamese_detr.data.sources import find_image
     from siamese_detr.proposals.store import ProposalStore
 
@@ -139,9 +144,12 @@ def _show(args: argparse.Namespace) -> int:
     if not source.get("path"):
         raise UserError(f"{args.store} does not record its image source")
     path = find_image(source["path"], args.image_id, source.get("images_root"))
-    boxes, scores = store.get(args.image_id, top_k=args.top)
-    with Image.open(path) as im:
-        canvas = im.convert("RGB")
+    try:
+        boxes, scores = store.get(args.image_id, top_k=args.top)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"proposal store {args.store} is damaged ({type(exc).__name__}: {exc});"
+                        " rebuild it with `siamese-detr proposals run`") from None
+    canvas = load_rgb(path)
     draw = ImageDraw.Draw(canvas)
     palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                (145, 30, 180), (70, 240, 240), (240, 50, 230)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from siamese_detr.config import ConfigError
+from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.data.transforms import Compose, Normalize, ToTensor, Transform
+from siamese_detr.data.validate import sanitize_coco
 from siamese_detr.structures import BoxTargets
 
 __all__ = ["CocoDetection", "load_coco_target"]
+
+log = logging.getLogger("siamese_detr")
 
 
 def load_coco_target(anns: list[dict[str, Any]], height: int, width: int) -> dict[str, Tensor]:
@@ -95,9 +100,11 @@ class CocoDetection(Dataset):
                 "data.train_images / data.val_images"
             )
         self.coco = self._load(self.ann_file)
+        self.problems = sanitize_coco(self.coco, self.ann_file, self.image_folder)
         self.ids: list[int] = sorted(self.coco.imgs.keys())
         self.transforms: Transform = transforms or Compose([ToTensor(), Normalize()])
         self.num_classes = num_classes
+        self._unreadable: set[int] = set()
         self._check_labels(num_classes)
 
     @staticmethod
@@ -143,12 +150,25 @@ class CocoDetection(Dataset):
                 f"image {str(path)!r} listed in {str(self.ann_file)!r} does not exist; check "
                 "the image folder (data.train_images / data.val_images)"
             )
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        info = self.coco.imgs[self.ids[index]]
+        expected = (info["width"], info["height"]) if "width" in info and "height" in info \
+            else None
+        return load_rgb(path, expected_size=expected)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, BoxTargets]:
+    def __getitem__(self, index: int) -> tuple[Tensor, BoxTargets] | None:
+        """The sample, or ``None`` when its image cannot be decoded (warned once; the
+        collate function drops it and counts it as skipped)."""
         image_id = self.ids[index]
-        image = self.load_image(index)
+        try:
+            image = self.load_image(index)
+        except ConfigError:  # a missing file: the folder setting is wrong, not the image
+            raise
+        except IMAGE_ERRORS as exc:
+            if image_id not in self._unreadable:
+                self._unreadable.add(image_id)
+                log.warning("unreadable image %s (%s: %s): skipped", self.image_path(index),
+                            type(exc).__name__, exc)
+            return None
         anns = self.coco.imgToAnns.get(image_id, [])
         target = load_coco_target(anns, image.height, image.width)
         orig_size = target["size"].clone()

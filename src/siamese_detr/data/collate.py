@@ -40,12 +40,30 @@ def pad_images(images: Sequence[Tensor]) -> ImageBatch:
     return ImageBatch(images=batch, mask=mask, sizes=sizes.to(ref.device))
 
 
+class DetectionBatch(tuple):
+    """``(ImageBatch, [BoxTargets, ...])`` that also says how many samples were dropped
+    (unreadable images: ``None`` samples) in ``skipped``."""
+
+    skipped: int = 0
+
+    @property
+    def skip_reasons(self) -> dict[str, int]:
+        return {"unreadable image": self.skipped} if self.skipped else {}
+
+
 def collate_detection(
-    samples: Sequence[tuple[Tensor, BoxTargets]],
+    samples: Sequence[tuple[Tensor, BoxTargets] | None],
 ) -> tuple[ImageBatch, list[BoxTargets]]:
-    """``[(image [3, h, w], BoxTargets), ...]`` -> ``(ImageBatch, [BoxTargets, ...])``."""
+    """``[(image [3, h, w], BoxTargets), ...]`` -> ``(ImageBatch, [BoxTargets, ...])``;
+    ``None`` samples are dropped and counted (``.skipped``); all ``None`` -> zero images."""
     if len(samples) == 0:
         raise ValueError("collate_detection got an empty batch")
-    images = [s[0] for s in samples]
-    targets = [s[1] for s in samples]
-    return pad_images(images), targets
+    kept = [s for s in samples if s is not None]
+    if kept:
+        images = pad_images([s[0] for s in kept])
+    else:
+        images = ImageBatch(images=torch.zeros(0, 3, 0, 0), mask=torch.zeros(0, 0, 0,
+                            dtype=torch.bool), sizes=torch.zeros(0, 2, dtype=torch.int64))
+    batch = DetectionBatch((images, [s[1] for s in kept]))
+    batch.skipped = len(samples) - len(kept)
+    return batch

@@ -21,6 +21,7 @@ import torchvision
 from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.demo.synthetic import photo_names, shipped_photo
 from siamese_detr.engine.checkpoint import save_checkpoint
+from siamese_detr.engine.logging import get_logger
 
 _MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
 _STD = torch.tensor(IMAGENET_STD)[:, None, None]
@@ -58,13 +59,18 @@ def train_photo_backbone(path: str | Path, steps: int = 300, batch_size: int = 3
     model = torchvision.models.resnet18(weights=None, num_classes=len(names)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     losses = []
-    for _ in range(steps):
+    log = get_logger()
+    report_every = max(1, steps // 10)
+    for step in range(steps):
         x, y = _crops(photos, rng, batch_size, crop_size)
         loss = F.cross_entropy(model(x.to(device)), y.to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.detach())  # read once at the end
+        losses.append(loss.detach())  # read only when reporting and at the end
+        if (step + 1) % report_every == 0 or step + 1 == steps:  # minutes long: show progress
+            log.info("backbone warm-up: step %d/%d, loss %.3f", step + 1, steps,
+                     float(losses[-1]))
     tail = torch.stack(losses[-50:]).mean().item() if losses else float("nan")
     state = {k: v.cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     save_checkpoint(state, path)  # atomic

@@ -10,10 +10,23 @@ every ``eval_every``. A task is any ``nn.Module`` whose ``forward(batch)`` retur
 Resume is exact: the checkpoint stores the step, model, optimiser, scaler, every RNG state and
 the number of micro-batches consumed, and the caller rebuilds the data stream from there.
 
+Faults (issue 10), each handled in one helper below:
+
+- empty batches (every sample unusable): :func:`next_usable_batch` waits for a usable one,
+  checks the stop flag in every wait and raises :class:`DataError` naming the counted skip
+  reasons after ``engine.max_empty_batches`` consecutive empty batches;
+- SIGTERM/SIGUSR1: checkpoint, then :class:`RunStopped` (the CLI prints the resume command and
+  exits 75);
+- non-finite loss or gradient norm: :class:`NonFinitePolicy`. The update of such a step is
+  not applied: the loss terms and gradient norm set a device flag that the optimiser step
+  consumes (:func:`optimizer_step`; fused AdamW skips on the device, without a host read).
+  The flags are read with the logged values (:class:`LossWindow`), so the policy acts at the
+  next log (or checkpoint): it logs the loss terms and image ids of each bad step, and after
+  ``engine.max_nonfinite_steps`` such steps the run stops with a checkpoint
+  (:class:`NonFiniteLossError`).
+
 The loop itself reads nothing from the device between logs: loss terms are summed on the
-device (:class:`LossWindow`) and read once per ``log_every`` steps, and a non-finite loss or
-gradient norm is a device flag the optimiser step consumes (:func:`optimizer_step`); the
-next log or checkpoint raises :class:`NonFiniteLossError`.
+device (:class:`LossWindow`) and read once per ``log_every`` steps.
 """
 
 from __future__ import annotations
@@ -41,11 +54,15 @@ from siamese_detr.engine.checkpoint import (
 from siamese_detr.engine.distributed import DistInfo, all_reduce_mean
 from siamese_detr.engine.logging import MetricsWriter, get_logger
 from siamese_detr.engine.optim import lr_factor, set_lr
+from siamese_detr.errors import DataError, RunStopped
 from siamese_detr.structures import LossOutput
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message lists every term."""
+class NonFiniteLossError(RunStopped, RuntimeError):
+    """Too many non-finite losses: the run stopped with a checkpoint of the last finite
+    weights; the message lists every loss term and the batch's image ids."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -79,12 +96,10 @@ def batch_size_of(batch: Any) -> int:
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
-    """Move a batch (tensors, containers with ``to``, tuples/lists of them) to ``device``;
-    asynchronous on CUDA (the loader pins memory), so the host does not wait."""
     if isinstance(batch, tuple | list):
         return type(batch)(move_to(b, device) for b in batch)
     if hasattr(batch, "to"):
-        return batch.to(device, non_blocking=device.type == "cuda")
+        return batch.to(device)
     return batch
 
 
@@ -136,20 +151,25 @@ class LossWindow:
     """Loss values of the steps since the last log, summed on the device and read once.
 
     ``add`` costs no host read: the device terms of a :class:`LossOutput` (``raw``) and the
-    total are added to a device vector, host-float terms to host lists. ``read`` makes the
-    one device-to-host transfer of a logging step. ``bad`` counts, on the device, the steps
-    whose loss (or gradient norm) was not finite.
+    total are added to a device vector (a non-finite micro-batch adds zeros and is not
+    counted, so one bad step does not turn the logged means into NaN), host-float terms to
+    host lists. ``read`` makes the one device-to-host transfer of a logging step. ``bad``
+    counts, on the device, the entries (micro-batches, gradient norms) that were not finite;
+    :meth:`pop_bad_steps` says which steps they were (extra reads, only when ``bad > 0``).
     """
 
     def __init__(self) -> None:
-        self.sums: dict[tuple[str, ...], list[Any]] = {}  # names -> [device sum, count]
+        self.sums: dict[tuple[str, ...], list[torch.Tensor]] = {}  # names -> [sum, count]
         self.weights: dict[str, float] = {}
         self.host: dict[str, list[float]] = {}
         self.bad: torch.Tensor | None = None
-        self.first_step: int | None = None
+        # (step, image ids, names, values, flag) of every entry since the last log
+        self.entries: list[tuple[int, list[Any], tuple[str, ...], torch.Tensor,
+                                 torch.Tensor, dict[str, tuple[float, float]]]] = []
 
-    def add(self, out: LossOutput, step: int) -> torch.Tensor:
-        """Record one micro-batch; returns its device flag (1.0 when the loss is not finite)."""
+    def add(self, out: LossOutput, step: int, image_ids: list[Any] | None = None
+            ) -> torch.Tensor:
+        """Record one micro-batch; returns its device flag (1.0 when a term is not finite)."""
         total = out.total.detach().float().reshape(1)
         if out.raw is not None:
             names = ("loss", *out.names)
@@ -157,64 +177,84 @@ class LossWindow:
             self.weights.update(zip(out.names, out.weights))
         else:
             names, values = ("loss",), total
-        self._add(names, values)
+        flag = self._add(names, values, step, image_ids or [], out.host_terms)
         for name, (weighted, raw) in out.host_terms.items():
             self.host.setdefault(name, []).append(weighted)
             self.host.setdefault(name + "_unscaled", []).append(raw)
-        if self.first_step is None:
-            self.first_step = step
-        return self.flag(total)
-
-    def add_value(self, name: str, value: torch.Tensor) -> None:
-        self._add((name,), value.detach().float().reshape(1))
-
-    def flag(self, value: torch.Tensor) -> torch.Tensor:
-        """``1.0`` on the device when ``value`` is not finite; counted in ``bad``."""
-        flag = (~torch.isfinite(value.detach())).any().float()
-        self.bad = flag if self.bad is None else self.bad + flag
         return flag
 
-    def _add(self, names: tuple[str, ...], values: torch.Tensor) -> None:
+    def add_value(self, name: str, value: torch.Tensor, step: int) -> torch.Tensor:
+        """Record one more device value (e.g. the gradient norm); returns its flag."""
+        return self._add((name,), value.detach().float().reshape(1), step, [])
+
+    def _add(self, names: tuple[str, ...], values: torch.Tensor, step: int,
+             image_ids: list[Any], host_terms: dict[str, tuple[float, float]] | None = None
+             ) -> torch.Tensor:
+        flag = (~torch.isfinite(values)).any().float()
+        self.bad = flag if self.bad is None else self.bad + flag
+        self.entries.append((step, image_ids, names, values, flag, host_terms or {}))
+        good = (1.0 - flag).reshape(1)
+        kept = torch.where(flag > 0, torch.zeros_like(values), values)
         entry = self.sums.get(names)
         if entry is None:
-            self.sums[names] = [values.clone(), 1]
+            self.sums[names] = [kept, good]
         else:
-            entry[0] += values
-            entry[1] += 1
+            entry[0] = entry[0] + kept
+            entry[1] = entry[1] + good
+        return flag
 
     def read(self) -> tuple[dict[str, float], int]:
-        """``(means of every term, number of non-finite steps)`` with one host transfer."""
+        """``(means of every term over its finite entries, number of non-finite entries)``
+        with one host transfer."""
         keys = list(self.sums)
-        parts = [self.sums[k][0] for k in keys]
+        parts = [t for k in keys for t in self.sums[k]]
         if self.bad is not None:
             parts.append(self.bad.reshape(1))
         host = torch.cat(parts).cpu().tolist() if parts else []
         record: dict[str, float] = {}
         offset = 0
         for names in keys:
-            count = self.sums[names][1]
+            count = host[offset + len(names)]
             for name, value in zip(names, host[offset : offset + len(names)]):
-                mean = value / count
+                mean = value / count if count > 0 else float("nan")
                 if name in self.weights:
                     record[name] = self.weights[name] * mean
                     record[name + "_unscaled"] = mean
                 else:
                     record[name] = mean
-            offset += len(names)
+            offset += len(names) + 1
         for name, values in self.host.items():
             record[name] = sum(values) / len(values)
         bad = int(host[offset]) if self.bad is not None else 0
         return record, bad
 
+    def pending_bad(self) -> int:
+        """Non-finite entries not yet handled (one host read: for a checkpoint between logs)."""
+        return int(self.bad) if self.bad is not None else 0
+
+    def pop_bad_steps(self) -> list[tuple[int, list[Any], dict[str, tuple[float, float]]]]:
+        """``(step, image ids, {name: (weighted, raw)})`` of every step with a non-finite entry,
+        in step order; forgets the entries (they are reported once)."""
+        if not self.entries:
+            return []
+        flags = torch.stack([e[4] for e in self.entries]).cpu().tolist()
+        bad_steps = sorted({e[0] for e, f in zip(self.entries, flags) if f > 0})
+        steps = []
+        for step in bad_steps:
+            mine = [e for e in self.entries if e[0] == step]
+            ids = [i for e in mine for i in e[1]]
+            values = torch.cat([e[3] for e in mine]).cpu().tolist()
+            names = [n for e in mine for n in e[2]]
+            terms = {n: (self.weights.get(n, 1.0) * v, v) for n, v in zip(names, values)}
+            for e in mine:
+                terms.update(e[5])
+            steps.append((step, ids, terms))
+        self.entries.clear()
+        self.bad = None
+        return steps
+
     def clear(self) -> None:
         self.__init__()  # type: ignore[misc]
-
-
-def _raise_non_finite(record: dict[str, float], first: int | None, last: int) -> None:
-    terms = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "loss")
-    raise NonFiniteLossError(
-        f"non-finite loss between steps {first} and {last} (those steps were not applied to "
-        f"the weights): loss={record.get('loss', float('nan')):.4g}; means: {terms}")
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor,
@@ -238,6 +278,75 @@ def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor,
             del optimizer.found_inf  # type: ignore[attr-defined]
     elif not bool(found_inf):  # one host read per step for other optimisers
         optimizer.step()
+
+
+
+def image_ids_of(batch: Any) -> list[Any]:
+    """The image ids of a batch: ``batch.image_ids`` or the targets' ``image_id``s."""
+    if hasattr(batch, "image_ids"):
+        return list(batch.image_ids)
+    if isinstance(batch, tuple | list) and len(batch) > 1 and isinstance(batch[1], list | tuple):
+        return [getattr(t, "image_id", None) for t in batch[1]]
+    return []
+
+
+def next_usable_batch(stream: Iterator[Any], stop: _StopFlag, max_empty: int,
+                      reasons: dict[str, int]) -> tuple[Any | None, int]:
+    """The next batch holding at least one sample and the number of micro-batches consumed;
+    ``None`` when a stop was requested while waiting. Skipped samples are added to
+    ``reasons`` (``batch.skip_reasons``, else ``batch.skipped`` as "unusable sample")."""
+    consumed = empty = 0
+    while True:
+        batch = next(stream)
+        consumed += 1
+        found = dict(getattr(batch, "skip_reasons", None) or {})
+        rest = int(getattr(batch, "skipped", 0)) - sum(found.values())
+        if rest > 0:
+            found["unusable sample"] = found.get("unusable sample", 0) + rest
+        for k, v in found.items():
+            reasons[k] = reasons.get(k, 0) + v
+        if batch_size_of(batch) > 0:
+            return batch, consumed
+        empty += 1
+        if stop.set:
+            return None, consumed
+        if empty >= max_empty:
+            counted = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(),
+                                                               key=lambda kv: -kv[1]))
+            raise DataError(f"no usable sample in {empty} consecutive batches (skipped so far: "
+                            f"{counted or 'nothing counted'}); fix the data or the settings "
+                            "that reject it (engine.max_empty_batches sets this bound)")
+
+
+class NonFinitePolicy:
+    """Skip the update of a step with a non-finite loss up to ``limit`` times, then stop.
+
+    ``observe(False, step, terms, ids)`` is called for each bad step when the loop reads its
+    flags (at a log or checkpoint); it logs the loss terms and image ids of the step. The
+    update itself was already skipped on the device (:func:`optimizer_step`).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.skipped: list[int] = []
+        self.last_message = ""
+
+    def observe(self, finite: bool, step: int, terms: dict[str, tuple[float, float]],
+                image_ids: list[Any]) -> bool:
+        if finite:
+            return True
+        shown = {k: v for k, v in terms.items() if k != "loss" or len(terms) == 1}
+        terms_text = ", ".join(f"{k}={w:.4g} (raw {r:.4g})" for k, (w, r) in shown.items())
+        self.skipped.append(step)
+        self.last_message = (f"non-finite loss at step {step}: {terms_text}; images "
+                             f"{image_ids}")
+        get_logger().warning("%s; update skipped (%d of at most %d)", self.last_message,
+                             len(self.skipped), self.limit)
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return len(self.skipped) > self.limit
 
 
 def train(
@@ -275,7 +384,9 @@ def train(
     result = TrainResult(step=start.step)
     window = LossWindow()
     data_times: list[float] = []
-    skipped = 0
+    skip_reasons: dict[str, int] = {}
+    nonfinite = NonFinitePolicy(engine.max_nonfinite_steps)
+    stop_reason = ""
     last_logged = start.step
     t_last = time.perf_counter()
     pbar = None
@@ -288,8 +399,6 @@ def train(
             mininterval=0.5 if interactive else 30.0)  # keep redirected logs small
 
     def save(step: int) -> None:
-        if window.bad is not None and bool(window.bad):  # a checkpoint between two logs
-            _raise_non_finite(window.read()[0], window.first_step, step - 1)
         if not dist_info.is_main:
             return
         payload = {**checkpoint_meta, "step": step, "data_position": position,
@@ -301,46 +410,60 @@ def train(
             save_checkpoint(payload, run_dir / f"step_{step}.pt")
             rotate_checkpoints(run_dir, engine.keep_checkpoints)
 
+    def too_many_nonfinite(bad: int) -> bool:
+        """Hand the steps behind ``bad`` non-finite entries to the policy (their updates were
+        already skipped on the device); True when the run must stop."""
+        if bad:
+            for bad_step, ids, terms in window.pop_bad_steps():
+                nonfinite.observe(False, bad_step, terms, ids)
+        return nonfinite.exhausted
+
     task.train()
     with _StopFlag() as stop:
         for step in range(start.step, schedule.total_steps):
             factor = lr_factor(step, schedule.lr_drops, schedule.gamma, schedule.warmup_iters)
             set_lr(optimizer, factor)
             t_data = 0.0
+            step_position = position
             found_inf = torch.zeros((), device=device)  # > 0: skip this step (non-finite)
             for micro in range(engine.accum_steps):
                 t0 = time.perf_counter()
-                batch = next(stream)
-                position += 1
-                while batch_size_of(batch) == 0:  # every sample of the batch was unusable
-                    skipped += 1
-                    batch = next(stream)
-                    position += 1
-                skipped += int(getattr(batch, "skipped", 0))
+                batch, consumed = next_usable_batch(stream, stop, engine.max_empty_batches,
+                                                    skip_reasons)
+                position += consumed
+                if batch is None:  # stop requested while waiting for data: redo this step
+                    break
+                ids = image_ids_of(batch)
                 batch = move_to(batch, device)
                 t_data += time.perf_counter() - t0
                 sync = micro == engine.accum_steps - 1 or not hasattr(task, "no_sync")
                 ctx = contextlib.nullcontext() if sync else task.no_sync()
                 with ctx, autocast_context(engine.amp, device):
                     out: LossOutput = task(batch)
-                found = window.add(out, step)  # on the device: no host read
-                found_inf = found_inf + found
+                found_inf = found_inf + window.add(out, step, ids)  # on the device
                 loss = out.total / engine.accum_steps
                 if scaler is not None:
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
+            if batch is None:
+                position = step_position
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("stop signal received while waiting for data: checkpoint at step "
+                            "%d", step)
+                save(step)
+                result.stopped_early, stop_reason = True, "stop signal"
+                break
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if schedule.clip_max_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]],
                     schedule.clip_max_norm)
-                window.add_value("grad_norm", grad_norm)
-                found_inf = found_inf + (~torch.isfinite(grad_norm)).float()
+                found_inf = found_inf + window.add_value("grad_norm", grad_norm, step)
             if dist_info.distributed:  # every rank skips together
                 torch.distributed.all_reduce(found_inf)
-            optimizer_step(optimizer, found_inf, scaler)
+            optimizer_step(optimizer, found_inf, scaler)  # a non-finite step is not applied
             optimizer.zero_grad(set_to_none=True)
             if hasattr(raw, "after_step"):
                 raw.after_step(step)
@@ -349,16 +472,17 @@ def train(
             data_times.append(t_data)
             if pbar is not None:
                 pbar.update(1)
+            must_stop = False
             if done % engine.log_every == 0 or done == schedule.total_steps:
                 now = time.perf_counter()
                 record, bad = window.read()  # the one host read of a logging step
-                if bad:
-                    _raise_non_finite(record, window.first_step, step)
+                must_stop = too_many_nonfinite(bad)
                 record["data_time"] = sum(data_times) / len(data_times)
                 record = all_reduce_mean(record, device)
                 record.update(step=done, lr=optimizer.param_groups[0]["lr"],
                               step_time=(now - t_last) / max(1, done - last_logged),
-                              skipped_samples=skipped)
+                              skipped_samples=sum(skip_reasons.values()),
+                              nonfinite_steps=len(nonfinite.skipped))
                 last_logged = done
                 if device.type == "cuda":
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -369,6 +493,12 @@ def train(
                 window.clear()
                 data_times.clear()
                 t_last = now
+            elif engine.ckpt_every > 0 and done % engine.ckpt_every == 0:
+                must_stop = too_many_nonfinite(window.pending_bad())  # between two logs
+            if must_stop:  # the skipped steps count as done, like the others
+                save(done)
+                result.stopped_early, stop_reason = True, "non-finite"
+                break
             if engine.ckpt_every > 0 and done % engine.ckpt_every == 0:
                 save(done)
             if evaluate is not None and engine.eval_every > 0 and done % engine.eval_every == 0 \
@@ -380,7 +510,7 @@ def train(
             if stop.set:
                 log.warning("stop signal received: checkpoint at step %d, exiting", done)
                 save(done)
-                result.stopped_early = True
+                result.stopped_early, stop_reason = True, "stop signal"
                 break
     if pbar is not None:
         pbar.close()
@@ -391,6 +521,12 @@ def train(
             metrics.write({"step": result.step, **{f"eval/{k}": v for k, v in
                                                    result.eval_metrics.items()}})
     metrics.close()
-    if skipped:
-        log.info("skipped %d unusable samples (corrupt image or no region)", skipped)
+    if skip_reasons:
+        log.info("skipped %d unusable samples (%s)", sum(skip_reasons.values()),
+                 ", ".join(f"{k}: {v}" for k, v in sorted(skip_reasons.items())))
+    if stop_reason == "non-finite":
+        raise NonFiniteLossError(result.step, schedule.total_steps, str(run_dir / "last.pt"),
+                                 f"{len(nonfinite.skipped)} non-finite losses, more than "
+                                 f"engine.max_nonfinite_steps={engine.max_nonfinite_steps}; "
+                                 f"last: {nonfinite.last_message}")
     return result

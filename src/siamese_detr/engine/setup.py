@@ -17,6 +17,32 @@ from siamese_detr.engine.loop import ResumeState, Schedule, resume
 from siamese_detr.engine.optim import build_optimizer, resolve_schedule
 
 
+def tidy_resumed_run(run_dir: Path, step: int) -> None:
+    """Before a resumed run goes on from ``step``: delete the temporary files a kill during a
+    checkpoint write left, and drop the ``metrics.jsonl`` records of the steps after ``step``
+    (they are replayed, and would otherwise be there twice)."""
+    import json
+
+    from siamese_detr.files import remove_stale_temporaries, write_text
+
+    for tmp in remove_stale_temporaries(run_dir):
+        get_logger().info("removed %s (left by an interrupted write)", tmp.name)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if int(record.get("step", 0)) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_text(metrics, "".join(f"{line}\n" for line in kept))
+
+
 @dataclass
 class Prepared:
     model: nn.Module  # the task, DDP-wrapped when distributed
@@ -47,6 +73,8 @@ def prepare_training(task: nn.Module, cfg: RunConfig, dist_info: DistInfo, datas
         start = resume(resume_path, task, optimizer, scaler)
         get_logger().info("resumed from %s at step %d", resume_path, start.step)
     if dist_info.is_main:
+        if start is not None:
+            tidy_resumed_run(Path(cfg.output_dir), start.step)
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
     model = task
     if dist_info.distributed:

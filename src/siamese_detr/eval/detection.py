@@ -127,7 +127,8 @@ def describe_metrics(metrics: dict[str, float]) -> str:
     for k, v in metrics.items():
         if not k.startswith("coco/") and k not in per_class:
             kind = "VOC2007 11-point" if k.startswith("voc07") else "VOC area-under-curve"
-            lines.append(f"{k} = {v:.4f}  ({kind} AP@IoU>0.5)")
+            shown = "n/a (no ground truth)" if v < 0 else f"{v:.4f}"
+            lines.append(f"{k} = {shown}  ({kind} AP@IoU>0.5)")
     return "\n".join(lines + _per_class_table(metrics))
 
 

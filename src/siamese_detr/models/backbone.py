@@ -20,7 +20,11 @@ from torchvision.models import resnet18, resnet34, resnet50
 
 from siamese_detr.config import ConfigError
 
-__all__ = ["Backbone", "FrozenBatchNorm2d", "LoadReport", "load_backbone_weights"]
+__all__ = ["RANDOM_WEIGHTS", "Backbone", "FrozenBatchNorm2d", "LoadReport",
+           "load_backbone_weights"]
+
+#: ``model.backbone.weights=random``: a randomly initialised backbone, on purpose (no warning)
+RANDOM_WEIGHTS = "random"
 
 Freeze = Literal["all", "stem+layer1", "none"]
 WeightsFormat = Literal["auto", "swav", "torchvision", "safetensors"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from siamese_detr.config import HeadActivation, ModelConfig, RunConfig, Variant
-from siamese_detr.models.backbone import Backbone, load_backbone_weights
+from siamese_detr.models.backbone import RANDOM_WEIGHTS, Backbone, load_backbone_weights
 from siamese_detr.models.heads import MLP, inverse_sigmoid
 from siamese_detr.models.position import sine_position_encoding
 from siamese_detr.models.transformer.conditional import ConditionalTransformer
@@ -270,7 +270,7 @@ def build_detector(cfg: ModelConfig, num_logits: int,
     """
     b = cfg.backbone
     backbone = Backbone(b.depth, _backbone_levels(cfg), frozen_bn=b.frozen_bn, freeze=b.freeze)
-    if b.weights:
+    if b.weights and b.weights != RANDOM_WEIGHTS:
         report = load_backbone_weights(backbone, b.weights, b.weights_format,
                                        allow_missing=b.allow_missing_keys)
         log.info("backbone weights %s: %d loaded, %d missing, %d unexpected, %d dropped",

@@ -28,9 +28,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from siamese_detr.data.images import load_rgb_array
 from siamese_detr.data.sources import ImageRecord, list_images, source_kind
 from siamese_detr.engine.env import world_from_env
 from siamese_detr.errors import UserError
@@ -153,10 +153,9 @@ def compute_proposals(image: np.ndarray, image_id: str, settings: ProposalSettin
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image fully (truncated files raise) as RGB uint8 (no EXIF rotation)."""
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))
+    """Decode an image fully (truncated files raise) as RGB uint8 through the package's one
+    decoder (:func:`siamese_detr.data.images.load_rgb`: 16-bit, palette, alpha, EXIF)."""
+    return load_rgb_array(path)
 
 
 def process_record(record: ImageRecord, settings: ProposalSettings

@@ -211,8 +211,12 @@ class ProposalStore:
             hint = (" (unfinished: run `siamese-detr proposals merge` once all shards are done)"
                     if (store_dir / "plan.json").is_file() else "")
             raise UserError(f"no finished proposal store at {store_dir}{hint}")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{meta_path} is damaged (not valid JSON: {exc}); rebuild the "
+                            "store with `siamese-detr proposals run`") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"{meta_path} is not a siamese-detr proposal store")
         return cls(store_dir, meta)
 

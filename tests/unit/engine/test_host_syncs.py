@@ -209,7 +209,7 @@ def _regression(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_nan_loss_never_reaches_the_weights(fused, tmp_path):
-    from siamese_detr.engine.loop import NonFiniteLossError
+    from siamese_detr.engine.logging import read_jsonl
 
     torch.manual_seed(0)
     task = PoisonedTask(poisoned={1})
@@ -219,7 +219,7 @@ def test_nan_loss_never_reaches_the_weights(fused, tmp_path):
     wrapped = StepCounter(task, counter)
     batches = _regression(4)
     eng = EngineConfig(log_every=4, ckpt_every=0, progress=False, keep_checkpoints=0)
-    with counter, pytest.raises(NonFiniteLossError, match=r"steps 0 and 3.*loss_mse=nan"):
+    with counter:  # one bad step is within engine.max_nonfinite_steps: the run goes on
         train(task=wrapped, batches=lambda p: iter(batches[p:]), optimizer=opt,
               schedule=Schedule(4, (), 0.1, 0, 1.0), engine=eng, run_dir=tmp_path,
               dist_info=CPU, checkpoint_meta={"kind": "test", "config": {}},
@@ -233,7 +233,9 @@ def test_nan_loss_never_reaches_the_weights(fused, tmp_path):
         assert all(int(s["step"]) == 3 for s in opt.state.values())
     else:  # other optimisers read the flag once per step
         assert wrapped.syncs == [1, 1, 1, 1]
-    assert not (tmp_path / "last.pt").exists()  # nothing was saved after the NaN
+    (row,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert row["nonfinite_steps"] == 1
+    assert row["loss_mse_unscaled"] == row["loss_mse_unscaled"]  # the NaN is not averaged in
 
 
 def test_logged_values_are_window_means_of_device_terms(tmp_path):

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from siamese_detr.config import DETRegOptions, ProposalReadConfig, RunConfig
 from siamese_detr.data import transforms as T
 from siamese_detr.data.collate import pad_images
+from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.views import colour_augment, to_normalised_tensor
 from siamese_detr.structures import BoxTargets, ImageBatch
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class _Record(Protocol):
@@ -182,9 +182,8 @@ class DETRegDataset(Dataset):
         index, position = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
         record = self.records[index]
         try:
-            with Image.open(record.path) as im:
-                image = im.convert("RGB")
-        except _IMAGE_ERRORS as exc:
+            image = load_rgb(record.path)  # the one decoder (16-bit, palette, CMYK, EXIF)
+        except IMAGE_ERRORS as exc:
             self._warn(record.image_id, f"unreadable image {record.path} ({exc})")
             return None
         rng = _rng(self.seed, index, position)

@@ -7,21 +7,23 @@ boxes in each view's unpadded pixels. Sizes are ``(H, W)``. Masks are True on pa
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from siamese_detr.config import ProposalReadConfig, RunConfig, SiameseOptions
 from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.collate import pad_images
+from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.views import SiameseSample, sample_views
 from siamese_detr.structures import ImageBatch
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_IMAGE_ERRORS = IMAGE_ERRORS
 
 
 class _Record(Protocol):
@@ -51,6 +53,15 @@ class _Store(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
     def __contains__(self, image_id: object) -> bool: ...
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """What a :class:`PretrainDataset` with ``report_skips`` gives instead of ``None``: the
+    reason travels to :func:`collate_siamese` and is counted in ``SiameseBatch.skip_reasons``."""
+
+    image_id: str
+    reason: str
 
 
 def sample_rng(seed: int, index: int, position: int = 0) -> np.random.Generator:
@@ -82,60 +93,80 @@ class PretrainDataset(Dataset):
         self.seed = int(seed)
         self.proposals_cfg = proposals_cfg or ProposalReadConfig()
         self._warned: set[str] = set()
+        self.report_skips = False  # True: SkippedSample(reason) instead of None
+        self._reason = ""
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> SiameseSample | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> SiameseSample | SkippedSample | None:
         index, position = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
         record = self.records[index]
+        self._reason = ""
         image = self._load_image(record)
         if image is None:
-            return None
+            return self._skipped(record)
         proposals = None
         if self.opts.box_source == "proposals":
-            proposals = self._load_proposals(record)
+            proposals = self._load_proposals(record, image.size)
             if proposals is None:
-                return None
+                return self._skipped(record)
         rng = sample_rng(self.seed, index, position)
         sample = sample_views(image, proposals, self.opts, rng, image_id=record.image_id)
         if sample is None:
-            self._warn(record.image_id, "no region box survived the view crop (skipped)")
+            self._warn(record.image_id, "no region box survived the view crop (skipped)",
+                       "no region survived the view crop")
+            return self._skipped(record)
         return sample
 
-    def _warn(self, image_id: str, message: str) -> None:
+    def _skipped(self, record: _Record) -> SkippedSample | None:
+        return SkippedSample(record.image_id, self._reason) if self.report_skips else None
+
+    def _warn(self, image_id: str, message: str, reason: str = "") -> None:
+        self._reason = reason or message
         if image_id not in self._warned:
             self._warned.add(image_id)
             log.warning("pretrain data: image %s: %s", image_id, message)
 
     def _load_image(self, record: _Record) -> Image.Image | None:
         try:
-            with Image.open(record.path) as im:
-                image = im.convert("RGB")
+            image = load_rgb(record.path)
         except _IMAGE_ERRORS as exc:
-            self._warn(record.image_id, f"unreadable image {record.path} ({exc})")
+            self._warn(record.image_id, f"unreadable image {record.path} ({exc})",
+                       "unreadable image")
             return None
         if min(image.size) < 2:
-            self._warn(record.image_id, f"image too small {image.size}")
+            self._warn(record.image_id, f"image too small {image.size}", "image too small")
             return None
         return image
 
-    def _load_proposals(self, record: _Record) -> np.ndarray | None:
+    def _load_proposals(self, record: _Record, image_size: tuple[int, int] | None = None
+                        ) -> np.ndarray | None:
         assert self.store is not None
         cfg = self.proposals_cfg
         try:
             if record.image_id not in self.store:
-                self._warn(record.image_id, "no proposals in the store (skipped)")
+                self._warn(record.image_id, "no proposals in the store (skipped)",
+                           "no proposals in the store")
                 return None
+            stored = getattr(self.store, "image_size", None)
+            h, w = stored(record.image_id) if stored is not None else (0, 0)
             boxes, _ = self.store.get(
                 record.image_id, top_k=cfg.top_k, min_size=cfg.min_size, min_score=cfg.min_score
             )
         except (KeyError, OSError, ValueError) as exc:
-            self._warn(record.image_id, f"unreadable proposals ({exc})")
+            self._warn(record.image_id, f"unreadable proposals ({exc})", "unreadable proposals")
+            return None
+        if image_size is not None and h > 0 and w > 0 and (w, h) != tuple(image_size):
+            self._warn(record.image_id, f"image is {image_size[0]}x{image_size[1]} but its "
+                       f"proposals were computed on {w}x{h} (skipped)",
+                       "image size differs from the proposal store")
             return None
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         if len(boxes) == 0:
-            self._warn(record.image_id, "empty proposal list (skipped)")
+            self._warn(record.image_id, "empty proposal list (skipped)",
+                       "no proposal left after pretrain.proposals filters (top_k, min_size, "
+                       "min_score)")
             return None
         return boxes
 
@@ -160,6 +191,7 @@ class SiameseBatch:
     crops2: Tensor | None
     image_ids: list[str]
     skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -186,16 +218,17 @@ class SiameseBatch:
             boxes2=self.boxes2.to(device, non_blocking=non_blocking),
             crops1=move(self.crops1), crops2=move(self.crops2),
             image_ids=list(self.image_ids), skipped=self.skipped,
+            skip_reasons=dict(self.skip_reasons),
         )
 
 
-def _empty_batch(skipped: int) -> SiameseBatch:
+def _empty_batch(skipped: int, reasons: dict[str, int]) -> SiameseBatch:
     empty = ImageBatch(
         images=torch.zeros(0, 3, 0, 0), mask=torch.zeros(0, 0, 0, dtype=torch.bool),
         sizes=torch.zeros(0, 2, dtype=torch.int64),
     )
     boxes = torch.zeros(0, 0, 4)
-    return SiameseBatch(empty, empty, boxes, boxes.clone(), None, None, [], skipped)
+    return SiameseBatch(empty, empty, boxes, boxes.clone(), None, None, [], skipped, reasons)
 
 
 def _split(batch: ImageBatch, n: int) -> tuple[ImageBatch, ImageBatch]:
@@ -205,13 +238,17 @@ def _split(batch: ImageBatch, n: int) -> tuple[ImageBatch, ImageBatch]:
     )
 
 
-def collate_siamese(samples: Sequence[SiameseSample | None]) -> SiameseBatch:
+def collate_siamese(samples: Sequence[SiameseSample | SkippedSample | None]) -> SiameseBatch:
     """Drop ``None`` samples (counted in ``skipped``), pad both views of all samples to one
     common size, stack boxes ``[B, M, 4]`` and crops ``[B, M, 3, c, c]``. All-``None`` -> B=0."""
-    kept = [s for s in samples if s is not None]
+    kept = [s for s in samples if isinstance(s, SiameseSample)]
     skipped = len(samples) - len(kept)
+    reasons: dict[str, int] = {}
+    for s in samples:
+        if isinstance(s, SkippedSample):
+            reasons[s.reason] = reasons.get(s.reason, 0) + 1
     if not kept:
-        return _empty_batch(skipped)
+        return _empty_batch(skipped, reasons)
     n = len(kept)
     padded = pad_images([s.view1 for s in kept] + [s.view2 for s in kept])
     view1, view2 = _split(padded, n)
@@ -222,7 +259,7 @@ def collate_siamese(samples: Sequence[SiameseSample | None]) -> SiameseBatch:
         boxes2=torch.stack([s.boxes2 for s in kept]).float(),
         crops1=torch.stack([s.crops1 for s in kept]) if has_crops else None,  # type: ignore[misc]
         crops2=torch.stack([s.crops2 for s in kept]) if has_crops else None,  # type: ignore[misc]
-        image_ids=[s.image_id for s in kept], skipped=skipped,
+        image_ids=[s.image_id for s in kept], skipped=skipped, skip_reasons=reasons,
     )
 
 
@@ -300,6 +337,8 @@ def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8, scale: int
     colours = _palette(len(sample.boxes1))
     for offset, boxes in ((0, sample.boxes1), (left.width + gap, sample.boxes2)):
         for j, (x0, y0, x1, y1) in reversed(list(enumerate(boxes.tolist()))):  # 0 on top
+            if x1 <= x0 or y1 <= y0:  # zero-area region (no box): nothing to draw
+                continue
             draw.rectangle([x0 + offset, y0, x1 + offset, y1], outline=colours[j],
                            width=3 if j == 0 else 2)
             draw.text((x0 + offset + 2, y0 + 1), str(j), fill=colours[j])
@@ -341,4 +380,51 @@ def build_pretrain_dataset(cfg: RunConfig) -> PretrainDataset:
                               f"`siamese-detr proposals run {pre.images} --out "
                               f"{pre.proposals.store}`")
         store = ProposalStore.open(pre.proposals.store)
-    return PretrainDataset(records, store, pre.siamese, cfg.seed, pre.proposals)
+        check_store_matches(store, records, pre.proposals.store, pre.images)
+    dataset = PretrainDataset(records, store, pre.siamese, cfg.seed, pre.proposals)
+    dataset.report_skips = True
+    return dataset
+
+
+def check_store_matches(store: Any, records: Sequence[_Record], store_path: str,
+                        images: str, probes: int = 8) -> None:
+    """Refuse a proposal store built from other images: every image must be in the store
+    (or listed among its failures) and the first ``probes`` images, spread over the list,
+    must have the size the store recorded. Raises :class:`DataError` naming both."""
+    from siamese_detr.errors import DataError
+
+    meta = store.meta
+    failed = set(meta.get("failures", {}))
+    built_from = (meta.get("source") or {}).get("path", "?")
+    ids_hash = hashlib.sha1("\n".join(r.image_id for r in records).encode("utf-8")).hexdigest()
+    if meta.get("ids_sha1") != ids_hash:
+        missing = [r.image_id for r in records
+                   if r.image_id not in failed and r.image_id not in store]
+        if missing:
+            raise DataError(
+                f"proposal store {store_path} (built from {built_from}, "
+                f"{meta.get('num_images', len(store))} images) has no proposals for "
+                f"{len(missing)} of the {len(records)} images of {images} (e.g. "
+                f"{', '.join(missing[:3])}); build the store from these images: siamese-detr "
+                f"proposals run {images} --out NEW_STORE")
+    picks = sorted({int(i) for i in np.linspace(0, len(records) - 1, min(probes, len(records)))}
+                   ) if records else []
+    wrong = []
+    for i in picks:
+        record = records[i]
+        if record.image_id in failed or record.image_id not in store:
+            continue
+        h, w = store.image_size(record.image_id)
+        try:
+            with Image.open(record.path) as im:
+                size = ImageOps.exif_transpose(im).size if im.getexif().get(0x0112) else im.size
+        except IMAGE_ERRORS:
+            continue  # counted as unreadable while training
+        if h > 0 and w > 0 and size != (w, h):
+            wrong.append(f"{record.image_id} is {size[0]}x{size[1]}, store says {w}x{h}")
+    if wrong:
+        raise DataError(f"proposal store {store_path} (built from {built_from}) does not "
+                        f"match the images of {images}: {'; '.join(wrong[:3])}"
+                        f"{f' (+{len(wrong) - 3} more)' if len(wrong) > 3 else ''}; build "
+                        f"the store from these images: siamese-detr proposals run {images} "
+                        "--out NEW_STORE")

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from siamese_detr.config import RunConfig, UPDETROptions
 from siamese_detr.data.collate import pad_images
+from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.data.transforms import get_size
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.data import sample_rng
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_IMAGE_ERRORS = IMAGE_ERRORS
 
 
 @dataclass
@@ -145,8 +146,7 @@ class UPDETRDataset(Dataset):
         index, position = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
         record = self.records[index]
         try:
-            with Image.open(record.path) as im:
-                image = im.convert("RGB")
+            image = load_rgb(record.path)
         except _IMAGE_ERRORS as exc:
             self._warn(record.image_id, f"unreadable image {record.path} ({exc})")
             return None
