@@ -96,7 +96,8 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     if a.ndim == 3 and a.shape[2] in (3, 4):
         return Image.fromarray(np.ascontiguousarray(a), mode="RGB" if a.shape[2] == 3
                                else "RGBA")
-    raise ValueError(f"not an image array: shape {tuple(a.shape)}")
+    raise ValueError(f"not an image array: shape {tuple(a.shape)} (expected HxW, HxWx1, "
+                     "HxWx3 or HxWx4)")
 
 
 def load_rgb(path: str | Path, *, expected_size: tuple[int, int] | None = None
