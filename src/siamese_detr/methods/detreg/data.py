@@ -25,7 +25,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,10 @@ from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.views import colour_augment, to_normalised_tensor
 from siamese_detr.structures import BoxTargets, ImageBatch
 
+if TYPE_CHECKING:
+    from siamese_detr.data.sources import ImageRecord
+    from siamese_detr.proposals.store import ProposalStore
+
 __all__ = [
     "build_detreg_dataset",
     "DETRegBatch",
@@ -52,22 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class _Record(Protocol):
-    image_id: str
-    path: Path
-
-
-class _Store(Protocol):
-    def get(
-        self, image_id: str, top_k: int | None = None, min_size: float = 0.0,
-        min_score: float = float("-inf"),
-    ) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def image_size(self, image_id: str) -> tuple[int, int]: ...
-
-    def __contains__(self, image_id: object) -> bool: ...
 
 
 def _rng(seed: int, index: int, position: int) -> np.random.Generator:
@@ -134,7 +122,7 @@ class DETRegDataset(Dataset):
 
     accepts_position = True
 
-    def __init__(self, records: Sequence[_Record], store: _Store, opts: DETRegOptions,
+    def __init__(self, records: Sequence[ImageRecord], store: ProposalStore, opts: DETRegOptions,
                  seed: int, proposals_cfg: ProposalReadConfig | None = None,
                  with_crops: bool = True) -> None:
         self.records = list(records)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.views import SiameseSample, sample_views
 from siamese_detr.structures import ImageBatch
 
+if TYPE_CHECKING:
+    from siamese_detr.data.sources import ImageRecord
+    from siamese_detr.proposals.store import ProposalStore
+
 __all__ = [
     "PretrainDataset",
     "build_pretrain_dataset",
@@ -39,20 +43,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _IMAGE_ERRORS = IMAGE_ERRORS
-
-
-class _Record(Protocol):
-    image_id: str
-    path: Path
-
-
-class _Store(Protocol):
-    def get(
-        self, image_id: str, top_k: int | None = None, min_size: float = 0.0,
-        min_score: float = float("-inf"),
-    ) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def __contains__(self, image_id: object) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -82,7 +72,7 @@ class PretrainDataset(Dataset):
     accepts_position = True  # build_detection_loader passes (index, stream position)
 
     def __init__(
-        self, records: Sequence[_Record], store: _Store | None, opts: SiameseOptions,
+        self, records: Sequence[ImageRecord], store: ProposalStore | None, opts: SiameseOptions,
         seed: int, proposals_cfg: ProposalReadConfig | None = None,
     ) -> None:
         if store is None and opts.box_source == "proposals":
@@ -119,7 +109,7 @@ class PretrainDataset(Dataset):
             return self._skipped(record)
         return sample
 
-    def _skipped(self, record: _Record) -> SkippedSample | None:
+    def _skipped(self, record: ImageRecord) -> SkippedSample | None:
         return SkippedSample(record.image_id, self._reason) if self.report_skips else None
 
     def _warn(self, image_id: str, message: str, reason: str = "") -> None:
@@ -128,7 +118,7 @@ class PretrainDataset(Dataset):
             self._warned.add(image_id)
             log.warning("pretrain data: image %s: %s", image_id, message)
 
-    def _load_image(self, record: _Record) -> Image.Image | None:
+    def _load_image(self, record: ImageRecord) -> Image.Image | None:
         try:
             image = load_rgb(record.path)
         except _IMAGE_ERRORS as exc:
@@ -140,7 +130,7 @@ class PretrainDataset(Dataset):
             return None
         return image
 
-    def _load_proposals(self, record: _Record, image_size: tuple[int, int] | None = None
+    def _load_proposals(self, record: ImageRecord, image_size: tuple[int, int] | None = None
                         ) -> np.ndarray | None:
         assert self.store is not None
         cfg = self.proposals_cfg
@@ -386,7 +376,7 @@ def build_pretrain_dataset(cfg: RunConfig) -> PretrainDataset:
     return dataset
 
 
-def check_store_matches(store: Any, records: Sequence[_Record], store_path: str,
+def check_store_matches(store: Any, records: Sequence[ImageRecord], store_path: str,
                         images: str, probes: int = 8) -> None:
     """Refuse a proposal store built from other images: every image must be in the store
     (or listed among its failures) and the first ``probes`` images, spread over the list,

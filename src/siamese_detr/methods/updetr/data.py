@@ -20,8 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +36,9 @@ from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.data import sample_rng
 from siamese_detr.methods.siamese.views import colour_augment, to_normalised_tensor
 from siamese_detr.structures import ImageBatch
+
+if TYPE_CHECKING:
+    from siamese_detr.data.sources import ImageRecord
 
 __all__ = [
     "UPDETRBatch",
@@ -119,11 +121,6 @@ def sample_updetr(
     )
 
 
-class _Record(Protocol):
-    image_id: str
-    path: Path
-
-
 class UPDETRDataset(Dataset):
     """Unlabelled images -> :class:`UPDETRSample` (or ``None`` for an unusable image).
 
@@ -133,7 +130,7 @@ class UPDETRDataset(Dataset):
 
     accepts_position = True  # build_detection_loader passes (index, stream position)
 
-    def __init__(self, records: Sequence[_Record], opts: UPDETROptions, seed: int) -> None:
+    def __init__(self, records: Sequence[ImageRecord], opts: UPDETROptions, seed: int) -> None:
         self.records = list(records)
         self.opts = opts
         self.seed = int(seed)
