@@ -343,6 +343,21 @@ def _tiny_finetune(variant: str) -> Callable[[], RunConfig]:
     return preset
 
 
+def _tiny_pretrain(name: str, variant: str, pre: PretrainConfig) -> RunConfig:
+    """The tiny pretraining recipe shared by the softmax-headed pretext tasks (Siamese DETR,
+    UP-DETR): a 1-class tiny detector, frozen backbone, 300 iterations."""
+    return RunConfig(
+        name=name,
+        task="pretrain",
+        output_dir=f"runs/{name.replace('/', '_')}",
+        model=_tiny_model(variant, 1, "all"),
+        pretrain=pre,
+        loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
+        optim=OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300, lr_drops=(240,)),
+        engine=EngineConfig(log_every=10, ckpt_every=100),
+    )
+
+
 def _tiny_siamese(variant: str) -> Callable[[], RunConfig]:
     def preset() -> RunConfig:
         name = f"tiny/{variant}/siamese"
@@ -351,17 +366,7 @@ def _tiny_siamese(variant: str) -> Callable[[], RunConfig]:
         pre = PretrainConfig(method="siamese", images="demo_data/unlabeled", siamese=siamese,
                              batch_size=4, num_workers=0)
         pre = replace(pre, proposals=replace(pre.proposals, store="demo_data/proposals"))
-        return RunConfig(
-            name=name,
-            task="pretrain",
-            output_dir=f"runs/{name.replace('/', '_')}",
-            model=_tiny_model(variant, 1, "all"),
-            pretrain=pre,
-            loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
-            optim=OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300,
-                              lr_drops=(240,)),
-            engine=EngineConfig(log_every=10, ckpt_every=100),
-        )
+        return _tiny_pretrain(name, variant, pre)
     return preset
 
 
@@ -372,17 +377,7 @@ def _tiny_updetr(variant: str) -> Callable[[], RunConfig]:
                              base_max_size=256)
         pre = PretrainConfig(method="updetr", images="demo_data/unlabeled", updetr=opts,
                              batch_size=4, num_workers=0)
-        return RunConfig(
-            name=name,
-            task="pretrain",
-            output_dir=f"runs/{name.replace('/', '_')}",
-            model=_tiny_model(variant, 1, "all"),
-            pretrain=pre,
-            loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
-            optim=OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300,
-                              lr_drops=(240,)),
-            engine=EngineConfig(log_every=10, ckpt_every=100),
-        )
+        return _tiny_pretrain(name, variant, pre)
     return preset
 
 
