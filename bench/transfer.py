@@ -29,8 +29,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -38,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from siamese_detr.config import RunConfig
-from siamese_detr.configio import apply_overrides, save_yaml
+from siamese_detr.configio import apply_overrides
 from siamese_detr.demo import BACKBONE_FILE, DemoPlan, finetune_config, make_data, make_proposals
+from siamese_detr.demo.jobs import run_job
 from siamese_detr.engine.logging import read_jsonl
+from siamese_detr.errors import UserError
 from siamese_detr.presets import PRESETS, get_preset
 
 METHODS = ("siamese", "updetr", "detreg")
@@ -197,30 +197,13 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, ti
 
 
 # ------------------------------------------------------------------ running
-def _run(cmd: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with log.open("a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if rc != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with exit code {rc}; see {log}")
-
-
 def _train(kind: str, cfg: RunConfig, marker: str, configs: Path) -> None:
-    """Run one job (``cfg.output_dir``) unless its ``marker`` file exists; an interrupted job
-    continues from its ``last.pt``. The config is saved to ``configs/<run>.yaml``."""
-    run_dir = Path(cfg.output_dir)
-    if (run_dir / marker).is_file():
-        return
-    cfg_path = configs / f"{run_dir.name}.yaml"
-    save_yaml(cfg, cfg_path)
-    cmd = [sys.executable, "-m", "siamese_detr", kind, "--preset", cfg.name, "--config",
-           str(cfg_path)]
-    if (run_dir / "last.pt").is_file():
-        cmd += ["--resume", "auto"]
-    else:  # killed before its first checkpoint: start again (a fresh run folder is refused)
-        cmd += ["--overwrite"]
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    _run(cmd, run_dir.with_suffix(".log"))
+    """One run as a one-thread ``siamese-detr`` subprocess unless ``marker`` exists (an
+    interrupted run continues from its ``last.pt``): :func:`siamese_detr.demo.jobs.run_job`."""
+    try:
+        run_job(kind, cfg, marker, configs)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
 
 
 def pretrain_config(out: Path, plan: DemoPlan, method: str, seed: int, iters: int,
@@ -295,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         (Path(cfg.output_dir) / "done").touch()
 
     def finetune(name: str, f: int, init: str) -> None:
-        cfg = finetune_config(out, plan, init)
-        cfg = apply_overrides(replace(cfg, seed=f, output_dir=str(out / "runs" / name)), [
+        cfg = finetune_config(out, plan, init, seed=f)
+        cfg = apply_overrides(replace(cfg, output_dir=str(out / "runs" / name)), [
             "engine.progress=false", f"engine.eval_every={a.eval_every}",
             *a.finetune_overrides])
         _train("finetune", cfg, "final_metrics.json", configs)

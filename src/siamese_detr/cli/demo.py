@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from siamese_detr.demo.demo import DEFAULT_MINUTES, DemoPlan, results_table, run_demo
+    from siamese_detr.demo.report import results_lines
     from siamese_detr.engine.logging import setup_logging
 
     out = Path(args.out)
@@ -35,10 +36,6 @@ def run(args: argparse.Namespace) -> int:
     minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes
     plan = DemoPlan.scaled(minutes, args.variant, args.seed, args.device)
     report = run_demo(out, plan)
-    table = results_table(out)
     print(f"\nreport: {report}")
-    print("COCO AP@[.5:.95] / AP50 on the held-out toy images (%):")
-    for name, m in table.items():
-        print(f"  {name:8s} AP {100 * m.get('coco/AP', float('nan')):5.1f}   "
-              f"AP50 {100 * m.get('coco/AP50', float('nan')):5.1f}")
+    print("\n".join(results_lines(results_table(out))))
     return 0

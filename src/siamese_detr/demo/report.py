@@ -163,13 +163,69 @@ def predict_figure(checkpoint: Path, ann_file: Path, images_dir: Path, path: Pat
     return path
 
 
-def results_table(out: Path) -> dict[str, dict[str, float]]:
-    """``{"scratch": metrics, "siamese": metrics}`` as written by the evaluator."""
-    table = {}
-    for name in ("scratch", "siamese"):
-        path = out / "runs" / f"finetune_{name}" / "eval_metrics.json"
-        table[name] = json.loads(path.read_text()) if path.is_file() else {}
+ARMS = {"scratch": "from scratch", "siamese": "Siamese DETR init"}
+METRICS = ("coco/AP", "coco/AP50", "coco/AP75")
+
+
+def finetune_run_name(arm: str, seed: int) -> str:
+    """Run folder (under ``OUT/runs``) of the fine-tuning ``arm`` ("scratch"/"siamese")."""
+    return f"finetune_{arm}_seed{seed}"
+
+
+def _seed_of(run_dir: Path) -> int:
+    return int(run_dir.name.rsplit("_seed", 1)[1])
+
+
+def finetune_run_dirs(out: Path, arm: str) -> list[Path]:
+    """The arm's fine-tuning run folders that finished evaluation, in seed order."""
+    runs = [p.parent for p in (out / "runs").glob(f"finetune_{arm}_seed*/eval_metrics.json")]
+    return sorted(runs, key=_seed_of)
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"mean": mean, "sd": sd}
+
+
+def results_table(out: Path) -> dict[str, Any]:
+    """The comparison as written to ``results.json``: per arm the evaluator's metrics of every
+    fine-tuning seed (``runs``) with their ``mean`` and sample ``sd``; under ``gain`` the
+    Siamese-minus-scratch AP differences of runs with the same seed (mean, sd, wins)."""
+    table: dict[str, Any] = {}
+    for arm in ARMS:
+        runs = {str(_seed_of(d)): json.loads((d / "eval_metrics.json").read_text())
+                for d in finetune_run_dirs(out, arm)}
+        stats = {k: _mean_sd([m[k] for m in runs.values() if k in m]) for k in METRICS}
+        table[arm] = {"runs": runs, "mean": {k: v["mean"] for k, v in stats.items()},
+                      "sd": {k: v["sd"] for k, v in stats.items()}}
+    pairs = sorted(set(table["scratch"]["runs"]) & set(table["siamese"]["runs"]), key=int)
+    diffs = [table["siamese"]["runs"][s]["coco/AP"] - table["scratch"]["runs"][s]["coco/AP"]
+             for s in pairs]
+    table["gain"] = {"coco/AP": {**_mean_sd(diffs), "wins": sum(d > 0 for d in diffs),
+                                 "pairs": len(diffs)}}
     return table
+
+
+def results_lines(table: dict[str, Any]) -> list[str]:
+    """The comparison in a few printable lines (AP in %, mean ± sd over fine-tuning seeds)."""
+    n = max(len(table[arm]["runs"]) for arm in ARMS)
+    lines = [f"COCO AP@[.5:.95] / AP50 on the held-out toy images (%), mean ± sd over {n} "
+             "fine-tuning seeds:"]
+    for arm in ARMS:
+        mean, sd = table[arm]["mean"], table[arm]["sd"]
+        each = " ".join(_fmt(m.get("coco/AP")) for m in table[arm]["runs"].values())
+        lines.append(f"  {arm:8s} AP {_pm(mean['coco/AP'], sd['coco/AP'])}   AP50 "
+                     f"{_pm(mean['coco/AP50'], sd['coco/AP50'])}   (AP per seed: {each})")
+    gain = table["gain"]["coco/AP"]
+    lines.append(f"  Siamese DETR minus scratch, same seed: {100 * gain['mean']:+.1f} ± "
+                 f"{100 * gain['sd']:.1f} AP, better in {gain['wins']} of {gain['pairs']}")
+    return lines
+
+
+def _pm(mean: float, sd: float) -> str:
+    return f"{100 * mean:5.1f} ± {100 * sd:3.1f}" if mean == mean else "  n/a"
 
 
 def _fmt(v: Any) -> str:
@@ -177,35 +233,46 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(out: Path, plan: Any, seconds: float, pretrain_cfg: Any) -> Path:
-    """Write ``out/report.md`` and its PNGs; returns the report path. ``plan`` is the
-    demo's ``DemoPlan``, ``pretrain_cfg`` the RunConfig of its pretraining stage."""
+    """Write ``out/report.md``, ``out/results.json`` and the PNGs; returns the report path.
+    ``plan`` is the demo's ``DemoPlan``, ``pretrain_cfg`` the RunConfig of its pretraining
+    stage. Curves and pictures show the first fine-tuning seed of each arm."""
     fig = out / "figures"
     fig.mkdir(parents=True, exist_ok=True)
     data = out / "data"
+    first = {arm: out / "runs" / finetune_run_name(arm, plan.seed) for arm in ARMS}
     proposals_figure(data / "proposals", data / "unlabeled", fig / "proposals.png")
     _views_figure(pretrain_cfg, fig / "views.png")
     loss_figure({"Siamese DETR pretraining": out / "runs" / "pretrain"}, fig / "pretrain_loss.png",
                 ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_region", "loss_global"))
-    loss_figure({"fine-tune from scratch": out / "runs" / "finetune_scratch",
-                 "fine-tune from Siamese DETR": out / "runs" / "finetune_siamese"},
+    loss_figure({f"fine-tune from scratch (seed {plan.seed})": first["scratch"],
+                 f"fine-tune from Siamese DETR (seed {plan.seed})": first["siamese"]},
                 fig / "finetune_loss.png", ("loss", "loss_ce", "loss_bbox", "loss_giou"))
     det = data / "detection"
-    predictions_figure(det / "val.json", det / "val", {
-        "scratch": out / "runs" / "finetune_scratch" / "predictions.json",
-        "siamese": out / "runs" / "finetune_siamese" / "predictions.json"},
-        fig / "predictions.png", min_score=0.25)
-    predict_figure(out / "runs" / "finetune_siamese" / "last.pt", det / "val.json", det / "val",
+    predictions_figure(det / "val.json", det / "val",
+                       {arm: first[arm] / "predictions.json" for arm in ARMS},
+                       fig / "predictions.png", min_score=0.25)
+    predict_figure(first["siamese"] / "last.pt", det / "val.json", det / "val",
                    fig / "predict.png")
     table = results_table(out)
+    seeds = sorted({int(s) for arm in ARMS for s in table[arm]["runs"]})
     rows = []
-    for name, label in (("scratch", "from scratch"), ("siamese", "Siamese DETR init")):
-        m = table[name]
-        rows.append(f"| {label} | {_fmt(m.get('coco/AP'))} | {_fmt(m.get('coco/AP50'))} | "
-                    f"{_fmt(m.get('coco/AP75'))} |")
+    for arm, label in ARMS.items():
+        runs, mean, sd = table[arm]["runs"], table[arm]["mean"], table[arm]["sd"]
+        per_seed = " | ".join(_fmt(runs.get(str(s), {}).get("coco/AP")) for s in seeds)
+        rows.append(f"| {label} | {per_seed} | **{_pm(mean['coco/AP'], sd['coco/AP']).strip()}**"
+                    f" | {_pm(mean['coco/AP50'], sd['coco/AP50']).strip()} | "
+                    f"{_pm(mean['coco/AP75'], sd['coco/AP75']).strip()} |")
+    gain = table["gain"]["coco/AP"]
     write_json(out / "results.json", table, indent=2)
-    text = REPORT.format(variant=plan.variant, minutes=seconds / 60, n_unlabeled=plan.n_unlabeled,
-                         n_train=plan.n_train, n_val=plan.n_val, pre=plan.pretrain_iters,
-                         ft=plan.finetune_iters, rows="\n".join(rows))
+    text = REPORT.format(
+        variant=plan.variant, minutes=seconds / 60, n_unlabeled=plan.n_unlabeled,
+        n_train=plan.n_train, n_val=plan.n_val, pre=plan.pretrain_iters,
+        ft=plan.finetune_iters, n_seeds=len(seeds), seed=plan.seed,
+        run=finetune_run_name("siamese", plan.seed),
+        seed_cols=" | ".join(f"AP seed {s}" for s in seeds),
+        seed_rule=" | ".join("---" for _ in seeds), rows="\n".join(rows),
+        gain=f"{100 * gain['mean']:+.1f} ± {100 * gain['sd']:.1f}", wins=gain["wins"],
+        pairs=gain["pairs"])
     path = out / "report.md"
     write_text(path, text)
     return path
@@ -231,9 +298,9 @@ generated from photos shipped with scikit-image. SwAV weights cannot be download
 the frozen backbone is a stand-in warmed up without any label (it learns which shipped photo a
 crop comes from) and shared by both fine-tuning runs. The numbers say that the pipeline runs
 end to end and that pretraining transfers on this toy data; on {n_val} held-out images they move
-by several AP points from seed to seed (README: means over seeds), and they say nothing about
-the paper's results. The real recipes are in the README
-(`siamese-detr config list` shows them).
+by several AP points from seed to seed, which is why every number below is a mean over
+{n_seeds} fine-tuning seeds, and they say nothing about the paper's results. The real recipes
+are in the README (`siamese-detr config list` shows them).
 
 ## 1. Offline EdgeBoxes proposals (top 10 per image)
 
@@ -252,29 +319,35 @@ size in pixels and its two `L_r` crops: exactly the boxes and crops that trainin
 
 ![pretraining losses](figures/pretrain_loss.png)
 
-## 4. Fine-tuning ({ft} iterations each, same budget and seed)
+## 4. Fine-tuning ({ft} iterations each, same budget, {n_seeds} seeds per arm)
+
+Curves of seed {seed}:
 
 ![fine-tuning losses](figures/finetune_loss.png)
 
 Predictions on held-out images (dashed black-and-white: ground truth; solid boxes with a
 filled tag: predictions, colour = class; top row: from scratch, bottom row: Siamese DETR
-initialisation; the 3 best detections with score >= 0.25). The red, green and blue frames
-inside the toy objects are part of the images' pixels, not boxes:
+initialisation, seed {seed}; the 3 best detections with score >= 0.25). The red, green and
+blue frames inside the toy objects are part of the images' pixels, not boxes:
 
 ![predictions](figures/predictions.png)
 
-`siamese-detr predict runs/finetune_siamese/last.pt IMAGE --out DIR` on a held-out image (all
+`siamese-detr predict runs/{run}/last.pt IMAGE --out DIR` on a held-out image (all
 detections with score >= 0.3; the same drawing):
 
 ![predict](figures/predict.png)
 
 ## 5. Results on the held-out images
 
-Metric: COCO-style AP@[.5:.95] / AP50 / AP75 (pycocotools), in %.
+Metric: COCO-style AP@[.5:.95] / AP50 / AP75 (pycocotools), in %; mean ± sd over the
+{n_seeds} fine-tuning seeds (sample sd).
 
-| initialisation | AP | AP50 | AP75 |
-| --- | --- | --- | --- |
+| initialisation | {seed_cols} | AP | AP50 | AP75 |
+| --- | {seed_rule} | --- | --- | --- |
 {rows}
+
+Siamese DETR initialisation minus scratch, runs with the same seed: **{gain} AP**, better in
+{wins} of {pairs}.
 
 ## Next: the real recipes
 
