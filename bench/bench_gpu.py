@@ -7,7 +7,10 @@ after step, in a rotating order:
 * ``ours``: our fine-tuning step (forward, set criterion, backward, grad clip 0.1, AdamW);
 * ``hf``: the same step on ``transformers``' ``*ForObjectDetection`` (loss computed by the
   model from ``labels``), built from a config with random weights, no download;
-* ``pretrain``: our Siamese DETR pretraining step on the same detector size and batch.
+* ``pretrain``: our Siamese DETR pretraining step on the same detector size and batch (both
+  views and both directions as one ``2B`` batch);
+* ``pretrain_2x``: the same step through ``forward_per_direction`` (each view encoded and each
+  direction decoded on its own: the path before the ``2B`` batching), for the ratio.
 
 Equal configuration on both sides: ResNet-50 (frozen BatchNorm, stem+layer1 frozen: the HF
 freeze rule is re-applied by name because its own does not match ``stages.N``), hidden 256,
@@ -264,10 +267,13 @@ def hf_step(model: Any, opt: Any, images: ImageBatch, labels: list[dict[str, tor
     return Step(fwd_bwd, opt)
 
 
-def pretrain_step(task: Any, opt: Any, batch: Any, device: torch.device, dtype: str) -> Step:
+def pretrain_step(task: Any, opt: Any, batch: Any, device: torch.device, dtype: str,
+                  per_direction: bool = False) -> Step:
+    forward = task.forward_per_direction if per_direction else task
+
     def fwd_bwd() -> None:
         with autocast(device, dtype):
-            loss = task(batch).total
+            loss = forward(batch).total
         loss.backward()
     return Step(fwd_bwd, opt)
 
@@ -343,6 +349,11 @@ def run_variant(variant: str, dtype: str, args: argparse.Namespace, device: torc
                                 pcfg.pretrain.siamese.crop_size, device)
         steps["pretrain"] = pretrain_step(task, popt, sb, device, dtype)
         params["pretrain"] = trainable(task)
+        if hasattr(task, "forward_per_direction"):  # the pre-batching path, for the ratio
+            _, ptask, popt2 = build_pretrain(variant, device, args.crop)
+            ptask.load_state_dict(task.state_dict())
+            steps["pretrain_2x"] = pretrain_step(ptask, popt2, sb, device, dtype, True)
+            params["pretrain_2x"] = trainable(ptask)
     log(f"\n== {variant} {dtype}: batch {b} at {h}x{w}, queries {cfg.model.num_queries}, "
         f"FFN {cfg.model.dim_feedforward}, dropout ours {cfg.model.dropout} "
         f"(hf {extra.get('hf_config', {})}), trainable params {params}")
@@ -387,8 +398,10 @@ def run_variant(variant: str, dtype: str, args: argparse.Namespace, device: torc
         ratios["ours_over_hf_ops"] = rows["ours"]["ops_per_step"] / rows["hf"]["ops_per_step"]
         ratios["ours_over_hf_ops_fwd_bwd"] = (rows["ours"]["ops_fwd_bwd"]
                                               / rows["hf"]["ops_fwd_bwd"])
-    if "pretrain" in rows and "ours" in rows:
-        ratios["pretrain_over_ours_ms"] = rows["pretrain"]["ms_median"] / rows["ours"]["ms_median"]
+    for k in ("pretrain", "pretrain_2x"):
+        if k in rows and "ours" in rows:
+            ratios[f"{k}_over_ours_ms"] = rows[k]["ms_median"] / rows["ours"]["ms_median"]
+            ratios[f"{k}_over_ours_ops"] = rows[k]["ops_per_step"] / rows["ours"]["ops_per_step"]
     res.add("ratios", ratios)
     log("  ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()
                                  if isinstance(v, float)))

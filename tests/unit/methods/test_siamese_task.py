@@ -192,11 +192,86 @@ def test_direction_pairs_view_a_crops_with_view_b_memory() -> None:
     task.detector.decode = lambda enc, q: calls.append(("dec", enc.memory)) or orig_decode(enc, q)
     task.crop_embeddings = lambda c: calls.append(("crop", c)) or orig_crops(c)
     with torch.no_grad():
-        task(batch)
+        task.forward_per_direction(batch)
         mem2 = task.detector.encode(batch.view2).memory
     assert [c[0] for c in calls] == ["dec", "crop", "dec", "crop"]
     torch.testing.assert_close(calls[0][1], mem2)  # queries of view 1 read view 2
     assert calls[1][1] is batch.crops1 and calls[3][1] is batch.crops2
+
+
+def test_joint_step_is_one_call_per_stage_with_rows_paired_across_views() -> None:
+    """The ``2B`` path: one encode, one decode, one crop pass; row ``b < B`` holds view 2's
+    queries on view 1's memory, row ``B + b`` view 1's queries on view 2's memory."""
+    task = make_task().eval()
+    batch = make_batch()
+    B = batch.view1.images.shape[0]
+    calls = []
+    orig_encode, orig_decode = task.detector.encode, task.detector.decode
+    orig_crops, orig_region = task.crop_embeddings, task.region_loss
+    task.detector.encode = lambda v: calls.append(("enc", v)) or orig_encode(v)
+    task.detector.decode = lambda enc, q: calls.append(("dec", enc, q)) or orig_decode(enc, q)
+    task.crop_embeddings = lambda c: calls.append(("crop", c)) or orig_crops(c)
+    task.region_loss = lambda o, m, t: calls.append(("reg", t)) or orig_region(o, m, t)
+    with torch.no_grad():
+        task(batch)
+        task.detector.encode, task.crop_embeddings = orig_encode, orig_crops
+        enc1, enc2 = task.detector.encode(batch.view1), task.detector.encode(batch.view2)
+        q1 = task.region_queries(enc1, batch.boxes1, batch.view1.sizes).position
+        q2 = task.region_queries(enc2, batch.boxes2, batch.view2.sizes).position
+        emb1, emb2 = task.crop_embeddings(batch.crops1), task.crop_embeddings(batch.crops2)
+    assert [c[0] for c in calls] == ["enc", "dec", "crop", "reg"]
+    _, enc, q = calls[1]
+    torch.testing.assert_close(enc.memory, torch.cat([enc1.memory, enc2.memory]))
+    torch.testing.assert_close(q.position, torch.cat([q2, q1]))
+    torch.testing.assert_close(calls[2][1], torch.cat([batch.crops1, batch.crops2]))
+    torch.testing.assert_close(calls[3][1], torch.cat([emb2, emb1]))  # each row: its query view
+    assert calls[3][1].shape[0] == 2 * B
+
+
+@pytest.mark.parametrize("variant,levels,opts", [
+    ("vanilla", 1, {}), ("conditional", 1, {}), ("deformable", 1, {}),
+    ("deformable", 4, {"per_sample_queries": False}),
+    ("conditional", 1, {"region_discrimination": False})])
+def test_joint_step_equals_per_direction_losses_and_gradients(variant, levels, opts) -> None:
+    """Batching both views and directions changes no number beyond float rounding: every
+    logged loss term and every gradient matches the per-view, per-direction reference."""
+    task = make_task(variant, levels, **opts).train()  # dropout 0, BatchNorm in train mode
+    batch = make_batch()
+    results = []
+    for fn in (task.forward, task.forward_per_direction):
+        task.zero_grad()
+        out = fn(batch)
+        out.total.backward()
+        grads = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+        results.append((out.total.detach(), out.terms, grads))
+    (t_joint, terms_joint, g_joint), (t_ref, terms_ref, g_ref) = results
+    torch.testing.assert_close(t_joint, t_ref, rtol=1e-5, atol=1e-6)
+    assert terms_joint.keys() == terms_ref.keys()
+    for name, (w, raw) in terms_ref.items():
+        assert terms_joint[name][1] == pytest.approx(raw, rel=1e-5, abs=1e-6), name
+        assert terms_joint[name][0] == pytest.approx(w, rel=1e-5, abs=1e-6), name
+    assert g_joint.keys() == g_ref.keys() and len(g_ref) > 10
+    # float32 sums of large terms that cancel (LayerNorm biases: terms ~1e3, sum ~1) round
+    # differently in a 2B batch, so gradients are compared as vectors: a wrong pairing of rows,
+    # targets or crops gives relative errors of order 1. Gradients that are zero up to
+    # rounding (some query biases: a shift that softmax cancels, |g| ~ 1e-9) are left out.
+    flat = torch.cat([g.flatten() for g in g_ref.values()])
+    for name, g in g_ref.items():
+        if g.norm() > 1e-6 * flat.norm():
+            err = (g_joint[name] - g).norm() / g.norm()
+            assert err < 1e-3, (name, float(err))
+    diff = torch.cat([(g_joint[n] - g).flatten() for n, g in g_ref.items()])
+    assert diff.norm() / flat.norm() < 1e-5
+
+
+def test_views_of_different_padded_sizes_take_the_per_direction_path() -> None:
+    task = make_task().eval()
+    batch = make_batch()
+    small = ImageBatch(batch.view2.images[..., :56], batch.view2.mask[..., :56],
+                       batch.view2.sizes.clamp(max=56))
+    batch = replace(batch, view2=small, boxes2=batch.boxes2.clamp(max=55))
+    with torch.no_grad():
+        torch.testing.assert_close(task(batch).total, task.forward_per_direction(batch).total)
 
 
 def test_pooled_memory_ignores_padding_unless_asked() -> None:

@@ -37,6 +37,7 @@ from siamese_detr.structures import (
     BoxTargets,
     DetectorOutput,
     Encoded,
+    ImageBatch,
     LossOutput,
     QueryInputs,
 )
@@ -96,7 +97,43 @@ class SiameseDETR(nn.Module):
         return self.detector.state_dict()
 
     def forward(self, batch: SiameseBatch) -> LossOutput:
-        """Loss of one batch (``B >= 1``); see the module docstring."""
+        """Loss of one batch (``B >= 1``); see the module docstring.
+
+        Both views share one padded size (the collate pads them together, as the official
+        code does), so they go through the detector as ONE batch of ``2B``: one encoder call,
+        one decoder call for both directions (view 2's queries on view 1's memory in rows
+        ``:B``, view 1's queries on view 2's memory in rows ``B:``), one set-criterion call
+        and one backbone call for all crops. Views of different padded sizes fall back to
+        :meth:`forward_per_direction`, the same losses computed per view and direction."""
+        v1, v2 = batch.view1, batch.view2
+        if v1.images.shape[-2:] != v2.images.shape[-2:]:
+            return self.forward_per_direction(batch)
+        B = int(v1.images.shape[0])
+        views = ImageBatch(torch.cat([v1.images, v2.images]), torch.cat([v1.mask, v2.mask]),
+                           torch.cat([v1.sizes, v2.sizes]))
+        boxes = torch.cat([batch.boxes1, batch.boxes2])  # [2B, M, 4], view 1 then view 2
+        enc = self.detector.encode(views)
+        queries = self.region_queries(enc, boxes, views.sizes, groups=2)
+        # memory rows [view 1; view 2] meet query rows [view 2; view 1]: no memory copy
+        swapped = queries.position.roll(B, dims=0)
+        out = self.detector.decode(enc, QueryInputs(position=swapped))
+        # each row's targets are its memory's view: the region boxes of that view
+        loc, matching = self.criterion(out, self.region_targets(boxes, views.sizes))
+        reg = None
+        if self.feature_align is not None and batch.crops1 is not None \
+                and batch.crops2 is not None:
+            emb = self.crop_embeddings(torch.cat([batch.crops1, batch.crops2]))
+            # the crops of each row's query view; normalised by 2BM = the mean of directions
+            reg = self.region_loss(out, matching, emb.roll(B, dims=0))
+        glob = None
+        if self.projector is not None:
+            pooled = self.pooled_memory(enc)
+            glob = self._global_from_pooled(pooled[:B], pooled[B:])
+        return self._combine_joint(loc, reg, glob)
+
+    def forward_per_direction(self, batch: SiameseBatch) -> LossOutput:
+        """:meth:`forward` with each view encoded and each direction decoded and scored on
+        its own (views of different padded sizes; the reference of the parity tests)."""
         enc1 = self.detector.encode(batch.view1)
         enc2 = self.detector.encode(batch.view2)
         q1 = self.region_queries(enc1, batch.boxes1, batch.view1.sizes)
@@ -121,13 +158,17 @@ class SiameseDETR(nn.Module):
         return self._combine((loc12, reg12), (loc21, reg21), glob)
 
     # ----------------------------------------------------------------- queries
-    def region_queries(self, enc: Encoded, boxes: Tensor, sizes: Tensor) -> QueryInputs:
-        """Positional region queries of one view.
+    def region_queries(self, enc: Encoded, boxes: Tensor, sizes: Tensor, groups: int = 1
+                       ) -> QueryInputs:
+        """Positional region queries of one view (or of ``groups`` views stacked in the batch).
 
         Args:
             enc: the view's ``Encoded`` (its raw backbone ``features``).
             boxes: ``[B, M, 4]`` absolute xyxy region boxes in the unpadded view.
             sizes: ``[B, 2]`` unpadded ``(h, w)`` of the view.
+            groups: the batch is ``groups`` views of ``B / groups`` images each, stacked; only
+                matters without ``per_sample_queries`` (each group then takes its first
+                sample's queries).
 
         Returns:
             ``QueryInputs(position=[B, N, D])`` (content left to the detector's default).
@@ -143,7 +184,8 @@ class SiameseDETR(nn.Module):
         z = self.patch2query(feats)  # [B, M, D]
         queries = z.repeat_interleave(N // M, dim=1) + self._query_pos()[None]
         if not self.opts.per_sample_queries:  # official deformable quirk: sample 0 for all
-            queries = queries[:1].expand(B, -1, -1)
+            g = queries.unflatten(0, (groups, B // groups))
+            queries = g[:, :1].expand_as(g).flatten(0, 1)
         return QueryInputs(position=queries)
 
     def _query_pos(self) -> Tensor:
@@ -224,13 +266,28 @@ class SiameseDETR(nn.Module):
     def global_loss(self, enc1: Encoded, enc2: Encoded) -> Tensor | None:
         """SimSiam ``L_g`` on the pooled memories; None when BatchNorm cannot run (B=1 while
         training in a single process)."""
+        return self._global_from_pooled(self.pooled_memory(enc1), self.pooled_memory(enc2))
+
+    def _global_from_pooled(self, g1: Tensor, g2: Tensor) -> Tensor | None:
+        """SimSiam ``L_g`` of the two views' pooled memories ``[B, D']`` (projector and
+        predictor run per view: their BatchNorm statistics are per view, as in SimSiam)."""
         assert self.projector is not None and self.predictor is not None
-        g1, g2 = self.pooled_memory(enc1), self.pooled_memory(enc2)
         if self.training and g1.shape[0] < 2 and not _is_sync_bn(self.projector):
             return None
         z1, z2 = self.projector(g1), self.projector(g2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         return simsiam_loss(p1, z2, p2, z1)
+
+    def _combine_joint(self, loc: LossOutput, reg: Tensor | None, glob: Tensor | None
+                       ) -> LossOutput:
+        """:meth:`_combine` of the joint ``2B`` batch: its criterion and region loss are already
+        normalised over both directions' ``2BM`` regions, i.e. the mean of the directions
+        (the class loss too: both directions match all ``BM`` regions, so their no-object
+        weights sum alike)."""
+        if loc.raw is None:
+            raise ValueError("the criterion must report device loss terms")
+        return self._with_extra(loc.total, list(loc.names), list(loc.weights), [loc.raw], reg,
+                                glob)
 
     def _combine(
         self, d12: tuple[LossOutput, Tensor | None], d21: tuple[LossOutput, Tensor | None],
@@ -243,12 +300,17 @@ class SiameseDETR(nn.Module):
         (loc12, reg12), (loc21, reg21) = d12, d21
         if loc12.names != loc21.names or loc12.raw is None or loc21.raw is None:
             raise ValueError("both directions must report the same device loss terms")
-        total = 0.5 * (loc12.total + loc21.total)
-        names, weights = list(loc12.names), list(loc12.weights)
-        raw = [0.5 * (loc12.raw + loc21.raw)]
+        reg = 0.5 * (reg12 + reg21) if reg12 is not None and reg21 is not None else None
+        return self._with_extra(0.5 * (loc12.total + loc21.total), list(loc12.names),
+                                list(loc12.weights), [0.5 * (loc12.raw + loc21.raw)], reg, glob)
+
+    def _with_extra(self, total: Tensor, names: list[str], weights: list[float],
+                    raw: list[Tensor], reg: Tensor | None, glob: Tensor | None) -> LossOutput:
+        """Add ``weight_region * L_r`` and ``weight_global * L_g`` to the localisation loss;
+        logged as ``loss_region`` and ``loss_global``."""
         extra: list[tuple[str, float, Tensor]] = []
-        if reg12 is not None and reg21 is not None:
-            extra.append(("loss_region", self.opts.weight_region, 0.5 * (reg12 + reg21)))
+        if reg is not None:
+            extra.append(("loss_region", self.opts.weight_region, reg))
         if glob is not None:
             extra.append(("loss_global", self.opts.weight_global, glob))
         for name, weight, value in extra:
