@@ -6,7 +6,13 @@ collation, in this process, so the figure is per worker) for:
 
 * ``finetune``: COCO-format detection set with the tiny preset's transforms;
 * ``pretrain/tiny``: Siamese views of the tiny preset (5 regions, 64 px crops);
-* ``pretrain/paper``: the paper options (10 regions, 128 px crops, base resize 320-480).
+* ``pretrain/paper``: the paper options (10 regions, 128 px crops, base resize 320-480);
+* ``pretrain/paper, float``: the same samples normalised to float32 in the worker, as before
+  workers sent uint8 (the batch is now normalised on the training device).
+
+A worker's work includes handing the batch to the main process: collation plus the pickling
+that moves its tensors into shared memory (``ForkingPickler``), so the bytes a sample weighs
+count; they are printed too.
 
 ``--workers N`` also runs the real loader (``build_detection_loader``, N persistent workers)
 and prints its samples/s. On a shared machine only ratios measured in one process mean
@@ -63,13 +69,56 @@ def pretrain_set(data: dict[str, Any], opts: SiameseOptions) -> Any:
                            opts, seed=0)
 
 
-def per_worker_rate(dataset: Any, collate: Callable, batch: int, start: int = 0) -> float:
-    """Samples/s of one worker: every sample of ``dataset`` once, collated in batches."""
+class FloatViews:
+    """A Siamese data set whose samples are normalised to float32 in the worker (the former
+    loader output), for the comparison."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> Any:
+        from siamese_detr.methods.siamese.views import normalise_uint8
+
+        s = self.dataset[key]
+        if s is None:
+            return s
+        return replace(s, view1=normalise_uint8(s.view1), view2=normalise_uint8(s.view2),
+                       crops1=None if s.crops1 is None else normalise_uint8(s.crops1),
+                       crops2=None if s.crops2 is None else normalise_uint8(s.crops2))
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(_tensor_bytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    return 0
+
+
+def per_worker_rate(dataset: Any, collate: Callable, batch: int, start: int = 0
+                    ) -> tuple[float, float]:
+    """(samples/s, MB per sample) of one worker: every sample of ``dataset`` once, collated
+    in batches and pickled as a worker hands a batch over (tensors into shared memory)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the shared-memory reducers)
+
     n = len(dataset)
+    size = 0
     t0 = time.perf_counter()
     for i in range(0, n - batch + 1, batch):
-        collate([dataset[(start + j) % n] for j in range(i, i + batch)])
-    return (n - n % batch) / (time.perf_counter() - t0)
+        collated = collate([dataset[(start + j) % n] for j in range(i, i + batch)])
+        ForkingPickler.dumps(collated)
+        size += _tensor_bytes(collated)
+    done = n - n % batch
+    return done / (time.perf_counter() - t0), size / done / 1e6
 
 
 def loader_rate(dataset: Any, collate: Callable, batch: int, workers: int, steps: int) -> float:
@@ -100,16 +149,24 @@ def main() -> None:
         data = build_data(Path(tmp), args.images, args.size)
         sets = {"finetune": (finetune_set(data, args.size), collate_detection),
                 "pretrain/tiny": (pretrain_set(data, tiny), collate_siamese),
-                "pretrain/paper": (pretrain_set(data, paper), collate_siamese)}
+                "pretrain/paper": (pretrain_set(data, paper), collate_siamese),
+                "pretrain/paper, float": (FloatViews(pretrain_set(data, paper)),
+                                          collate_siamese)}
         print(f"{args.images} toy images of {args.size} px, batch 4, torch threads 1, "
               f"median of {args.rounds} rounds (shared machine: compare ratios only)")
+        # rounds interleaved across the sets, so that a change of load hits all alike
+        measured: dict[str, list[tuple[float, float]]] = {name: [] for name in sets}
+        for r in range(args.rounds):
+            for name, (ds, collate) in sets.items():
+                measured[name].append(per_worker_rate(ds, collate, 4, start=r))
         for name, (ds, collate) in sets.items():
-            rates = [per_worker_rate(ds, collate, 4, start=r) for r in range(args.rounds)]
-            line = f"{name:15s} {np.median(rates):8.1f} samples/s per worker"
+            rate = float(np.median([m[0] for m in measured[name]]))
+            line = (f"{name:22s} {rate:8.1f} samples/s per worker, "
+                    f"{measured[name][0][1]:6.2f} MB per sample")
             if args.workers:
-                rate = loader_rate(ds, collate, 4, args.workers, max(4, args.images // 4))
-                line += f" | loader with {args.workers} workers {rate:8.1f} samples/s"
-            print(line)
+                got = loader_rate(ds, collate, 4, args.workers, max(4, args.images // 4))
+                line += f" | loader with {args.workers} workers {got:8.1f} samples/s"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -94,9 +94,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="demos side by side (timings: use 1)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="run and report only these of the t<threads>_r<repeat> runs")
     p.add_argument("demo_args", nargs="*", help="passed to `siamese-detr demo` (after --)")
     a = p.parse_args()
     names = {f"t{t}_r{r}": t for r in range(a.repeats) for t in a.threads}
+    if a.only:
+        names = {n: t for n, t in names.items() if n in a.only}
     with ThreadPoolExecutor(a.jobs) as pool:
         futures = {n: pool.submit(run_demo, a.out / n, t, a.demo_args) for n, t in names.items()}
         runs = {n: f.result() for n, f in futures.items()}

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--minutes", type=float, default=None,
                    help="approximate time budget on 2 CPU cores (default: the full plan, "
-                        "about 16); training iterations scale with it")
+                        "about 11.5); training iterations scale with it")
     p.add_argument("--variant", choices=["vanilla", "conditional", "deformable"],
                    default="deformable",
                    help="detector (default: deformable, 2 levels: it learns fastest on CPU)")

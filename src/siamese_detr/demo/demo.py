@@ -39,9 +39,9 @@ __all__ = ["BACKBONE_FILE", "DEFAULT_MINUTES", "EXPECTED_AP", "DemoPlan", "finet
            "run_demo", "within_band"]
 
 BACKBONE_FILE = "backbone_resnet18_photo_ids.pth"
-# the scale base of --minutes: the default plan's wall time on 2 CPU cores when it was chosen
-# (16 min 13 s; since the speed work of issue 13 the same plan takes 9 min 31 s)
-DEFAULT_MINUTES = 16.0
+# the scale base of --minutes: the default plan's measured wall time on 2 CPU cores (11 min
+# 24 s with 3 fine-tuning seeds per arm, README); --minutes N scales the iterations by N / this
+DEFAULT_MINUTES = 11.5
 
 #: the band (AP in %, mean over the fine-tuning seeds) that the default demo's results fall in,
 #: stated in the README's expected output and checked by ``bench/demo_spread.py`` and the

@@ -99,6 +99,37 @@ def test_collate_pads_both_views_to_one_size() -> None:
     assert torch.equal(moved.view1.mask, batch.view1.mask) and moved.skipped == 1
 
 
+def test_uint8_batch_normalised_on_device_equals_normalising_in_the_worker() -> None:
+    """Workers send uint8 views and crops; ``normalised()`` gives the very bits the former
+    float pipeline gave (normalise each image, then pad with zeros), padding included."""
+    from siamese_detr.data.collate import pad_images
+    from siamese_detr.methods.siamese.views import normalise_uint8, to_normalised_tensor
+
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for h, w in ((40, 50), (60, 30)):
+        def u8(*shape):
+            return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        boxes = torch.tensor([[0.0, 0.0, w / 2, h / 2]] * 4)
+        samples.append(SiameseSample(view1=u8(3, h, w), view2=u8(3, h, w), boxes1=boxes,
+                                     boxes2=boxes + 1, crops1=u8(4, 3, 8, 8),
+                                     crops2=u8(4, 3, 8, 8), image_id=f"{h}x{w}"))
+    batch = collate_siamese(samples)
+    assert batch.view1.images.dtype == torch.uint8 and batch.crops1.dtype == torch.uint8
+    norm = batch.pin_memory().normalised() if torch.cuda.is_available() else batch.normalised()
+    old = pad_images([to_normalised_tensor(Image.fromarray(s.view1.permute(1, 2, 0).numpy()))
+                      for s in samples])
+    assert norm.view1.images.dtype == torch.float32
+    assert torch.equal(norm.view1.images, old.images)  # bit-exact, zero on padding
+    assert torch.equal(norm.view1.mask, batch.view1.mask)
+    assert (norm.view2.images[0, :, 40:] == 0).all()
+    ref_crops = torch.stack([torch.stack([to_normalised_tensor(Image.fromarray(
+        c.permute(1, 2, 0).numpy())) for c in s.crops2]) for s in samples])
+    assert torch.equal(norm.crops2, ref_crops)
+    assert torch.equal(normalise_uint8(batch.crops1), norm.crops1)
+    assert norm.normalised() is norm  # a float batch is left as it is
+
+
 def test_collate_without_crops_and_all_none() -> None:
     batch = collate_siamese([_fake_sample(20, 20, crops=False)])
     assert batch.crops1 is None and batch.crops2 is None

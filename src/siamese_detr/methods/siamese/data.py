@@ -10,7 +10,7 @@ import colorsys
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.collate import pad_images
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
-from siamese_detr.methods.siamese.views import SiameseSample, sample_views
+from siamese_detr.methods.siamese.views import SiameseSample, normalise_uint8, sample_views
 from siamese_detr.structures import ImageBatch
 
 if TYPE_CHECKING:
@@ -166,9 +166,10 @@ class SiameseBatch:
     """A collated batch; both views of every sample share one padded ``[Hmax, Wmax]``.
 
     Attributes:
-        view1, view2: ``ImageBatch`` ``[B, 3, Hmax, Wmax]`` (mask True on padding).
+        view1, view2: ``ImageBatch`` ``[B, 3, Hmax, Wmax]`` (mask True on padding): uint8 RGB
+            as collated (zero padding), float normalised after :meth:`normalised`.
         boxes1, boxes2: ``[B, M, 4]`` float xyxy in unpadded view pixels.
-        crops1, crops2: ``[B, M, 3, c, c]`` or ``None``.
+        crops1, crops2: ``[B, M, 3, c, c]`` (uint8 as collated) or ``None``.
         image_ids: ids of the ``B`` kept samples.
         skipped: number of ``None`` samples dropped from this batch.
     """
@@ -196,7 +197,28 @@ class SiameseBatch:
             boxes1=self.boxes1.pin_memory(), boxes2=self.boxes2.pin_memory(),
             crops1=pin(self.crops1), crops2=pin(self.crops2),
             image_ids=list(self.image_ids), skipped=self.skipped,
+            skip_reasons=dict(self.skip_reasons),
         )
+
+    def normalised(self) -> SiameseBatch:
+        """Float32 ImageNet-normalised views (zero on padding, as the detector expects) and
+        crops, computed where the batch is (the training device); a float batch is returned
+        as it is. Equal bits to normalising in the loader worker."""
+        if not (self.view1.images.dtype == torch.uint8 or (
+                self.crops1 is not None and self.crops1.dtype == torch.uint8)):
+            return self
+
+        def view(v: ImageBatch) -> ImageBatch:
+            if v.images.dtype != torch.uint8:
+                return v
+            images = normalise_uint8(v.images).masked_fill(v.mask[:, None], 0.0)
+            return ImageBatch(images, v.mask, v.sizes)
+
+        def crops(t: Tensor | None) -> Tensor | None:
+            return t if t is None or t.dtype != torch.uint8 else normalise_uint8(t)
+
+        return replace(self, view1=view(self.view1), view2=view(self.view2),
+                       crops1=crops(self.crops1), crops2=crops(self.crops2))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SiameseBatch:
         def move(t: Tensor | None) -> Tensor | None:
@@ -254,7 +276,9 @@ def collate_siamese(samples: Sequence[SiameseSample | SkippedSample | None]) -> 
 
 
 def _to_pil(view: Tensor) -> Image.Image:
-    """Undo ImageNet normalisation of a ``[3, H, W]`` view -> RGB PIL image."""
+    """A ``[3, H, W]`` view (uint8, or ImageNet-normalised float) -> RGB PIL image."""
+    if view.dtype == torch.uint8:
+        return Image.fromarray(view.detach().cpu().permute(1, 2, 0).numpy())
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     arr = ((view.detach().cpu().float() * std + mean).clamp(0, 1) * 255).round().byte()

@@ -105,6 +105,7 @@ class SiameseDETR(nn.Module):
         ``:B``, view 1's queries on view 2's memory in rows ``B:``), one set-criterion call
         and one backbone call for all crops. Views of different padded sizes fall back to
         :meth:`forward_per_direction`, the same losses computed per view and direction."""
+        batch = batch.normalised()  # uint8 from the loader -> float, on the device
         v1, v2 = batch.view1, batch.view2
         if v1.images.shape[-2:] != v2.images.shape[-2:]:
             return self.forward_per_direction(batch)
@@ -134,6 +135,7 @@ class SiameseDETR(nn.Module):
     def forward_per_direction(self, batch: SiameseBatch) -> LossOutput:
         """:meth:`forward` with each view encoded and each direction decoded and scored on
         its own (views of different padded sizes; the reference of the parity tests)."""
+        batch = batch.normalised()
         enc1 = self.detector.encode(batch.view1)
         enc2 = self.detector.encode(batch.view2)
         q1 = self.region_queries(enc1, batch.boxes1, batch.view1.sizes)

@@ -32,8 +32,9 @@ from siamese_detr.data.transforms import get_size
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SiameseSample", "ViewGeometry", "ViewPlan",
-    "colour_augment", "detr_resize_size", "image_to_view", "plan_views", "region_boxes",
-    "sample_outer_rect", "sample_views", "to_normalised_tensor", "two_view_boxes",
+    "colour_augment", "detr_resize_size", "image_to_view", "normalise_uint8", "plan_views",
+    "region_boxes", "sample_outer_rect", "sample_views", "to_normalised_tensor",
+    "to_uint8_tensor", "two_view_boxes",
     "view_to_image",
 ]
 
@@ -53,10 +54,11 @@ class SiameseSample:
     """One training sample.
 
     Attributes:
-        view1, view2: ``[3, H, W]`` normalised views of identical size.
+        view1, view2: ``[3, H, W]`` uint8 RGB views of identical size (normalised on the
+            training device: :meth:`~siamese_detr.methods.siamese.data.SiameseBatch.normalised`).
         boxes1, boxes2: ``[M, 4]`` float32 absolute xyxy in view-1 / view-2 pixels; row ``j`` is
             the same physical region in both views, row 0 the views' intersection rectangle.
-        crops1, crops2: ``[M, 3, c, c]`` normalised region crops or ``None``.
+        crops1, crops2: ``[M, 3, c, c]`` uint8 region crops or ``None``.
         image_id: id of the source image.
     """
 
@@ -356,19 +358,30 @@ def colour_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return img
 
 
+def to_uint8_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB -> ``[3, H, W]`` uint8 (what loader workers send: 4x fewer bytes than float;
+    :func:`normalise_uint8` finishes the job where the batch is used)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalise_uint8(x: Tensor) -> Tensor:
+    """uint8 ``[..., 3, H, W]`` -> float32 in [0, 1], then ImageNet mean/std normalisation, on
+    ``x``'s device; the same float32 operations as :func:`to_normalised_tensor`, so equal bits."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x.to(torch.float32) / 255.0 - mean) / std
+
+
 def to_normalised_tensor(img: Image.Image) -> Tensor:
     """PIL RGB -> ``[3, H, W]`` float32 in [0, 1], then ImageNet mean/std normalisation."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (arr - mean) / std
+    return normalise_uint8(to_uint8_tensor(img))
 
 
 def _region_crops(
     view: Image.Image, boxes: np.ndarray, size: int, rng: np.random.Generator
 ) -> Tensor:
     """Crop each xyxy view-pixel box, resize to ``size x size`` (aspect not kept), then an
-    independent colour pipeline per crop -> ``[M, 3, size, size]``."""
+    independent colour pipeline per crop -> ``[M, 3, size, size]`` uint8."""
     W, H = view.size
     crops = []
     for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
@@ -376,7 +389,7 @@ def _region_crops(
         y0, y1 = min(max(y0, 0.0), H - 1.0), min(max(y1, 0.0), float(H))
         x1, y1 = max(x1, x0 + 1.0), max(y1, y0 + 1.0)  # at least one pixel
         crop = view.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
-        crops.append(to_normalised_tensor(colour_augment(crop, rng)))
+        crops.append(to_uint8_tensor(colour_augment(crop, rng)))
     return torch.stack(crops)
 
 
@@ -400,8 +413,8 @@ def sample_views(
     if opts.region_discrimination:  # from the resized views, before their colour pipeline
         crops1 = _region_crops(plan.view1, plan.boxes1, opts.crop_size, rng)
         crops2 = _region_crops(plan.view2, plan.boxes2, opts.crop_size, rng)
-    view1 = to_normalised_tensor(colour_augment(plan.view1, rng))
-    view2 = to_normalised_tensor(colour_augment(plan.view2, rng))
+    view1 = to_uint8_tensor(colour_augment(plan.view1, rng))
+    view2 = to_uint8_tensor(colour_augment(plan.view2, rng))
     return SiameseSample(
         view1=view1, view2=view2,
         boxes1=torch.from_numpy(plan.boxes1), boxes2=torch.from_numpy(plan.boxes2),
