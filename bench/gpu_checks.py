@@ -59,8 +59,10 @@ def _deform_inputs(levels, B, Q, device, seed=0):
 
 
 def _fwd_bwd(value, shapes, starts, loc, w, grad, dtype):
-    xs = [value.to(dtype).requires_grad_(True), loc.clone().requires_grad_(True),
-          w.clone().requires_grad_(True)]
+    # fresh leaves every call (``value.to(float32)`` would return ``value`` itself, and a
+    # later bf16 copy of it would then be a non-leaf without ``.grad``)
+    xs = [value.detach().to(dtype).clone().requires_grad_(True),
+          loc.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)]
     out = ms_deform_attn(xs[0], shapes, starts, xs[1], xs[2])
     out.backward(grad.to(out.dtype))
     return out, [x.grad for x in xs]
