@@ -1,8 +1,10 @@
 """How much the demo's numbers move: ``siamese-detr demo`` repeated at several thread counts.
 
-Each run is a fresh ``siamese-detr demo --out OUT/t<threads>_r<repeat>`` subprocess with
-``OMP_NUM_THREADS=<threads>`` (the thread count changes the CPU kernels' reduction order, as a
-different machine does; the fine-tuning runs inside the demo always use one thread each).
+Each run is a fresh ``siamese-detr demo --out OUT/t<threads>[_<isa>]_r<repeat>`` subprocess
+with ``OMP_NUM_THREADS=<threads>`` (the thread count changes the CPU kernels' reduction order,
+as a different machine does; the fine-tuning runs inside the demo always use one thread each).
+``--isa avx2`` also caps torch's kernels at AVX2 (``ATEN_CPU_CAPABILITY``,
+``ONEDNN_MAX_CPU_ISA``) on an AVX-512 machine: the numerics of a CPU without AVX-512.
 ``--jobs`` demos run side by side: the AP numbers do not depend on it, the wall times do, so
 take timings from ``--jobs 1`` runs only. A finished run is not run again.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,12 +35,15 @@ from siamese_detr.files import write_json, write_text
 ARMS = ("scratch", "siamese")
 
 
-def run_demo(out: Path, threads: int, extra: list[str]) -> dict[str, Any]:
-    """One demo run (skipped when its ``results.json`` exists); its results and wall time."""
+def run_demo(out: Path, threads: int, extra: list[str], isa: str | None = None
+             ) -> dict[str, Any]:
+    """One demo run (skipped when its ``spread_run.json`` exists); its results and wall time."""
     record = out / "spread_run.json"
     if record.is_file():
         return json.loads(record.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if isa:
+        env.update(ATEN_CPU_CAPABILITY=isa.lower(), ONEDNN_MAX_CPU_ISA=isa.upper())
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     with (out.parent / f"{out.name}.log").open("a") as log:
@@ -46,15 +52,19 @@ def run_demo(out: Path, threads: int, extra: list[str]) -> dict[str, Any]:
     if rc != 0:
         raise SystemExit(f"demo {out} failed with exit code {rc}; see {out.parent / out.name}.log")
     results = json.loads((out / "results.json").read_text())
-    rec = {"threads": threads, "seconds": time.perf_counter() - t0, "results": results}
+    # the largest resident set of any process waited for so far (the demo and its fine-tuning
+    # subprocesses; with --jobs > 1 the maximum over all runs until now)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    rec = {"threads": threads, "isa": isa or "native", "seconds": time.perf_counter() - t0,
+           "peak_rss_gib": peak, "results": results}
     write_json(record, rec, indent=2)
     return rec
 
 
 def summarize(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    lines = ["| run | threads | wall (min) | scratch AP per seed | scratch AP | Siamese AP per "
-             "seed | Siamese AP | gain (wins) | in band |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | threads | CPU kernels | wall (min) | scratch AP per seed | scratch AP | "
+             "Siamese AP per seed | Siamese AP | gain (wins) | in band |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     means: dict[str, list[float]] = {arm: [] for arm in ARMS}
     gains: list[float] = []
     ok = True
@@ -71,7 +81,8 @@ def summarize(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         gains.append(100 * g["mean"])
         inside = within_band(res)
         ok &= not inside
-        lines.append(f"| {name} | {rec['threads']} | {rec['seconds'] / 60:.1f} | "
+        lines.append(f"| {name} | {rec['threads']} | {rec.get('isa', 'native')} | "
+                     f"{rec['seconds'] / 60:.1f} | "
                      + " | ".join(cells) + f" | {100 * g['mean']:+.1f} ({g['wins']}/{g['pairs']})"
                      f" | {'yes' if not inside else 'NO: ' + '; '.join(inside)} |")
     summary: dict[str, Any] = {}
@@ -94,16 +105,23 @@ def main() -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="demos side by side (timings: use 1)")
+    p.add_argument("--isa", default=None, choices=["avx2", "default"],
+                   help="cap torch's CPU kernels (default: the machine's best)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="run and report only these of the t<threads>_r<repeat> runs")
     p.add_argument("demo_args", nargs="*", help="passed to `siamese-detr demo` (after --)")
     a = p.parse_args()
-    names = {f"t{t}_r{r}": t for r in range(a.repeats) for t in a.threads}
+    tag = f"_{a.isa}" if a.isa else ""
+    names = {f"t{t}{tag}_r{r}": t for r in range(a.repeats) for t in a.threads}
     if a.only:
         names = {n: t for n, t in names.items() if n in a.only}
     with ThreadPoolExecutor(a.jobs) as pool:
-        futures = {n: pool.submit(run_demo, a.out / n, t, a.demo_args) for n, t in names.items()}
+        futures = {n: pool.submit(run_demo, a.out / n, t, a.demo_args, a.isa)
+                   for n, t in names.items()}
         runs = {n: f.result() for n, f in futures.items()}
+    # every finished run in OUT joins the table (runs of other invocations too)
+    for record in sorted(a.out.glob("*/spread_run.json")):
+        runs.setdefault(record.parent.name, json.loads(record.read_text()))
     table, summary = summarize(runs)
     write_text(a.out / "spread.md", table)
     write_json(a.out / "spread.json", {"runs": runs, "summary": summary}, indent=2)

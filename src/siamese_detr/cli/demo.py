@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
+
+from siamese_detr.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", choices=["vanilla", "conditional", "deformable"],
                    default="deformable",
                    help="detector (default: deformable, 2 levels: it learns fastest on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="data seed; fine-tuning seeds are SEED, SEED+1, ... (default: 0)")
+    p.add_argument("--finetune-seeds", type=int, default=None, metavar="N",
+                   help="fine-tuning runs per arm, the AP reported is their mean (default: 3; "
+                        "on CPU they run side by side, one thread each)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where every stage runs (default: auto = the GPU when one is present)")
     p.set_defaults(func=run)
@@ -28,14 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from siamese_detr.demo.demo import DEFAULT_MINUTES, DemoPlan, results_table, run_demo
-    from siamese_detr.demo.report import results_lines
+    from siamese_detr.demo.report import plan_seeds, results_lines
     from siamese_detr.engine.logging import setup_logging
 
     out = Path(args.out)
     setup_logging(True, out / "demo.log")
     minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes
     plan = DemoPlan.scaled(minutes, args.variant, args.seed, args.device)
+    if args.finetune_seeds is not None:
+        if args.finetune_seeds < 1:
+            raise UserError(f"--finetune-seeds must be at least 1, got {args.finetune_seeds}")
+        plan = replace(plan, finetune_seeds=args.finetune_seeds)
     report = run_demo(out, plan)
     print(f"\nreport: {report}")
-    print("\n".join(results_lines(results_table(out))))
+    print("\n".join(results_lines(results_table(out, plan_seeds(plan)))))
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 from siamese_detr.config import RunConfig
 from siamese_detr.configio import apply_overrides
 from siamese_detr.demo.jobs import available_cores, run_job
-from siamese_detr.demo.report import finetune_run_name, results_table, write_report
+from siamese_detr.demo.report import finetune_run_name, plan_seeds, results_table, write_report
 from siamese_detr.engine.distributed import single_process
 from siamese_detr.engine.logging import get_logger
 from siamese_detr.presets import get_preset
@@ -165,8 +165,8 @@ def finetune_config(out: Path, plan: DemoPlan, init: str, seed: int | None = Non
 def finetune_runs(out: Path, plan: DemoPlan, pretrained: str) -> list[RunConfig]:
     """Every fine-tuning run of the comparison: each arm (scratch, then from ``pretrained``)
     with each of the plan's seeds."""
-    seeds = [plan.seed + k for k in range(max(1, plan.finetune_seeds))]
-    return [finetune_config(out, plan, init, seed) for init in ("", pretrained) for seed in seeds]
+    return [finetune_config(out, plan, init, seed) for init in ("", pretrained)
+            for seed in plan_seeds(plan)]
 
 
 def _finetune_stage(out: Path, plan: DemoPlan, pretrained: str) -> None:
@@ -175,11 +175,11 @@ def _finetune_stage(out: Path, plan: DemoPlan, pretrained: str) -> None:
     from tqdm import tqdm
 
     log = get_logger()
-    if _stage_done(out, "finetune"):
-        return
     t0 = time.perf_counter()
     cfgs = [apply_overrides(cfg, ["engine.progress=false"])
             for cfg in finetune_runs(out, plan, pretrained)]
+    if all((Path(cfg.output_dir) / "final_metrics.json").is_file() for cfg in cfgs):
+        return  # finished before (a different --finetune-seeds re-runs only what is missing)
     gpu = single_process(plan.device).device.type != "cpu"
     workers = 1 if gpu else min(available_cores(), len(cfgs))
     log.info("      %d runs, %d at a time%s; their output: %s", len(cfgs), workers,

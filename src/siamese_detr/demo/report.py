@@ -172,6 +172,11 @@ def finetune_run_name(arm: str, seed: int) -> str:
     return f"finetune_{arm}_seed{seed}"
 
 
+def plan_seeds(plan: Any) -> list[int]:
+    """The fine-tuning seeds of a ``DemoPlan``: ``seed, seed + 1, ...``."""
+    return [plan.seed + k for k in range(max(1, plan.finetune_seeds))]
+
+
 def _seed_of(run_dir: Path) -> int:
     return int(run_dir.name.rsplit("_seed", 1)[1])
 
@@ -189,14 +194,15 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "sd": sd}
 
 
-def results_table(out: Path) -> dict[str, Any]:
+def results_table(out: Path, seeds: list[int] | None = None) -> dict[str, Any]:
     """The comparison as written to ``results.json``: per arm the evaluator's metrics of every
-    fine-tuning seed (``runs``) with their ``mean`` and sample ``sd``; under ``gain`` the
-    Siamese-minus-scratch AP differences of runs with the same seed (mean, sd, wins)."""
+    fine-tuning seed (``runs``; only ``seeds`` when given) with their ``mean`` and sample
+    ``sd``; under ``gain`` the Siamese-minus-scratch AP differences of runs with the same seed
+    (mean, sd, wins)."""
     table: dict[str, Any] = {}
     for arm in ARMS:
         runs = {str(_seed_of(d)): json.loads((d / "eval_metrics.json").read_text())
-                for d in finetune_run_dirs(out, arm)}
+                for d in finetune_run_dirs(out, arm) if seeds is None or _seed_of(d) in seeds}
         stats = {k: _mean_sd([m[k] for m in runs.values() if k in m]) for k in METRICS}
         table[arm] = {"runs": runs, "mean": {k: v["mean"] for k, v in stats.items()},
                       "sd": {k: v["sd"] for k, v in stats.items()}}
@@ -253,7 +259,7 @@ def write_report(out: Path, plan: Any, seconds: float, pretrain_cfg: Any) -> Pat
                        fig / "predictions.png", min_score=0.25)
     predict_figure(first["siamese"] / "last.pt", det / "val.json", det / "val",
                    fig / "predict.png")
-    table = results_table(out)
+    table = results_table(out, plan_seeds(plan))
     seeds = sorted({int(s) for arm in ARMS for s in table[arm]["runs"]})
     rows = []
     for arm, label in ARMS.items():
