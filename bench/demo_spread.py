@@ -35,8 +35,8 @@ from siamese_detr.files import write_json, write_text
 ARMS = ("scratch", "siamese")
 
 
-def run_demo(out: Path, threads: int, extra: list[str], isa: str | None = None
-             ) -> dict[str, Any]:
+def run_demo(out: Path, threads: int, extra: list[str], isa: str | None = None,
+             shared: bool = False) -> dict[str, Any]:
     """One demo run (skipped when its ``spread_run.json`` exists); its results and wall time."""
     record = out / "spread_run.json"
     if record.is_file():
@@ -56,7 +56,7 @@ def run_demo(out: Path, threads: int, extra: list[str], isa: str | None = None
     # subprocesses; with --jobs > 1 the maximum over all runs until now)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     rec = {"threads": threads, "isa": isa or "native", "seconds": time.perf_counter() - t0,
-           "peak_rss_gib": peak, "results": results}
+           "peak_rss_gib": peak, "shared": shared, "results": results}
     write_json(record, rec, indent=2)
     return rec
 
@@ -81,8 +81,8 @@ def summarize(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         gains.append(100 * g["mean"])
         inside = within_band(res)
         ok &= not inside
-        lines.append(f"| {name} | {rec['threads']} | {rec.get('isa', 'native')} | "
-                     f"{rec['seconds'] / 60:.1f} | "
+        wall = f"{rec['seconds'] / 60:.1f}" + (" (shared)" if rec.get("shared") else "")
+        lines.append(f"| {name} | {rec['threads']} | {rec.get('isa', 'native')} | {wall} | "
                      + " | ".join(cells) + f" | {100 * g['mean']:+.1f} ({g['wins']}/{g['pairs']})"
                      f" | {'yes' if not inside else 'NO: ' + '; '.join(inside)} |")
     summary: dict[str, Any] = {}
@@ -104,7 +104,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--jobs", type=int, default=1, help="demos side by side (timings: use 1)")
+    p.add_argument("--jobs", type=int, default=1, help="demos side by side (timings: use 1; "
+                   "a run's record gets \"shared\": true when its wall time is not its own)")
     p.add_argument("--isa", default=None, choices=["avx2", "default"],
                    help="cap torch's CPU kernels (default: the machine's best)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
@@ -116,7 +117,7 @@ def main() -> int:
     if a.only:
         names = {n: t for n, t in names.items() if n in a.only}
     with ThreadPoolExecutor(a.jobs) as pool:
-        futures = {n: pool.submit(run_demo, a.out / n, t, a.demo_args, a.isa)
+        futures = {n: pool.submit(run_demo, a.out / n, t, a.demo_args, a.isa, a.jobs > 1)
                    for n, t in names.items()}
         runs = {n: f.result() for n, f in futures.items()}
     # every finished run in OUT joins the table (runs of other invocations too)

@@ -45,9 +45,12 @@ DEFAULT_MINUTES = 11.5
 
 #: the band (AP in %, mean over the fine-tuning seeds) that the default demo's results fall in,
 #: stated in the README's expected output and checked by ``bench/demo_spread.py`` and the
-#: slow test ``tests/integration/test_demo_band.py``; ``gain`` is Siamese minus scratch
+#: slow test ``tests/integration/test_demo_band.py``; ``gain`` is Siamese minus scratch.
+#: Measured means over different CPU numerics (README): scratch 20.7-22.8, Siamese 35.7-38.5,
+#: gain 12.9-17.8, with single seeds spread about 2 AP (sd) and a rare collapse of one scratch
+#: seed (12.9 seen once): the band leaves room for such a seed, and fails if an arm breaks.
 EXPECTED_AP: dict[str, tuple[float, float]] = {
-    "scratch": (15.0, 32.0), "siamese": (28.0, 42.0), "gain": (5.0, 25.0)}
+    "scratch": (16.0, 28.0), "siamese": (32.0, 42.0), "gain": (7.0, 24.0)}
 
 
 def within_band(results: dict[str, Any], band: dict[str, tuple[float, float]] | None = None
