@@ -46,6 +46,20 @@ def wait_for(predicate, proc: subprocess.Popen[bytes], what: str) -> None:
         time.sleep(0.2)
 
 
+def sigterm_when(predicate, proc: subprocess.Popen[bytes], what: str) -> int:
+    """Send SIGTERM once ``predicate()`` holds (see :func:`wait_for`) and return the exit code;
+    the process is killed if it is still running after that."""
+    import signal
+
+    try:
+        wait_for(predicate, proc, what)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=SAFETY_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""

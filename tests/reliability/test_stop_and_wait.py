@@ -4,19 +4,10 @@ exit (the time-out is only a safety net)."""
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 
-from .conftest import (
-    SAFETY_TIMEOUT,
-    last_line,
-    pretrain_args,
-    run_cli,
-    start_cli,
-    wait_for,
-)
+from .conftest import last_line, pretrain_args, run_cli, sigterm_when, start_cli
 
 
 def test_no_usable_sample_stops_with_counted_reasons(unlabeled, tmp_path):
@@ -41,14 +32,8 @@ def test_sigterm_is_obeyed_while_waiting_for_data(unlabeled, tmp_path):
     log = tmp_path / "log.txt"
     proc = start_cli(*pretrain_args(unlabeled, out, 2, "pretrain.proposals.min_size=100000",
                                     "engine.max_empty_batches=1000000000"), log=log)
-    try:
-        wait_for(lambda: "empty proposal list" in log.read_text(errors="replace"), proc,
-                 "data warning")
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=SAFETY_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc = sigterm_when(lambda: "empty proposal list" in log.read_text(errors="replace"), proc,
+                      "data warning")
     text = log.read_text(errors="replace")
     assert rc == 75, text[-2000:]
     line = last_line(text)
@@ -65,13 +50,7 @@ def test_sigterm_stop_is_not_reported_as_finished(unlabeled, tmp_path):
     log = tmp_path / "log.txt"
     args = pretrain_args(unlabeled, out, 500)
     proc = start_cli(*args, log=log)
-    try:
-        wait_for(lambda: (out / "metrics.jsonl").is_file(), proc, "first logged step")
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=SAFETY_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc = sigterm_when(lambda: (out / "metrics.jsonl").is_file(), proc, "first logged step")
     text = log.read_text(errors="replace")
     assert rc == 75, text[-2000:]
     assert "final losses" not in text and "fine-tune with --init" not in text

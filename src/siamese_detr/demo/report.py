@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +189,11 @@ def finetune_run_dirs(out: Path, arm: str) -> list[Path]:
 
 
 def _mean_sd(values: list[float]) -> dict[str, float]:
-    n = len(values)
-    mean = sum(values) / n if n else float("nan")
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
-    return {"mean": mean, "sd": sd}
+    """Mean and sample sd (``statistics``); NaN for no value, sd 0 for one."""
+    if not values:
+        return {"mean": float("nan"), "sd": 0.0}
+    return {"mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def results_table(out: Path, seeds: list[int] | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from siamese_detr.config import BackboneConfig, EngineConfig, LossConfig, ModelConfig
+from siamese_detr.data.collate import pad_images
 from siamese_detr.engine.distributed import DistInfo
 from siamese_detr.engine.loop import Schedule, train
 from siamese_detr.engine.optim import param_groups
@@ -59,13 +60,7 @@ def _model_cfg(variant: str, num_classes: int, freeze: str) -> ModelConfig:
 
 
 def _images(g: torch.Generator, sizes: list[tuple[int, int]]) -> ImageBatch:
-    H, W = max(h for h, _ in sizes), max(w for _, w in sizes)
-    images = torch.zeros(len(sizes), 3, H, W)
-    mask = torch.ones(len(sizes), H, W, dtype=torch.bool)
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
-        mask[i, :h, :w] = False
-    return ImageBatch(images, mask, torch.tensor(sizes))
+    return pad_images([torch.randn(3, h, w, generator=g) for h, w in sizes])
 
 
 def finetune_batches(n: int, seed: int = 0) -> list[tuple[ImageBatch, list[BoxTargets]]]:

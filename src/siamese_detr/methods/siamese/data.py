@@ -204,21 +204,12 @@ class SiameseBatch:
         """Float32 ImageNet-normalised views (zero on padding, as the detector expects) and
         crops, computed where the batch is (the training device); a float batch is returned
         as it is. Equal bits to normalising in the loader worker."""
-        if not (self.view1.images.dtype == torch.uint8 or (
-                self.crops1 is not None and self.crops1.dtype == torch.uint8)):
+        tensors = (self.view1.images, self.view2.images, self.crops1, self.crops2)
+        if not any(t is not None and t.dtype == torch.uint8 for t in tensors):
             return self
-
-        def view(v: ImageBatch) -> ImageBatch:
-            if v.images.dtype != torch.uint8:
-                return v
-            images = normalise_uint8(v.images).masked_fill(v.mask[:, None], 0.0)
-            return ImageBatch(images, v.mask, v.sizes)
-
-        def crops(t: Tensor | None) -> Tensor | None:
-            return t if t is None or t.dtype != torch.uint8 else normalise_uint8(t)
-
-        return replace(self, view1=view(self.view1), view2=view(self.view2),
-                       crops1=crops(self.crops1), crops2=crops(self.crops2))
+        return replace(self, view1=normalise_images(self.view1),
+                       view2=normalise_images(self.view2), crops1=normalise_crops(self.crops1),
+                       crops2=normalise_crops(self.crops2))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SiameseBatch:
         def move(t: Tensor | None) -> Tensor | None:
@@ -232,6 +223,19 @@ class SiameseBatch:
             image_ids=list(self.image_ids), skipped=self.skipped,
             skip_reasons=dict(self.skip_reasons),
         )
+
+
+def normalise_images(v: ImageBatch) -> ImageBatch:
+    """uint8 padded images -> float32 ImageNet-normalised, zero on padding; float unchanged."""
+    if v.images.dtype != torch.uint8:
+        return v
+    return ImageBatch(normalise_uint8(v.images).masked_fill(v.mask[:, None], 0.0), v.mask,
+                      v.sizes)
+
+
+def normalise_crops(t: Tensor | None) -> Tensor | None:
+    """uint8 crops -> float32 ImageNet-normalised; float or ``None`` unchanged."""
+    return t if t is None or t.dtype != torch.uint8 else normalise_uint8(t)
 
 
 def _empty_batch(skipped: int, reasons: dict[str, int]) -> SiameseBatch:

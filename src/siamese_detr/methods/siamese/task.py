@@ -31,6 +31,7 @@ from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
 from siamese_detr.matcher import Matching
 from siamese_detr.methods.base import global_pool_features, roi_pool_features
+from siamese_detr.methods.siamese.data import normalise_crops, normalise_images
 from siamese_detr.methods.siamese.heads import FeatureAlign, build_predictor, build_projector
 from siamese_detr.ops.boxes import box_xyxy_to_cxcywh, jitter_xyxy
 from siamese_detr.structures import (
@@ -105,13 +106,14 @@ class SiameseDETR(nn.Module):
         ``:B``, view 1's queries on view 2's memory in rows ``B:``), one set-criterion call
         and one backbone call for all crops. Views of different padded sizes fall back to
         :meth:`forward_per_direction`, the same losses computed per view and direction."""
-        batch = batch.normalised()  # uint8 from the loader -> float, on the device
         v1, v2 = batch.view1, batch.view2
         if v1.images.shape[-2:] != v2.images.shape[-2:]:
             return self.forward_per_direction(batch)
         B = int(v1.images.shape[0])
-        views = ImageBatch(torch.cat([v1.images, v2.images]), torch.cat([v1.mask, v2.mask]),
-                           torch.cat([v1.sizes, v2.sizes]))
+        # joined first, then normalised once (uint8 from the loader -> float, on the device)
+        views = normalise_images(ImageBatch(torch.cat([v1.images, v2.images]),
+                                            torch.cat([v1.mask, v2.mask]),
+                                            torch.cat([v1.sizes, v2.sizes])))
         boxes = torch.cat([batch.boxes1, batch.boxes2])  # [2B, M, 4], view 1 then view 2
         enc = self.detector.encode(views)
         queries = self.region_queries(enc, boxes, views.sizes, groups=2)
@@ -123,7 +125,7 @@ class SiameseDETR(nn.Module):
         reg = None
         if self.feature_align is not None and batch.crops1 is not None \
                 and batch.crops2 is not None:
-            emb = self.crop_embeddings(torch.cat([batch.crops1, batch.crops2]))
+            emb = self.crop_embeddings(normalise_crops(torch.cat([batch.crops1, batch.crops2])))
             # the crops of each row's query view; normalised by 2BM = the mean of directions
             reg = self.region_loss(out, matching, emb.roll(B, dims=0))
         glob = None
