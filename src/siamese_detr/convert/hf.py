@@ -116,19 +116,23 @@ def _ffn(ours: str, hf: str) -> list[_Rename]:
 def _rules(variant: str) -> list[_Rename]:
     enc, henc = "transformer.encoder.layers.{i}.", "model.encoder.layers.{i}."
     dec, hdec = "transformer.decoder.layers.{i}.", "model.decoder.layers.{i}."
-    rules = _backbone_rules() + [_Rename("query_embed.", "model.query_position_embeddings.")]
+    rules = _backbone_rules() + [
+        _Rename("query_embed.", "model.query_position_embeddings."),
+        # the same in every variant: encoder norms and FFNs, decoder self-attention output,
+        # last norm and FFN (decoder norm1/norm2 swap roles between DETR and Deformable DETR)
+        _Rename(enc + "norm1.", henc + "self_attn_layer_norm."),
+        _Rename(enc + "norm2.", henc + "final_layer_norm."),
+        *_ffn(enc, henc),
+        _Rename(dec + "self_attn.out_proj.", hdec + "self_attn.out_proj."),
+        _Rename(dec + "norm3.", hdec + "final_layer_norm."),
+        *_ffn(dec, hdec),
+    ]
     if variant in ("vanilla", "conditional"):
         rules += [
             _Rename("input_proj.", "model.input_projection."),
             _Rename(enc + "self_attn.out_proj.", henc + "self_attn.out_proj."),
-            _Rename(enc + "norm1.", henc + "self_attn_layer_norm."),
-            _Rename(enc + "norm2.", henc + "final_layer_norm."),
-            *_ffn(enc, henc),
-            _Rename(dec + "self_attn.out_proj.", hdec + "self_attn.out_proj."),
             _Rename(dec + "norm1.", hdec + "self_attn_layer_norm."),
             _Rename(dec + "norm2.", hdec + "encoder_attn_layer_norm."),
-            _Rename(dec + "norm3.", hdec + "final_layer_norm."),
-            *_ffn(dec, hdec),
             _Rename("transformer.decoder.norm.", "model.decoder.layernorm."),
             _Rename("class_embed.", "class_labels_classifier."),
             _Rename("bbox_embed.", "bbox_predictor."),
@@ -150,15 +154,9 @@ def _rules(variant: str) -> list[_Rename]:
             _Rename("transformer.level_embed", "model.level_embed"),
             _Rename("transformer.reference_points.", "model.reference_points."),
             _Rename(enc + "self_attn.", henc + "self_attn."),
-            _Rename(enc + "norm1.", henc + "self_attn_layer_norm."),
-            _Rename(enc + "norm2.", henc + "final_layer_norm."),
-            *_ffn(enc, henc),
             _Rename(dec + "cross_attn.", hdec + "encoder_attn."),
             _Rename(dec + "norm1.", hdec + "encoder_attn_layer_norm."),
-            _Rename(dec + "self_attn.out_proj.", hdec + "self_attn.out_proj."),
             _Rename(dec + "norm2.", hdec + "self_attn_layer_norm."),
-            _Rename(dec + "norm3.", hdec + "final_layer_norm."),
-            *_ffn(dec, hdec),
             _Rename("class_embed.", "class_embed."),
         ]
     return rules
