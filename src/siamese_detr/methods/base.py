@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from siamese_detr.engine.loop import TrainResult
     from siamese_detr.engine.setup import Prepared
 
-__all__ = ["PretextTask", "Task", "global_pool_features", "roi_pool_features"]
+__all__ = ["PretextTask", "PretextTaskBase", "Task", "global_pool_features",
+           "roi_pool_features"]
 
 
 @runtime_checkable
@@ -71,6 +72,33 @@ class Task(Protocol):
 class PretextTask(Task, Protocol):
     """A self-supervised pretraining method (``kind == "pretrain"``); its module holds the
     detector as ``.detector`` so that fine-tuning loads ``detector.*`` keys directly."""
+
+
+class PretextTaskBase:
+    """What every pretext task shares: loader settings from ``cfg.pretrain``, no evaluator,
+    the last logged losses as the result. A subclass sets ``collate`` and ``sync_bn`` and
+    gives ``build_dataset``, ``build_module`` and ``describe``."""
+
+    kind: Literal["pretrain", "finetune"] = "pretrain"
+    sync_bn = False
+    collate: Callable[[Any], Any] | None = None
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.batch_size = cfg.pretrain.batch_size
+        self.num_workers = cfg.pretrain.num_workers
+
+    def schedule_text(self, prepared: Prepared) -> str:
+        """The tail of the start-up line: iterations, lr drops, global batch."""
+        s = prepared.schedule
+        return (f"{s.total_steps} iterations (lr drops at {list(s.lr_drops)}), global batch "
+                f"{prepared.global_batch}")
+
+    def make_evaluator(self, run_dir: Path) -> None:
+        return None
+
+    def finish(self, result: TrainResult, dist_info: DistInfo) -> dict[str, float]:
+        return result.last_metrics
 
 
 def roi_pool_features(

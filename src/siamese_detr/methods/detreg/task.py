@@ -18,9 +18,7 @@ One training step on a :class:`~siamese_detr.methods.detreg.data.DETRegBatch`:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +27,12 @@ from torchvision.ops import roi_align
 
 from siamese_detr.config import DETRegOptions, RunConfig
 from siamese_detr.errors import ConfigError
+from siamese_detr.methods.base import PretextTaskBase
 from siamese_detr.models.heads import MLP
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, Encoded, LossOutput
 
 if TYPE_CHECKING:
-    from siamese_detr.engine.distributed import DistInfo
-    from siamese_detr.engine.loop import TrainResult
     from siamese_detr.engine.setup import Prepared
     from siamese_detr.methods.detreg.data import DETRegBatch
     from siamese_detr.models.detector import Detector
@@ -171,20 +168,17 @@ def build_detreg_task(cfg: RunConfig) -> DETReg:
     return DETReg(detector, opts, build_criterion(model, cfg.loss))
 
 
-class DETRegTask:
+class DETRegTask(PretextTaskBase):
     """DETReg pretraining as a pretext task for the runner: the proposal-target data set over
     ``cfg.pretrain.images`` and :class:`DETReg`; the run returns the last logged losses."""
 
-    kind: Literal["pretrain", "finetune"] = "pretrain"
     sync_bn = False  # no BatchNorm outside the frozen backbone
 
     def __init__(self, cfg: RunConfig) -> None:
         from siamese_detr.methods.detreg.data import collate_detreg
 
-        self.cfg = cfg
-        self.batch_size = cfg.pretrain.batch_size
-        self.num_workers = cfg.pretrain.num_workers
-        self.collate: Callable[[Any], Any] | None = collate_detreg
+        super().__init__(cfg)
+        self.collate = collate_detreg
 
     def build_dataset(self) -> Any:
         from siamese_detr.methods.detreg.data import build_detreg_dataset
@@ -195,14 +189,6 @@ class DETRegTask:
         return build_detreg_task(self.cfg)
 
     def describe(self, num_images: int, prepared: Prepared) -> str:
-        s = prepared.schedule
         return (f"pretraining detreg/{self.cfg.model.variant}: {num_images} images, top "
                 f"{self.cfg.pretrain.detreg.max_proposals} proposals as targets, "
-                f"{s.total_steps} iterations (lr drops at {list(s.lr_drops)}), global batch "
-                f"{prepared.global_batch}")
-
-    def make_evaluator(self, run_dir: Path) -> None:
-        return None
-
-    def finish(self, result: TrainResult, dist_info: DistInfo) -> dict[str, float]:
-        return result.last_metrics
+                f"{self.schedule_text(prepared)}")

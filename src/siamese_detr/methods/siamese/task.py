@@ -20,9 +20,7 @@ the box/class weights inside the criterion).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +28,7 @@ from torch import Tensor, nn
 from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
 from siamese_detr.matcher import Matching
-from siamese_detr.methods.base import global_pool_features, roi_pool_features
+from siamese_detr.methods.base import PretextTaskBase, global_pool_features, roi_pool_features
 from siamese_detr.methods.siamese.data import normalise_crops, normalise_images
 from siamese_detr.methods.siamese.heads import FeatureAlign, build_predictor, build_projector
 from siamese_detr.ops.boxes import box_xyxy_to_cxcywh, jitter_xyxy
@@ -44,8 +42,6 @@ from siamese_detr.structures import (
 )
 
 if TYPE_CHECKING:
-    from siamese_detr.engine.distributed import DistInfo
-    from siamese_detr.engine.loop import TrainResult
     from siamese_detr.engine.setup import Prepared
     from siamese_detr.losses.set_criterion import SetCriterion
     from siamese_detr.methods.siamese.data import SiameseBatch
@@ -374,21 +370,18 @@ def check_regions(num_queries: int, num_regions: int) -> None:
         )
 
 
-class SiameseTask:
+class SiameseTask(PretextTaskBase):
     """Siamese DETR pretraining as a :class:`~siamese_detr.methods.base.PretextTask`: the
     two-view data set over ``cfg.pretrain.images`` (+ offline proposals) and
     :class:`SiameseDETR`; ``run`` returns the last logged losses."""
 
-    kind: Literal["pretrain", "finetune"] = "pretrain"
     sync_bn = True  # SyncBN in the global projector
 
     def __init__(self, cfg: RunConfig) -> None:
         from siamese_detr.methods.siamese.data import collate_siamese
 
-        self.cfg = cfg
-        self.batch_size = cfg.pretrain.batch_size
-        self.num_workers = cfg.pretrain.num_workers
-        self.collate: Callable[[Any], Any] | None = collate_siamese
+        super().__init__(cfg)
+        self.collate = collate_siamese
 
     def build_dataset(self) -> Any:
         from siamese_detr.methods.siamese.data import build_pretrain_dataset
@@ -399,13 +392,5 @@ class SiameseTask:
         return build_siamese_task(self.cfg)
 
     def describe(self, num_images: int, prepared: Prepared) -> str:
-        s = prepared.schedule
         return (f"pretraining {self.cfg.pretrain.method}/{self.cfg.model.variant}: {num_images} "
-                f"images, {s.total_steps} iterations (lr drops at {list(s.lr_drops)}), global "
-                f"batch {prepared.global_batch}")
-
-    def make_evaluator(self, run_dir: Path) -> None:
-        return None
-
-    def finish(self, result: TrainResult, dist_info: DistInfo) -> dict[str, float]:
-        return result.last_metrics
+                f"images, {self.schedule_text(prepared)}")

@@ -22,9 +22,7 @@ docs/method.md, UP-DETR section, for the official code each step follows):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -32,14 +30,12 @@ from torch import Tensor, nn
 from siamese_detr.config import RunConfig, UPDETROptions
 from siamese_detr.errors import ConfigError
 from siamese_detr.losses.discrimination import region_discrimination_loss
-from siamese_detr.methods.base import global_pool_features
+from siamese_detr.methods.base import PretextTaskBase, global_pool_features
 from siamese_detr.models.heads import MLP
 from siamese_detr.ops.boxes import normalize_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, LossOutput, QueryInputs
 
 if TYPE_CHECKING:
-    from siamese_detr.engine.distributed import DistInfo
-    from siamese_detr.engine.loop import TrainResult
     from siamese_detr.engine.setup import Prepared
     from siamese_detr.methods.updetr.data import UPDETRBatch
     from siamese_detr.models.detector import Detector
@@ -223,21 +219,18 @@ def build_updetr_task(cfg: RunConfig) -> UPDETR:
     return UPDETR(detector, opts, criterion)
 
 
-class UPDETRTask:
+class UPDETRTask(PretextTaskBase):
     """UP-DETR pretraining as a pretext task for the runner: the patch data set over
     ``cfg.pretrain.images`` (no proposals) and :class:`UPDETR`; returns the last logged
     losses."""
 
-    kind: Literal["pretrain", "finetune"] = "pretrain"
     sync_bn = False  # no BatchNorm in the UP-DETR heads
 
     def __init__(self, cfg: RunConfig) -> None:
         from siamese_detr.methods.updetr.data import collate_updetr
 
-        self.cfg = cfg
-        self.batch_size = cfg.pretrain.batch_size
-        self.num_workers = cfg.pretrain.num_workers
-        self.collate: Callable[[Any], Any] | None = collate_updetr
+        super().__init__(cfg)
+        self.collate = collate_updetr
 
     def build_dataset(self) -> Any:
         from siamese_detr.methods.updetr.data import build_updetr_dataset
@@ -248,14 +241,6 @@ class UPDETRTask:
         return build_updetr_task(self.cfg)
 
     def describe(self, num_images: int, prepared: Prepared) -> str:
-        s = prepared.schedule
         return (f"pretraining updetr/{self.cfg.model.variant}: {num_images} images, "
-                f"{self.cfg.pretrain.updetr.num_patches} patches each, {s.total_steps} "
-                f"iterations (lr drops at {list(s.lr_drops)}), global batch "
-                f"{prepared.global_batch}")
-
-    def make_evaluator(self, run_dir: Path) -> None:
-        return None
-
-    def finish(self, result: TrainResult, dist_info: DistInfo) -> dict[str, float]:
-        return result.last_metrics
+                f"{self.cfg.pretrain.updetr.num_patches} patches each, "
+                f"{self.schedule_text(prepared)}")
