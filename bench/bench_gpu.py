@@ -313,47 +313,98 @@ def count(step: Step, device: torch.device) -> dict[str, Any]:
 # ---------------------------------------------------------------- bench
 
 
-def run_variant(variant: str, dtype: str, args: argparse.Namespace, device: torch.device,
-                res: Results) -> None:
+def profile_step(step: Step, device: torch.device) -> dict[str, Any]:
+    """One step under ``torch.profiler`` (CUDA only): wall ms, the sum of GPU kernel times, the
+    kernel count, and the GPU's busy share (kernel time / wall: far under 1 = host-bound)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        wall = time.perf_counter() - t0
+    busy_us, kernels = 0.0, 0
+    top: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            us = e.time_range.elapsed_us()
+            busy_us += us
+            kernels += 1
+            top[e.name[:60]] = top.get(e.name[:60], 0.0) + us
+    heavy = sorted(top.items(), key=lambda kv: -kv[1])[:8]
+    return {"profile_wall_ms": 1e3 * wall, "gpu_kernel_ms": busy_us / 1e3, "kernels": kernels,
+            "gpu_busy": busy_us / 1e6 / wall if wall else 0.0,
+            "top_kernels_ms": {k: round(v / 1e3, 3) for k, v in heavy}}
+
+
+def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
+                device: torch.device, res: Results) -> None:
+    """Build every implementation of ``variant`` once, then time them interleaved, one
+    precision after the other (the models and optimiser states carry over)."""
     b, (h, w) = args.batch, args.size
     cfg, (model, criterion), opt = build_ours(variant, device)
     images = make_images(b, h, w, device)
     targets = make_targets(b, cfg.model.num_classes, device)
-    steps: dict[str, Step] = {
-        "ours": ours_step(model, criterion, opt, images, targets, device, dtype)}
+    makers: dict[str, Callable[[str], Step]] = {
+        "ours": lambda dt: ours_step(model, criterion, opt, images, targets, device, dt)}
     params = {"ours": trainable(model)}
     extra: dict[str, Any] = {}
+    if args.channels_last:
+        _, (lmodel, lcrit), lopt = build_ours(variant, device)
+        lmodel.load_state_dict(model.state_dict())
+        lmodel.backbone.to(memory_format=torch.channels_last)
+        makers["ours_cl"] = lambda dt: ours_step(lmodel, lcrit, lopt, images, targets, device,
+                                                 dt)
+        params["ours_cl"] = trainable(lmodel)
     if args.compile:
         from siamese_detr.engine.compile import compile_transformers
 
         _, (cmodel, ccrit), copt = build_ours(variant, device)
         cmodel.load_state_dict(model.state_dict())
         compile_transformers(cmodel)
-        steps["ours_compiled"] = ours_step(cmodel, ccrit, copt, images, targets, device, dtype)
+        makers["ours_compiled"] = lambda dt: ours_step(cmodel, ccrit, copt, images, targets,
+                                                       device, dt)
         params["ours_compiled"] = trainable(cmodel)
     if not args.no_hf:
         try:
             hf, hf_opt, info = build_hf(variant, cfg, device, args.hf_backbone)
         except Exception as e:  # measure ours anyway
-            res.add("errors", {"variant": variant, "dtype": dtype, "error": f"hf build: {e!r}",
+            res.add("errors", {"variant": variant, "error": f"hf build: {e!r}",
                                "traceback": traceback.format_exc()})
             log(f"!! transformers {variant} could not be built: {e!r}")
         else:
             labels = [{"class_labels": t.labels, "boxes": t.boxes} for t in targets]
-            steps["hf"] = hf_step(hf, hf_opt, images, labels, device, dtype)
+            makers["hf"] = lambda dt: hf_step(hf, hf_opt, images, labels, device, dt)
             params["hf"] = trainable(hf)
             extra["hf_config"] = info
     if not args.no_pretrain:
         pcfg, task, popt = build_pretrain(variant, device, args.crop)
         sb = make_siamese_batch(b, h, w, pcfg.pretrain.siamese.num_regions,
                                 pcfg.pretrain.siamese.crop_size, device)
-        steps["pretrain"] = pretrain_step(task, popt, sb, device, dtype)
+        makers["pretrain"] = lambda dt: pretrain_step(task, popt, sb, device, dt)
         params["pretrain"] = trainable(task)
-        if hasattr(task, "forward_per_direction"):  # the pre-batching path, for the ratio
+        if hasattr(task, "forward_per_direction") and not args.no_pretrain_2x:
             _, ptask, popt2 = build_pretrain(variant, device, args.crop)
             ptask.load_state_dict(task.state_dict())
-            steps["pretrain_2x"] = pretrain_step(ptask, popt2, sb, device, dtype, True)
+            makers["pretrain_2x"] = lambda dt: pretrain_step(ptask, popt2, sb, device, dt, True)
             params["pretrain_2x"] = trainable(ptask)
+    for dtype in dtypes:
+        try:
+            time_variant(variant, dtype, {k: f(dtype) for k, f in makers.items()}, params,
+                         extra, cfg, args, device, res)
+        except Exception as e:  # keep measuring the other rows
+            res.add("errors", {"variant": variant, "dtype": dtype, "error": repr(e),
+                               "traceback": traceback.format_exc()})
+            log(f"!! {variant} {dtype} failed: {e!r}")
+            traceback.print_exc()
+
+
+def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[str, int],
+                 extra: dict[str, Any], cfg: Any, args: argparse.Namespace,
+                 device: torch.device, res: Results) -> None:
+    b, (h, w) = args.batch, args.size
     log(f"\n== {variant} {dtype}: batch {b} at {h}x{w}, queries {cfg.model.num_queries}, "
         f"FFN {cfg.model.dim_feedforward}, dropout ours {cfg.model.dropout} "
         f"(hf {extra.get('hf_config', {})}), trainable params {params}")
@@ -377,22 +428,29 @@ def run_variant(variant: str, dtype: str, args: argparse.Namespace, device: torc
     rows = {}
     for k in names:
         counts = count(steps[k], device)
+        prof: dict[str, Any] = {}
+        if args.profile and device.type == "cuda" and k in ("ours", "pretrain", "hf"):
+            try:
+                prof = profile_step(steps[k], device)
+            except Exception as e:  # a figure less, not a failed bench
+                prof = {"profile_error": repr(e)}
         med = statistics.median(times[k])
         rows[k] = row = {
             "variant": variant, "dtype": dtype, "impl": k, "device": str(device),
             "batch": b, "size": [h, w], "ms_median": 1e3 * med,
             "ms_all": [1e3 * t for t in times[k]], "images_per_s": b / med,
-            "peak_mib": peaks[k], **counts, "trainable_params": params[k], **extra,
+            "peak_mib": peaks[k], **counts, "trainable_params": params[k], **prof, **extra,
         }
         res.add("rows", row)
+        busy = f"  GPU busy {prof['gpu_busy']:.2f}" if "gpu_busy" in prof else ""
         log(f"  {k:13s} {row['ms_median']:8.1f} ms/step  {row['images_per_s']:7.2f} img/s  "
             f"peak {row['peak_mib']:7.0f} MiB  {counts['ops_per_step']:6d} ops "
             f"({counts['ops_fwd_bwd']} fwd+bwd, {counts['ops_update']} update)  "
-            f"{counts['syncs_per_step']:3d} syncs  {params[k]:,} trainable")
-    ratios: dict[str, Any] = {"variant": variant, "dtype": dtype}
-    if "ours_compiled" in rows and "ours" in rows:
-        ratios["compiled_over_ours_ms"] = (rows["ours_compiled"]["ms_median"]
-                                           / rows["ours"]["ms_median"])
+            f"{counts['syncs_per_step']:3d} syncs  {params[k]:,} trainable{busy}")
+    ratios: dict[str, Any] = {"variant": variant, "dtype": dtype, "batch": b, "size": [h, w]}
+    for k in ("ours_compiled", "ours_cl"):
+        if k in rows and "ours" in rows:
+            ratios[f"{k}_over_ours_ms"] = rows[k]["ms_median"] / rows["ours"]["ms_median"]
     if "hf" in rows and "ours" in rows:
         ratios["ours_over_hf_ms"] = rows["ours"]["ms_median"] / rows["hf"]["ms_median"]
         ratios["ours_over_hf_ops"] = rows["ours"]["ops_per_step"] / rows["hf"]["ops_per_step"]
@@ -411,12 +469,13 @@ def bf16_vs_fp32(res: Results) -> None:
     """ours bf16 speed-up over ours fp32, per variant, from the rows measured so far."""
     rows = res.data["rows"]
     for v in VARIANTS:
-        ms = {r["dtype"]: r["ms_median"] for r in rows
-              if r["variant"] == v and r["impl"] == "ours"}
-        if "fp32" in ms and "bf16" in ms:
-            res.add("ratios", {"variant": v,
-                               "ours_fp32_over_ours_bf16_ms": ms["fp32"] / ms["bf16"]})
-            log(f"{v}: ours fp32 / ours bf16 = {ms['fp32'] / ms['bf16']:.3f}")
+        for impl in ("ours", "ours_cl", "ours_compiled", "pretrain"):
+            ms = {r["dtype"]: r["ms_median"] for r in rows
+                  if r["variant"] == v and r["impl"] == impl}
+            if "fp32" in ms and "bf16" in ms:
+                key = f"{impl}_fp32_over_{impl}_bf16_ms"
+                res.add("ratios", {"variant": v, key: ms["fp32"] / ms["bf16"]})
+                log(f"{v}: {impl} fp32 / {impl} bf16 = {ms['fp32'] / ms['bf16']:.3f}")
 
 
 def main() -> None:
@@ -436,6 +495,14 @@ def main() -> None:
     ap.add_argument("--hf-backbone", default="transformers", choices=["transformers", "timm"])
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-pretrain", action="store_true")
+    ap.add_argument("--no-pretrain-2x", action="store_true",
+                    help="skip the former per-direction pretraining path")
+    ap.add_argument("--size", default=None,
+                    help="images HxW (default 800x1088; --small: 64x96)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="also time our step with the backbone in channels_last")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: profile one step of ours/pretrain/hf (GPU busy share, kernels)")
     ap.add_argument("--compile", action="store_true",
                     help="also time our step with engine.compile (first steps compile: give "
                          "--warmup 3 or more)")
@@ -444,7 +511,11 @@ def main() -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    args.size = (64, 96) if args.small else (800, 1088)
+    if args.size:
+        hs, ws = args.size.lower().split("x")
+        args.size = (int(hs), int(ws))
+    else:
+        args.size = (64, 96) if args.small else (800, 1088)
     args.crop = 32 if args.small else None
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick or args.small else 2)
     args.steps = args.steps if args.steps is not None else (
@@ -488,17 +559,16 @@ def main() -> None:
             log(f"check {item['name']}: ok={item.get('ok')} {item.get('result')}")
         if args.only_check:
             return
-    for dtype in dtypes:
-        for variant in args.variants.split(","):
-            try:
-                run_variant(variant, dtype, args, device, res)
-            except Exception as e:  # keep measuring the other rows
-                res.add("errors", {"variant": variant, "dtype": dtype, "error": repr(e),
-                                   "traceback": traceback.format_exc()})
-                log(f"!! {variant} {dtype} failed: {e!r}")
-                traceback.print_exc()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for variant in args.variants.split(","):
+        try:
+            run_variant(variant, dtypes, args, device, res)
+        except Exception as e:  # keep measuring the other variants
+            res.add("errors", {"variant": variant, "error": repr(e),
+                               "traceback": traceback.format_exc()})
+            log(f"!! {variant} failed: {e!r}")
+            traceback.print_exc()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     bf16_vs_fp32(res)
     banned = sorted(m for m in ("cv2", "pycocotools") if sys.modules.get(m) is not None)
     res.data["meta"]["heavy_imports"] = banned

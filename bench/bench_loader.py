@@ -49,6 +49,25 @@ def build_data(root: Path, n: int, size: int) -> dict[str, Any]:
     return {"det": det, "unlabeled": root / "unlabeled", "proposals": root / "proposals"}
 
 
+def prepared_data(root: Path, n: int, size: int) -> dict[str, Any]:
+    """``build_data`` once per folder: a ``ready.json`` marks a complete build (images, COCO
+    files, proposals) for this ``n`` and ``size``; otherwise the folder is built again."""
+    import json
+
+    from siamese_detr.demo.synthetic import DetectionSetPaths
+
+    marker = root / "ready.json"
+    want = {"images": n, "size": size}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        det = DetectionSetPaths(root=root / "det", train_images=root / "det" / "train",
+                           train_ann=root / "det" / "train.json",
+                           val_images=root / "det" / "val", val_ann=root / "det" / "val.json")
+        return {"det": det, "unlabeled": root / "unlabeled", "proposals": root / "proposals"}
+    data = build_data(root, n, size)
+    marker.write_text(json.dumps(want))
+    return data
+
+
 def finetune_set(data: dict[str, Any], size: int) -> Any:
     from siamese_detr.data.coco import CocoDetection
     from siamese_detr.data.transforms import build_transforms
@@ -138,6 +157,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=160, help="toy image side (demo: 160)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--data", type=Path, default=None,
+                    help="folder of the toy data: built there if missing, reused if present "
+                         "(prepare it where EdgeBoxes is installed, read it where it is not)")
+    ap.add_argument("--prepare-only", action="store_true", help="build --data, then stop")
     args = ap.parse_args()
     from siamese_detr.data.collate import collate_detection
     from siamese_detr.methods.siamese.data import collate_siamese
@@ -146,7 +169,10 @@ def main() -> None:
     tiny = get_preset("tiny/deformable/siamese").pretrain.siamese
     paper = SiameseOptions()
     with tempfile.TemporaryDirectory() as tmp:
-        data = build_data(Path(tmp), args.images, args.size)
+        data = prepared_data(args.data or Path(tmp), args.images, args.size)
+        if args.prepare_only:
+            print(f"toy data ready in {args.data}")
+            return
         sets = {"finetune": (finetune_set(data, args.size), collate_detection),
                 "pretrain/tiny": (pretrain_set(data, tiny), collate_siamese),
                 "pretrain/paper": (pretrain_set(data, paper), collate_siamese),
