@@ -25,6 +25,7 @@ from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.collate import pad_images
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
+from siamese_detr.methods.siamese.colour import colour_augment_tensor
 from siamese_detr.methods.siamese.views import SiameseSample, normalise_uint8, sample_views
 from siamese_detr.structures import ImageBatch
 
@@ -172,6 +173,9 @@ class SiameseBatch:
         crops1, crops2: ``[B, M, 3, c, c]`` (uint8 as collated) or ``None``.
         image_ids: ids of the ``B`` kept samples.
         skipped: number of ``None`` samples dropped from this batch.
+        crop_colour1, crop_colour2: ``[B, M, NUM_COLOUR_PARAMS]`` colour parameters of
+            un-coloured crops (``crop_colour=device``), applied by :meth:`crops` on the
+            training device; ``None`` when the workers coloured the crops.
     """
 
     view1: ImageBatch
@@ -183,9 +187,21 @@ class SiameseBatch:
     image_ids: list[str]
     skipped: int = 0
     skip_reasons: dict[str, int] = field(default_factory=dict)
+    crop_colour1: Tensor | None = None
+    crop_colour2: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def crops(self) -> Tensor | None:
+        """Both views' crops, ``[2B, M, 3, c, c]`` (view 1 then view 2), float32 and
+        ImageNet-normalised where the batch is; the deferred colour pipeline applied first."""
+        if self.crops1 is None or self.crops2 is None:
+            return None
+        crops = torch.cat([self.crops1, self.crops2])
+        if self.crop_colour1 is None or self.crop_colour2 is None:
+            return normalise_crops(crops)
+        return colour_crops(crops, torch.cat([self.crop_colour1, self.crop_colour2]))
 
     def pin_memory(self) -> SiameseBatch:
         """Page-locked copy (``DataLoader(pin_memory=True)`` calls this)."""
@@ -197,7 +213,8 @@ class SiameseBatch:
             boxes1=self.boxes1.pin_memory(), boxes2=self.boxes2.pin_memory(),
             crops1=pin(self.crops1), crops2=pin(self.crops2),
             image_ids=list(self.image_ids), skipped=self.skipped,
-            skip_reasons=dict(self.skip_reasons),
+            skip_reasons=dict(self.skip_reasons), crop_colour1=pin(self.crop_colour1),
+            crop_colour2=pin(self.crop_colour2),
         )
 
     def normalised(self) -> SiameseBatch:
@@ -207,9 +224,14 @@ class SiameseBatch:
         tensors = (self.view1.images, self.view2.images, self.crops1, self.crops2)
         if not any(t is not None and t.dtype == torch.uint8 for t in tensors):
             return self
+        crops1, crops2 = normalise_crops(self.crops1), normalise_crops(self.crops2)
+        if self.crop_colour1 is not None and self.crop_colour2 is not None:
+            crops = self.crops()
+            assert crops is not None
+            crops1, crops2 = crops.split(len(self.crops1), 0)  # type: ignore[arg-type]
         return replace(self, view1=normalise_images(self.view1),
-                       view2=normalise_images(self.view2), crops1=normalise_crops(self.crops1),
-                       crops2=normalise_crops(self.crops2))
+                       view2=normalise_images(self.view2), crops1=crops1, crops2=crops2,
+                       crop_colour1=None, crop_colour2=None)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SiameseBatch:
         def move(t: Tensor | None) -> Tensor | None:
@@ -221,7 +243,8 @@ class SiameseBatch:
             boxes2=self.boxes2.to(device, non_blocking=non_blocking),
             crops1=move(self.crops1), crops2=move(self.crops2),
             image_ids=list(self.image_ids), skipped=self.skipped,
-            skip_reasons=dict(self.skip_reasons),
+            skip_reasons=dict(self.skip_reasons), crop_colour1=move(self.crop_colour1),
+            crop_colour2=move(self.crop_colour2),
         )
 
 
@@ -236,6 +259,17 @@ def normalise_images(v: ImageBatch) -> ImageBatch:
 def normalise_crops(t: Tensor | None) -> Tensor | None:
     """uint8 crops -> float32 ImageNet-normalised; float or ``None`` unchanged."""
     return t if t is None or t.dtype != torch.uint8 else normalise_uint8(t)
+
+
+def colour_crops(crops: Tensor, params: Tensor) -> Tensor:
+    """uint8 crops ``[..., 3, c, c]`` and their colour parameters ``[..., NUM_COLOUR_PARAMS]``
+    -> coloured, float32 ImageNet-normalised crops (on ``crops``' device)."""
+    shape = crops.shape
+    x = colour_augment_tensor(crops.reshape(-1, *shape[-3:]).to(torch.float32) / 255.0,
+                              params.reshape(-1, params.shape[-1]))
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return ((x - mean) / std).view(shape)
 
 
 def _empty_batch(skipped: int, reasons: dict[str, int]) -> SiameseBatch:
@@ -269,6 +303,8 @@ def collate_siamese(samples: Sequence[SiameseSample | SkippedSample | None]) -> 
     padded = pad_images([s.view1 for s in kept] + [s.view2 for s in kept])
     view1, view2 = _split(padded, n)
     has_crops = all(s.crops1 is not None and s.crops2 is not None for s in kept)
+    deferred = has_crops and all(s.crop_colour1 is not None and s.crop_colour2 is not None
+                                 for s in kept)
     return SiameseBatch(
         view1=view1, view2=view2,
         boxes1=torch.stack([s.boxes1 for s in kept]).float(),
@@ -276,6 +312,8 @@ def collate_siamese(samples: Sequence[SiameseSample | SkippedSample | None]) -> 
         crops1=torch.stack([s.crops1 for s in kept]) if has_crops else None,  # type: ignore[misc]
         crops2=torch.stack([s.crops2 for s in kept]) if has_crops else None,  # type: ignore[misc]
         image_ids=[s.image_id for s in kept], skipped=skipped, skip_reasons=reasons,
+        crop_colour1=torch.stack([s.crop_colour1 for s in kept]) if deferred else None,  # type: ignore[misc]
+        crop_colour2=torch.stack([s.crop_colour2 for s in kept]) if deferred else None,  # type: ignore[misc]
     )
 
 
@@ -399,7 +437,11 @@ def build_pretrain_dataset(cfg: RunConfig) -> PretrainDataset:
                               f"{pre.proposals.store}`")
         store = ProposalStore.open(pre.proposals.store)
         check_store_matches(store, records, pre.proposals.store, pre.images)
-    dataset = PretrainDataset(records, store, pre.siamese, cfg.seed, pre.proposals)
+    opts = pre.siamese
+    if opts.crop_colour == "auto":  # the crops' colour pipeline on the GPU when there is one
+        on_gpu = cfg.engine.device != "cpu" and torch.cuda.is_available()
+        opts = replace(opts, crop_colour="device" if on_gpu else "worker")
+    dataset = PretrainDataset(records, store, opts, cfg.seed, pre.proposals)
     dataset.report_skips = True
     return dataset
 

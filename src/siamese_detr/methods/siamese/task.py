@@ -29,7 +29,7 @@ from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
 from siamese_detr.matcher import Matching
 from siamese_detr.methods.base import PretextTaskBase, global_pool_features, roi_pool_features
-from siamese_detr.methods.siamese.data import normalise_crops, normalise_images
+from siamese_detr.methods.siamese.data import normalise_images
 from siamese_detr.methods.siamese.heads import FeatureAlign, build_predictor, build_projector
 from siamese_detr.ops.boxes import box_xyxy_to_cxcywh, jitter_xyxy
 from siamese_detr.structures import (
@@ -119,9 +119,9 @@ class SiameseDETR(nn.Module):
         # each row's targets are its memory's view: the region boxes of that view
         loc, matching = self.criterion(out, self.region_targets(boxes, views.sizes))
         reg = None
-        if self.feature_align is not None and batch.crops1 is not None \
-                and batch.crops2 is not None:
-            emb = self.crop_embeddings(normalise_crops(torch.cat([batch.crops1, batch.crops2])))
+        crops = batch.crops() if self.feature_align is not None else None
+        if crops is not None:
+            emb = self.crop_embeddings(crops)
             # the crops of each row's query view; normalised by 2BM = the mean of directions
             reg = self.region_loss(out, matching, emb.roll(B, dims=0))
         glob = None

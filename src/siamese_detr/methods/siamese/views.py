@@ -22,13 +22,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch import Tensor
 
 from siamese_detr.config import SiameseOptions
 from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.transforms import get_size
+from siamese_detr.methods.siamese.colour import (
+    apply_colour_pil,
+    colour_augment,
+    sample_colour_params,
+)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SiameseSample", "ViewGeometry", "ViewPlan",
@@ -38,10 +42,6 @@ __all__ = [
     "view_to_image",
 ]
 
-# colour pipeline of views and crops (official configs)
-JITTER_P, JITTER_BCS, JITTER_HUE = 0.8, 0.4, 0.1
-GRAYSCALE_P = 0.2
-BLUR_P, BLUR_SIGMA = 0.5, (0.1, 2.0)
 FLIP_P = 0.5
 PAD_JITTER = 0.1  # +-10 % jitter of padded region copies (the code, not its "20 %" comment)
 DICE_NUM = 100  # random-box ablation: candidates per image
@@ -60,6 +60,9 @@ class SiameseSample:
             the same physical region in both views, row 0 the views' intersection rectangle.
         crops1, crops2: ``[M, 3, c, c]`` uint8 region crops or ``None``.
         image_id: id of the source image.
+        crop_colour1, crop_colour2: ``[M, NUM_COLOUR_PARAMS]`` float32 colour parameters of
+            the crops when their colour pipeline is left to the training device
+            (``crop_colour=device``: the crops are then un-coloured), else ``None``.
     """
 
     view1: Tensor
@@ -69,6 +72,8 @@ class SiameseSample:
     crops1: Tensor | None
     crops2: Tensor | None
     image_id: str = ""
+    crop_colour1: Tensor | None = None
+    crop_colour2: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -336,28 +341,6 @@ def plan_views(
     return ViewPlan(img, boxes, flipped, geom, view1, view2, regions[0], regions[1])
 
 
-def colour_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 (random op order), grayscale p=0.2, Gaussian
-    blur p=0.5 with sigma ~ U(0.1, 2) (PIL radius = sigma)."""
-    if rng.random() < JITTER_P:
-        factors = [rng.uniform(1 - JITTER_BCS, 1 + JITTER_BCS) for _ in range(3)]
-        hue = rng.uniform(-JITTER_HUE, JITTER_HUE)
-        for op in rng.permutation(4):
-            if op == 0:
-                img = TF.adjust_brightness(img, factors[0])
-            elif op == 1:
-                img = TF.adjust_contrast(img, factors[1])
-            elif op == 2:
-                img = TF.adjust_saturation(img, factors[2])
-            else:
-                img = TF.adjust_hue(img, hue)
-    if rng.random() < GRAYSCALE_P:
-        img = TF.rgb_to_grayscale(img, num_output_channels=3)
-    if rng.random() < BLUR_P:
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*BLUR_SIGMA))))
-    return img
-
-
 def to_uint8_tensor(img: Image.Image) -> Tensor:
     """PIL RGB -> ``[3, H, W]`` uint8 (what loader workers send: 4x fewer bytes than float;
     :func:`normalise_uint8` finishes the job where the batch is used)."""
@@ -378,19 +361,28 @@ def to_normalised_tensor(img: Image.Image) -> Tensor:
 
 
 def _region_crops(
-    view: Image.Image, boxes: np.ndarray, size: int, rng: np.random.Generator
-) -> Tensor:
+    view: Image.Image, boxes: np.ndarray, size: int, rng: np.random.Generator,
+    defer_colour: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Crop each xyxy view-pixel box, resize to ``size x size`` (aspect not kept), then an
-    independent colour pipeline per crop -> ``[M, 3, size, size]`` uint8."""
+    independent colour pipeline per crop -> ``[M, 3, size, size]`` uint8. With
+    ``defer_colour`` the crops stay un-coloured and their parameters (drawn from ``rng`` as
+    the pipeline would) come back ``[M, NUM_COLOUR_PARAMS]`` for the training device."""
     W, H = view.size
-    crops = []
+    crops, params = [], []
     for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
         x0, x1 = min(max(x0, 0.0), W - 1.0), min(max(x1, 0.0), float(W))
         y0, y1 = min(max(y0, 0.0), H - 1.0), min(max(y1, 0.0), float(H))
         x1, y1 = max(x1, x0 + 1.0), max(y1, y0 + 1.0)  # at least one pixel
         crop = view.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
-        crops.append(to_uint8_tensor(colour_augment(crop, rng)))
-    return torch.stack(crops)
+        p = sample_colour_params(rng)
+        if defer_colour:
+            params.append(p)
+        else:
+            crop = apply_colour_pil(crop, p)
+        crops.append(to_uint8_tensor(crop))
+    return torch.stack(crops), (torch.from_numpy(np.stack(params)).float() if defer_colour
+                                 else None)
 
 
 def sample_views(
@@ -409,14 +401,16 @@ def sample_views(
     plan = plan_views(image, proposals, opts, rng)
     if plan is None:
         return None
-    crops1 = crops2 = None
+    crops1 = crops2 = colour1 = colour2 = None
     if opts.region_discrimination:  # from the resized views, before their colour pipeline
-        crops1 = _region_crops(plan.view1, plan.boxes1, opts.crop_size, rng)
-        crops2 = _region_crops(plan.view2, plan.boxes2, opts.crop_size, rng)
+        defer = opts.crop_colour == "device"
+        crops1, colour1 = _region_crops(plan.view1, plan.boxes1, opts.crop_size, rng, defer)
+        crops2, colour2 = _region_crops(plan.view2, plan.boxes2, opts.crop_size, rng, defer)
     view1 = to_uint8_tensor(colour_augment(plan.view1, rng))
     view2 = to_uint8_tensor(colour_augment(plan.view2, rng))
     return SiameseSample(
         view1=view1, view2=view2,
         boxes1=torch.from_numpy(plan.boxes1), boxes2=torch.from_numpy(plan.boxes2),
-        crops1=crops1, crops2=crops2, image_id=image_id,
+        crops1=crops1, crops2=crops2, image_id=image_id, crop_colour1=colour1,
+        crop_colour2=colour2,
     )
