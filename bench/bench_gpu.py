@@ -118,7 +118,10 @@ def make_targets(b: int, num_classes: int, device: torch.device, seed: int = 1
     return out
 
 
-def make_siamese_batch(b: int, h: int, w: int, m: int, crop: int, device: torch.device) -> Any:
+def make_siamese_batch(b: int, h: int, w: int, m: int, crop: int, device: torch.device,
+                       crop_colour: bool = False) -> Any:
+    """Random views and regions; with ``crop_colour`` the crops are uint8 with colour
+    parameters, coloured on the device in the step (``crop_colour=device``)."""
     try:
         from siamese_detr.methods.siamese.data import SiameseBatch
     except ImportError:  # before the issue-15 layout
@@ -130,11 +133,22 @@ def make_siamese_batch(b: int, h: int, w: int, m: int, crop: int, device: torch.
     wh = torch.rand(b, m, 2, generator=g) * 0.3 + 0.1
     boxes = torch.cat([xy, xy + wh], -1) * scale
     crops = torch.randn(b, m, 3, crop, crop, generator=g)
+    colour: dict[str, Any] = {}
+    if crop_colour:
+        import numpy as np
+
+        from siamese_detr.methods.siamese.colour import sample_colour_params
+
+        rng = np.random.default_rng(0)
+        crops = torch.randint(0, 256, crops.shape, generator=g, dtype=torch.uint8)
+        params = [torch.tensor(np.stack([sample_colour_params(rng) for _ in range(b * m)]),
+                               dtype=torch.float32).view(b, m, -1) for _ in range(2)]
+        colour = {"crop_colour1": params[0].to(device), "crop_colour2": params[1].to(device)}
     return SiameseBatch(view1=make_images(b, h, w, device, 3),
                         view2=make_images(b, h, w, device, 4),
                         boxes1=boxes.to(device), boxes2=boxes.clone().to(device),
                         crops1=crops.to(device), crops2=crops.clone().to(device),
-                        image_ids=[str(i) for i in range(b)])
+                        image_ids=[str(i) for i in range(b)], **colour)
 
 
 # ---------------------------------------------------------------- models
@@ -252,6 +266,41 @@ def ours_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
     def fwd_bwd() -> None:
         with autocast(device, dtype):
             loss = criterion(model(images), targets)[0].total
+        loss.backward()
+    return Step(fwd_bwd, opt)
+
+
+def graphed_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
+                 targets: list[BoxTargets], device: torch.device, dtype: str) -> Step:
+    """A probe, not a feature: our fine-tuning step with the detector's forward and backward
+    captured as CUDA graphs (``torch.cuda.make_graphed_callables``, fixed image size); the
+    criterion (with its host matching) and the optimiser stay eager. It shows how much of the
+    step is host overhead."""
+    from siamese_detr.structures import DetectorOutput
+
+    sizes = images.sizes
+
+    class Flat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.det = model
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.det(ImageBatch(x, mask, sizes))
+            return out.logits, out.boxes
+
+    def cast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16",
+                              cache_enabled=False)
+
+    with cast():
+        graphed = torch.cuda.make_graphed_callables(Flat(), (images.images, images.mask))
+
+    def fwd_bwd() -> None:
+        with cast():
+            logits, boxes = graphed(images.images, images.mask)
+            out = DetectorOutput(logits=logits, boxes=boxes, hidden=logits[..., :0])
+            loss = criterion(out, targets)[0].total
         loss.backward()
     return Step(fwd_bwd, opt)
 
@@ -385,15 +434,33 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
                                 pcfg.pretrain.siamese.crop_size, device)
         makers["pretrain"] = lambda dt: pretrain_step(task, popt, sb, device, dt)
         params["pretrain"] = trainable(task)
+        if args.crop_colour:  # the same step with the crops' colour pipeline on the device
+            sbc = make_siamese_batch(b, h, w, pcfg.pretrain.siamese.num_regions,
+                                     pcfg.pretrain.siamese.crop_size, device, crop_colour=True)
+            makers["pretrain_cc"] = lambda dt: pretrain_step(task, popt, sbc, device, dt)
+            params["pretrain_cc"] = trainable(task)
         if hasattr(task, "forward_per_direction") and not args.no_pretrain_2x:
             _, ptask, popt2 = build_pretrain(variant, device, args.crop)
             ptask.load_state_dict(task.state_dict())
             makers["pretrain_2x"] = lambda dt: pretrain_step(ptask, popt2, sb, device, dt, True)
             params["pretrain_2x"] = trainable(ptask)
+    if args.graphed and device.type == "cuda":
+        _, (gmodel, gcrit), gopt = build_ours(variant, device)
+        gmodel.load_state_dict(model.state_dict())
+        makers["ours_graphed"] = lambda dt: graphed_step(gmodel, gcrit, gopt, images, targets,
+                                                         device, dt)
+        params["ours_graphed"] = trainable(gmodel)
     for dtype in dtypes:
+        steps: dict[str, Step] = {}
+        for k, make in makers.items():
+            try:
+                steps[k] = make(dtype)
+            except Exception as e:  # e.g. a capture that fails: the other rows go on
+                res.add("errors", {"variant": variant, "dtype": dtype, "impl": k,
+                                   "error": f"build: {e!r}", "traceback": traceback.format_exc()})
+                log(f"!! {k} {variant} {dtype} could not be built: {e!r}")
         try:
-            time_variant(variant, dtype, {k: f(dtype) for k, f in makers.items()}, params,
-                         extra, cfg, args, device, res)
+            time_variant(variant, dtype, steps, params, extra, cfg, args, device, res)
         except Exception as e:  # keep measuring the other rows
             res.add("errors", {"variant": variant, "dtype": dtype, "error": repr(e),
                                "traceback": traceback.format_exc()})
@@ -448,7 +515,7 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
             f"({counts['ops_fwd_bwd']} fwd+bwd, {counts['ops_update']} update)  "
             f"{counts['syncs_per_step']:3d} syncs  {params[k]:,} trainable{busy}")
     ratios: dict[str, Any] = {"variant": variant, "dtype": dtype, "batch": b, "size": [h, w]}
-    for k in ("ours_compiled", "ours_cl"):
+    for k in ("ours_compiled", "ours_cl", "ours_graphed"):
         if k in rows and "ours" in rows:
             ratios[f"{k}_over_ours_ms"] = rows[k]["ms_median"] / rows["ours"]["ms_median"]
     if "hf" in rows and "ours" in rows:
@@ -456,7 +523,7 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
         ratios["ours_over_hf_ops"] = rows["ours"]["ops_per_step"] / rows["hf"]["ops_per_step"]
         ratios["ours_over_hf_ops_fwd_bwd"] = (rows["ours"]["ops_fwd_bwd"]
                                               / rows["hf"]["ops_fwd_bwd"])
-    for k in ("pretrain", "pretrain_2x"):
+    for k in ("pretrain", "pretrain_2x", "pretrain_cc"):
         if k in rows and "ours" in rows:
             ratios[f"{k}_over_ours_ms"] = rows[k]["ms_median"] / rows["ours"]["ms_median"]
             ratios[f"{k}_over_ours_ops"] = rows[k]["ops_per_step"] / rows["ours"]["ops_per_step"]
@@ -469,7 +536,7 @@ def bf16_vs_fp32(res: Results) -> None:
     """ours bf16 speed-up over ours fp32, per variant, from the rows measured so far."""
     rows = res.data["rows"]
     for v in VARIANTS:
-        for impl in ("ours", "ours_cl", "ours_compiled", "pretrain"):
+        for impl in ("ours", "ours_cl", "ours_compiled", "ours_graphed", "pretrain"):
             ms = {r["dtype"]: r["ms_median"] for r in rows
                   if r["variant"] == v and r["impl"] == impl}
             if "fp32" in ms and "bf16" in ms:
@@ -499,6 +566,12 @@ def main() -> None:
                     help="skip the former per-direction pretraining path")
     ap.add_argument("--size", default=None,
                     help="images HxW (default 800x1088; --small: 64x96)")
+    ap.add_argument("--graphed", action="store_true",
+                    help="CUDA: also time our step with the detector captured as CUDA graphs "
+                         "(a probe of the host overhead)")
+    ap.add_argument("--crop-colour", action="store_true",
+                    help="also time the pretraining step with crop_colour=device (uint8 crops "
+                         "coloured in the step)")
     ap.add_argument("--channels-last", action="store_true",
                     help="also time our step with the backbone in channels_last")
     ap.add_argument("--profile", action="store_true",

@@ -8,7 +8,10 @@ collation, in this process, so the figure is per worker) for:
 * ``pretrain/tiny``: Siamese views of the tiny preset (5 regions, 64 px crops);
 * ``pretrain/paper``: the paper options (10 regions, 128 px crops, base resize 320-480);
 * ``pretrain/paper, float``: the same samples normalised to float32 in the worker, as before
-  workers sent uint8 (the batch is now normalised on the training device).
+  workers sent uint8 (the batch is now normalised on the training device);
+* ``pretrain/paper, crop colour on device``: ``crop_colour=device``, the crops' colour
+  pipeline left to the training device (what ``auto`` picks on a GPU); the other rows use
+  ``crop_colour=worker``.
 
 A worker's work includes handing the batch to the main process: collation plus the pickling
 that moves its tensors into shared memory (``ForkingPickler``), so the bytes a sample weighs
@@ -160,14 +163,16 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None,
                     help="folder of the toy data: built there if missing, reused if present "
                          "(prepare it where EdgeBoxes is installed, read it where it is not)")
+    ap.add_argument("--loader-batches", type=int, default=None,
+                    help="batches timed through the real loader (default images/4, at least 4)")
     ap.add_argument("--prepare-only", action="store_true", help="build --data, then stop")
     args = ap.parse_args()
     from siamese_detr.data.collate import collate_detection
     from siamese_detr.methods.siamese.data import collate_siamese
 
     torch.set_num_threads(1)  # a loader worker runs one thread
-    tiny = get_preset("tiny/deformable/siamese").pretrain.siamese
-    paper = SiameseOptions()
+    tiny = replace(get_preset("tiny/deformable/siamese").pretrain.siamese, crop_colour="worker")
+    paper = SiameseOptions(crop_colour="worker")
     with tempfile.TemporaryDirectory() as tmp:
         data = prepared_data(args.data or Path(tmp), args.images, args.size)
         if args.prepare_only:
@@ -177,7 +182,9 @@ def main() -> None:
                 "pretrain/tiny": (pretrain_set(data, tiny), collate_siamese),
                 "pretrain/paper": (pretrain_set(data, paper), collate_siamese),
                 "pretrain/paper, float": (FloatViews(pretrain_set(data, paper)),
-                                          collate_siamese)}
+                                          collate_siamese),
+                "pretrain/paper, crop colour on device": (
+                    pretrain_set(data, replace(paper, crop_colour="device")), collate_siamese)}
         print(f"{args.images} toy images of {args.size} px, batch 4, torch threads 1, "
               f"median of {args.rounds} rounds (shared machine: compare ratios only)")
         # rounds interleaved across the sets, so that a change of load hits all alike
@@ -187,10 +194,11 @@ def main() -> None:
                 measured[name].append(per_worker_rate(ds, collate, 4, start=r))
         for name, (ds, collate) in sets.items():
             rate = float(np.median([m[0] for m in measured[name]]))
-            line = (f"{name:22s} {rate:8.1f} samples/s per worker, "
+            line = (f"{name:38s} {rate:8.1f} samples/s per worker, "
                     f"{measured[name][0][1]:6.2f} MB per sample")
             if args.workers:
-                got = loader_rate(ds, collate, 4, args.workers, max(4, args.images // 4))
+                got = loader_rate(ds, collate, 4, args.workers,
+                                  args.loader_batches or max(4, args.images // 4))
                 line += f" | loader with {args.workers} workers {got:8.1f} samples/s"
             print(line, flush=True)
 
