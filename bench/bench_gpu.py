@@ -119,9 +119,10 @@ def make_targets(b: int, num_classes: int, device: torch.device, seed: int = 1
 
 
 def make_siamese_batch(b: int, h: int, w: int, m: int, crop: int, device: torch.device,
-                       crop_colour: bool = False) -> Any:
-    """Random views and regions; with ``crop_colour`` the crops are uint8 with colour
-    parameters, coloured on the device in the step (``crop_colour=device``)."""
+                       augment_on_device: bool = False) -> Any:
+    """Random views, regions and crops (float, as normalised); with ``augment_on_device`` the
+    loader output of ``augment_on=device`` instead: uint8 un-coloured views, no crops, and the
+    colour parameters (the step cuts and colours the crops and colours the views)."""
     try:
         from siamese_detr.methods.siamese.data import SiameseBatch
     except ImportError:  # before the issue-15 layout
@@ -132,23 +133,36 @@ def make_siamese_batch(b: int, h: int, w: int, m: int, crop: int, device: torch.
     xy = torch.rand(b, m, 2, generator=g) * 0.5
     wh = torch.rand(b, m, 2, generator=g) * 0.3 + 0.1
     boxes = torch.cat([xy, xy + wh], -1) * scale
-    crops = torch.randn(b, m, 3, crop, crop, generator=g)
-    colour: dict[str, Any] = {}
-    if crop_colour:
+    if augment_on_device:
         import numpy as np
 
         from siamese_detr.methods.siamese.colour import sample_colour_params
+        from siamese_detr.methods.siamese.views import DeferredAugment
 
         rng = np.random.default_rng(0)
-        crops = torch.randint(0, 256, crops.shape, generator=g, dtype=torch.uint8)
-        params = [torch.tensor(np.stack([sample_colour_params(rng) for _ in range(b * m)]),
-                               dtype=torch.float32).view(b, m, -1) for _ in range(2)]
-        colour = {"crop_colour1": params[0].to(device), "crop_colour2": params[1].to(device)}
+
+        def params(*shape: int) -> torch.Tensor:
+            n = int(np.prod(shape))
+            return torch.tensor(np.stack([sample_colour_params(rng) for _ in range(n)]),
+                                dtype=torch.float32).view(*shape, -1)
+
+        def views(seed: int) -> ImageBatch:
+            gen = torch.Generator().manual_seed(seed)
+            return ImageBatch(torch.randint(0, 256, (b, 3, h, w), generator=gen,
+                                            dtype=torch.uint8),
+                              torch.zeros(b, h, w, dtype=torch.bool),
+                              torch.tensor([[h, w]] * b)).to(device)
+
+        deferred = DeferredAugment(params(b, 2), params(b, 2, m), crop).to(device)
+        return SiameseBatch(view1=views(3), view2=views(4), boxes1=boxes.to(device),
+                            boxes2=boxes.clone().to(device), crops1=None, crops2=None,
+                            image_ids=[str(i) for i in range(b)], deferred=deferred)
+    crops = torch.randn(b, m, 3, crop, crop, generator=g)
     return SiameseBatch(view1=make_images(b, h, w, device, 3),
                         view2=make_images(b, h, w, device, 4),
                         boxes1=boxes.to(device), boxes2=boxes.clone().to(device),
                         crops1=crops.to(device), crops2=crops.clone().to(device),
-                        image_ids=[str(i) for i in range(b)], **colour)
+                        image_ids=[str(i) for i in range(b)])
 
 
 # ---------------------------------------------------------------- models
@@ -434,11 +448,12 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
                                 pcfg.pretrain.siamese.crop_size, device)
         makers["pretrain"] = lambda dt: pretrain_step(task, popt, sb, device, dt)
         params["pretrain"] = trainable(task)
-        if args.crop_colour:  # the same step with the crops' colour pipeline on the device
+        if args.augment_on_device:  # the same step finishing the loader's augmentation
             sbc = make_siamese_batch(b, h, w, pcfg.pretrain.siamese.num_regions,
-                                     pcfg.pretrain.siamese.crop_size, device, crop_colour=True)
-            makers["pretrain_cc"] = lambda dt: pretrain_step(task, popt, sbc, device, dt)
-            params["pretrain_cc"] = trainable(task)
+                                     pcfg.pretrain.siamese.crop_size, device,
+                                     augment_on_device=True)
+            makers["pretrain_aug"] = lambda dt: pretrain_step(task, popt, sbc, device, dt)
+            params["pretrain_aug"] = trainable(task)
         if hasattr(task, "forward_per_direction") and not args.no_pretrain_2x:
             _, ptask, popt2 = build_pretrain(variant, device, args.crop)
             ptask.load_state_dict(task.state_dict())
@@ -523,7 +538,7 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
         ratios["ours_over_hf_ops"] = rows["ours"]["ops_per_step"] / rows["hf"]["ops_per_step"]
         ratios["ours_over_hf_ops_fwd_bwd"] = (rows["ours"]["ops_fwd_bwd"]
                                               / rows["hf"]["ops_fwd_bwd"])
-    for k in ("pretrain", "pretrain_2x", "pretrain_cc"):
+    for k in ("pretrain", "pretrain_2x", "pretrain_aug"):
         if k in rows and "ours" in rows:
             ratios[f"{k}_over_ours_ms"] = rows[k]["ms_median"] / rows["ours"]["ms_median"]
             ratios[f"{k}_over_ours_ops"] = rows[k]["ops_per_step"] / rows["ours"]["ops_per_step"]
@@ -569,9 +584,9 @@ def main() -> None:
     ap.add_argument("--graphed", action="store_true",
                     help="CUDA: also time our step with the detector captured as CUDA graphs "
                          "(a probe of the host overhead)")
-    ap.add_argument("--crop-colour", action="store_true",
-                    help="also time the pretraining step with crop_colour=device (uint8 crops "
-                         "coloured in the step)")
+    ap.add_argument("--augment-on-device", action="store_true",
+                    help="also time the pretraining step on the loader output of "
+                         "augment_on=device (crops cut, crops and views coloured in the step)")
     ap.add_argument("--channels-last", action="store_true",
                     help="also time our step with the backbone in channels_last")
     ap.add_argument("--profile", action="store_true",

@@ -9,9 +9,9 @@ collation, in this process, so the figure is per worker) for:
 * ``pretrain/paper``: the paper options (10 regions, 128 px crops, base resize 320-480);
 * ``pretrain/paper, float``: the same samples normalised to float32 in the worker, as before
   workers sent uint8 (the batch is now normalised on the training device);
-* ``pretrain/paper, crop colour on device``: ``crop_colour=device``, the crops' colour
-  pipeline left to the training device (what ``auto`` picks on a GPU); the other rows use
-  ``crop_colour=worker``.
+* ``pretrain/paper, augment on device``: ``augment_on=device``, the colour pipelines and the
+  region crops left to the training device (what ``auto`` picks on a GPU): the worker sends
+  un-coloured views and the parameters it drew; the other rows use ``augment_on=worker``.
 
 A worker's work includes handing the batch to the main process: collation plus the pickling
 that moves its tensors into shared memory (``ForkingPickler``), so the bytes a sample weighs
@@ -105,7 +105,7 @@ class FloatViews:
         from siamese_detr.methods.siamese.views import normalise_uint8
 
         s = self.dataset[key]
-        if s is None:
+        if s is None or s.deferred is not None:
             return s
         return replace(s, view1=normalise_uint8(s.view1), view2=normalise_uint8(s.view2),
                        crops1=None if s.crops1 is None else normalise_uint8(s.crops1),
@@ -171,8 +171,8 @@ def main() -> None:
     from siamese_detr.methods.siamese.data import collate_siamese
 
     torch.set_num_threads(1)  # a loader worker runs one thread
-    tiny = replace(get_preset("tiny/deformable/siamese").pretrain.siamese, crop_colour="worker")
-    paper = SiameseOptions(crop_colour="worker")
+    tiny = replace(get_preset("tiny/deformable/siamese").pretrain.siamese, augment_on="worker")
+    paper = SiameseOptions(augment_on="worker")
     with tempfile.TemporaryDirectory() as tmp:
         data = prepared_data(args.data or Path(tmp), args.images, args.size)
         if args.prepare_only:
@@ -183,8 +183,8 @@ def main() -> None:
                 "pretrain/paper": (pretrain_set(data, paper), collate_siamese),
                 "pretrain/paper, float": (FloatViews(pretrain_set(data, paper)),
                                           collate_siamese),
-                "pretrain/paper, crop colour on device": (
-                    pretrain_set(data, replace(paper, crop_colour="device")), collate_siamese)}
+                "pretrain/paper, augment on device": (
+                    pretrain_set(data, replace(paper, augment_on="device")), collate_siamese)}
         print(f"{args.images} toy images of {args.size} px, batch 4, torch threads 1, "
               f"median of {args.rounds} rounds (shared machine: compare ratios only)")
         # rounds interleaved across the sets, so that a change of load hits all alike

@@ -19,7 +19,7 @@ B="python bench/bench_gpu.py $EXTRA"
     --rounds 1 --workers 4 --loader-batches 48; echo "H rc=$?"
   timeout 45 python bench/bench_loader.py --data .gpu/loaderdata --images 64 --size 448 \
     --rounds 1 --workers 12 --loader-batches 96 | tail -2; echo "H2 rc=$?"
-  echo "== G: pretraining at the paper batch, crops coloured on the device (pretrain_cc)"
-  timeout 40 $B --no-hf --no-pretrain-2x --crop-colour --batch 8 --size 480x480 --warmup 1 \
+  echo "== G: pretraining at the paper batch, augment_on=device (pretrain_aug)"
+  timeout 40 $B --no-hf --no-pretrain-2x --augment-on-device --batch 8 --size 480x480 --warmup 1 \
     --steps 4 --variants detr --out "$OUT/pre8cc.json"; echo "G rc=$?"
 } 2>&1 | tee "$OUT/run2.log"

@@ -205,10 +205,10 @@ class SiameseOptions:
     box_source: Literal["proposals", "random"] = "proposals"
     box_jitter: float = 0.1  # model-side jitter before RoIAlign (targets untouched)
     crop_size: int = 128
-    # where the crops' colour pipeline runs: "worker" (PIL, in the loader workers), "device"
-    # (batched on the training device; workers send un-coloured crops and the parameters),
-    # "auto" = device when training on a GPU, else worker
-    crop_colour: Literal["auto", "worker", "device"] = "auto"
+    # where the colour pipelines of views and crops run and the crops are cut: "worker" (PIL,
+    # in the loader workers), "device" (batched on the training device: workers send the
+    # un-coloured views and the random parameters they drew), "auto" = device on a GPU
+    augment_on: Literal["auto", "worker", "device"] = "auto"
     region_discrimination: bool = True  # L_r (feature reconstruction of region crops)
     global_discrimination: bool = True  # L_g (SimSiam on pooled encoder memory)
     weight_region: float = 5.0  # lambda_r

@@ -129,15 +129,30 @@ def _blur(x: Tensor, sigma: Tensor) -> Tensor:
     return z.view(n, c, H, W)
 
 
+def _extend_edges(x: Tensor, sizes: Tensor) -> Tensor:
+    """Each image's last valid row and column copied over its padding (``sizes`` ``[N, 2]``
+    ``(h, w)``), so that a blur near the padding sees PIL's edge extension, not zeros."""
+    n, c, H, W = x.shape
+    rows = torch.minimum(torch.arange(H, device=x.device)[None], sizes[:, :1] - 1)  # [N, H]
+    cols = torch.minimum(torch.arange(W, device=x.device)[None], sizes[:, 1:] - 1)  # [N, W]
+    x = x.gather(2, rows[:, None, :, None].expand(n, c, H, W))
+    return x.gather(3, cols[:, None, None, :].expand(n, c, H, W))
+
+
 def _select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), new, old)
 
 
-def colour_augment_tensor(x: Tensor, params: Tensor) -> Tensor:
+def colour_augment_tensor(x: Tensor, params: Tensor, sizes: Tensor | None = None) -> Tensor:
     """The pipeline on ``x`` ``[N, 3, H, W]`` float in ``[0, 1]``, image ``i`` with
     ``params[i]`` (``[N, NUM_COLOUR_PARAMS]``); returns float in ``[0, 1]``, rounded to 8-bit
     levels after each operation that ran (an 8-bit input with identity parameters comes back
     unchanged).
+
+    ``sizes`` (``[N, 2]`` ``(h, w)``, optional): images padded at the bottom and right; the
+    contrast mean is then taken over each image's valid pixels and the blur extends its
+    edges, so the valid part equals the pipeline on the unpadded image (the padding holds
+    junk: mask it afterwards).
 
     Vectorised over images with no host read: at each of the 4 positions of the random
     order, the blend operations (brightness, contrast, saturation: ``a * x + (1 - a) * d``
@@ -150,10 +165,22 @@ def colour_augment_tensor(x: Tensor, params: Tensor) -> Tensor:
     on = p[:, 0] > 0
     order = p[:, _ORDER].round().long()
     f = p[:, _FACTORS]
+    valid = None
+    if sizes is not None:
+        sizes = sizes.to(x.device)
+        H, W = x.shape[-2:]
+        valid = ((torch.arange(H, device=x.device)[None, :, None] < sizes[:, :1, None])
+                 & (torch.arange(W, device=x.device)[None, None, :] < sizes[:, None, 1:]))
+        valid = valid[:, None].to(x.dtype)  # [N, 1, H, W]
+        count = sizes.prod(1).to(x.dtype).view(-1, 1, 1, 1)
     for s in range(4):
         op = order[:, s]
         gray = _gray(x)
-        mean = torch.round(gray.mean((1, 2, 3), keepdim=True) * 255.0) / 255.0
+        if valid is None:
+            mean = gray.mean((1, 2, 3), keepdim=True)
+        else:
+            mean = (gray * valid).sum((1, 2, 3), keepdim=True) / count
+        mean = torch.round(mean * 255.0) / 255.0
         degenerate = torch.where((op == 0).view(-1, 1, 1, 1), torch.zeros_like(mean),
                                  torch.where((op == 1).view(-1, 1, 1, 1), mean,
                                              _quantise(gray)))
@@ -163,5 +190,6 @@ def colour_augment_tensor(x: Tensor, params: Tensor) -> Tensor:
         x = _select(on, torch.where((op == 3).view(-1, 1, 1, 1), rotated, blended), x)
     x = _select(p[:, _GRAY] > 0, _quantise(_gray(x)).expand(-1, 3, -1, -1), x)
     sigma = p[:, _SIGMA]
-    blurred = _quantise(_blur(x, sigma.clamp(min=BLUR_SIGMA[0])))
+    src = x if sizes is None else _extend_edges(x, sizes)
+    blurred = _quantise(_blur(src, sigma.clamp(min=BLUR_SIGMA[0])))
     return _select(sigma > 0, blurred, x)

@@ -26,7 +26,12 @@ from siamese_detr.data.collate import pad_images
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.colour import colour_augment_tensor
-from siamese_detr.methods.siamese.views import SiameseSample, normalise_uint8, sample_views
+from siamese_detr.methods.siamese.views import (
+    DeferredAugment,
+    SiameseSample,
+    normalise_uint8,
+    sample_views,
+)
 from siamese_detr.structures import ImageBatch
 
 if TYPE_CHECKING:
@@ -173,9 +178,10 @@ class SiameseBatch:
         crops1, crops2: ``[B, M, 3, c, c]`` (uint8 as collated) or ``None``.
         image_ids: ids of the ``B`` kept samples.
         skipped: number of ``None`` samples dropped from this batch.
-        crop_colour1, crop_colour2: ``[B, M, NUM_COLOUR_PARAMS]`` colour parameters of
-            un-coloured crops (``crop_colour=device``), applied by :meth:`crops` on the
-            training device; ``None`` when the workers coloured the crops.
+        deferred: ``augment_on=device``: the views are un-coloured, the crops not cut yet
+            (``crops1``/``crops2`` ``None``) and this holds the parameters
+            (:class:`DeferredAugment` with a leading ``B``); :meth:`normalised` and
+            :meth:`joint_inputs` finish the job where the batch is. ``None``: the workers did.
     """
 
     view1: ImageBatch
@@ -187,21 +193,31 @@ class SiameseBatch:
     image_ids: list[str]
     skipped: int = 0
     skip_reasons: dict[str, int] = field(default_factory=dict)
-    crop_colour1: Tensor | None = None
-    crop_colour2: Tensor | None = None
+    deferred: DeferredAugment | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def crops(self) -> Tensor | None:
-        """Both views' crops, ``[2B, M, 3, c, c]`` (view 1 then view 2), float32 and
-        ImageNet-normalised where the batch is; the deferred colour pipeline applied first."""
-        if self.crops1 is None or self.crops2 is None:
-            return None
-        crops = torch.cat([self.crops1, self.crops2])
-        if self.crop_colour1 is None or self.crop_colour2 is None:
-            return normalise_crops(crops)
-        return colour_crops(crops, torch.cat([self.crop_colour1, self.crop_colour2]))
+    def joint_inputs(self, crops: bool = True) -> tuple[ImageBatch, Tensor | None]:
+        """Both views as one float32 normalised batch of ``2B`` (view 1 then view 2; they must
+        share a padded size, as collated) and, with ``crops``, their region crops
+        ``[2B, M, 3, c, c]`` normalised (``None`` when the batch has none), computed where the
+        batch is, the deferred augmentation included."""
+        v1, v2 = self.view1, self.view2
+        views = ImageBatch(torch.cat([v1.images, v2.images]), torch.cat([v1.mask, v2.mask]),
+                           torch.cat([v1.sizes, v2.sizes]))
+        d = self.deferred
+        if d is None:
+            out = None
+            if crops and self.crops1 is not None and self.crops2 is not None:
+                out = normalise_crops(torch.cat([self.crops1, self.crops2]))
+            return normalise_images(views), out
+        crop_colour = None
+        if crops and d.crop_colour is not None:
+            crop_colour = torch.cat([d.crop_colour[:, 0], d.crop_colour[:, 1]])
+        return finish_augmentation(
+            views, torch.cat([self.boxes1, self.boxes2]),
+            torch.cat([d.view_colour[:, 0], d.view_colour[:, 1]]), crop_colour, d.crop_size)
 
     def pin_memory(self) -> SiameseBatch:
         """Page-locked copy (``DataLoader(pin_memory=True)`` calls this)."""
@@ -213,25 +229,31 @@ class SiameseBatch:
             boxes1=self.boxes1.pin_memory(), boxes2=self.boxes2.pin_memory(),
             crops1=pin(self.crops1), crops2=pin(self.crops2),
             image_ids=list(self.image_ids), skipped=self.skipped,
-            skip_reasons=dict(self.skip_reasons), crop_colour1=pin(self.crop_colour1),
-            crop_colour2=pin(self.crop_colour2),
+            skip_reasons=dict(self.skip_reasons),
+            deferred=None if self.deferred is None else self.deferred.pin_memory(),
         )
 
     def normalised(self) -> SiameseBatch:
         """Float32 ImageNet-normalised views (zero on padding, as the detector expects) and
-        crops, computed where the batch is (the training device); a float batch is returned
-        as it is. Equal bits to normalising in the loader worker."""
+        crops, computed where the batch is (the training device), the deferred augmentation
+        included; a float batch is returned as it is. Without deferred augmentation: equal
+        bits to normalising in the loader worker."""
+        d = self.deferred
+        if d is not None:
+            done = []
+            for k, (view, boxes) in enumerate([(self.view1, self.boxes1),
+                                               (self.view2, self.boxes2)]):
+                crop_colour = None if d.crop_colour is None else d.crop_colour[:, k]
+                done.append(finish_augmentation(view, boxes, d.view_colour[:, k], crop_colour,
+                                                d.crop_size))
+            return replace(self, view1=done[0][0], view2=done[1][0], crops1=done[0][1],
+                           crops2=done[1][1], deferred=None)
         tensors = (self.view1.images, self.view2.images, self.crops1, self.crops2)
         if not any(t is not None and t.dtype == torch.uint8 for t in tensors):
             return self
-        crops1, crops2 = normalise_crops(self.crops1), normalise_crops(self.crops2)
-        if self.crop_colour1 is not None and self.crop_colour2 is not None:
-            crops = self.crops()
-            assert crops is not None
-            crops1, crops2 = crops.split(len(self.crops1), 0)  # type: ignore[arg-type]
         return replace(self, view1=normalise_images(self.view1),
-                       view2=normalise_images(self.view2), crops1=crops1, crops2=crops2,
-                       crop_colour1=None, crop_colour2=None)
+                       view2=normalise_images(self.view2), crops1=normalise_crops(self.crops1),
+                       crops2=normalise_crops(self.crops2))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SiameseBatch:
         def move(t: Tensor | None) -> Tensor | None:
@@ -243,9 +265,55 @@ class SiameseBatch:
             boxes2=self.boxes2.to(device, non_blocking=non_blocking),
             crops1=move(self.crops1), crops2=move(self.crops2),
             image_ids=list(self.image_ids), skipped=self.skipped,
-            skip_reasons=dict(self.skip_reasons), crop_colour1=move(self.crop_colour1),
-            crop_colour2=move(self.crop_colour2),
+            skip_reasons=dict(self.skip_reasons),
+            deferred=None if self.deferred is None else self.deferred.to(device, non_blocking),
         )
+
+
+def cut_crops(images: Tensor, boxes: Tensor, sizes: Tensor, size: int) -> Tensor:
+    """The worker's region crops, on the batch's device: each xyxy box of ``boxes``
+    ``[N, M, 4]`` (clamped to its image's unpadded ``sizes`` ``(h, w)`` as the worker does, at
+    least one pixel wide) resampled from ``images`` ``[N, 3, H, W]`` float to ``size x size``
+    with RoIAlign (pixel-aligned, adaptive sampling: an average over each output pixel's
+    footprint, as PIL's filtered resize), rounded to 8-bit levels -> ``[N, M, 3, size, size]``.
+    """
+    from torchvision.ops import roi_align
+
+    n, m = boxes.shape[:2]
+    h = sizes[:, 0].to(boxes.dtype).view(n, 1)
+    w = sizes[:, 1].to(boxes.dtype).view(n, 1)
+    x0 = torch.minimum(boxes[..., 0].clamp(min=0.0), w - 1.0)
+    y0 = torch.minimum(boxes[..., 1].clamp(min=0.0), h - 1.0)
+    x1 = torch.maximum(torch.minimum(boxes[..., 2].clamp(min=0.0), w), x0 + 1.0)
+    y1 = torch.maximum(torch.minimum(boxes[..., 3].clamp(min=0.0), h), y0 + 1.0)
+    index = torch.arange(n, device=boxes.device, dtype=boxes.dtype).view(n, 1).expand(n, m)
+    rois = torch.stack([index, x0, y0, x1, y1], -1).reshape(n * m, 5).to(images.dtype)
+    crops = roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1,
+                      aligned=True)
+    return (torch.round(crops.clamp(0.0, 1.0) * 255.0) / 255.0).view(n, m, 3, size, size)
+
+
+def finish_augmentation(views: ImageBatch, boxes: Tensor, view_colour: Tensor,
+                        crop_colour: Tensor | None, crop_size: int
+                        ) -> tuple[ImageBatch, Tensor | None]:
+    """``augment_on=device``: cut the region crops from the un-coloured uint8 ``views`` (as
+    the worker cuts them before any colour), colour crops and views with their parameters
+    (``[N, M, P]`` / ``[N, P]``), then ImageNet-normalise both (views zero on padding).
+    Vectorised over the batch, no host read. -> (views, crops ``[N, M, 3, c, c]`` or
+    ``None``)."""
+    x = views.images.to(torch.float32) / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    crops = None
+    if crop_colour is not None:
+        raw = cut_crops(x, boxes, views.sizes, crop_size)
+        shape = raw.shape
+        coloured = colour_augment_tensor(raw.reshape(-1, *shape[-3:]),
+                                         crop_colour.reshape(-1, crop_colour.shape[-1]))
+        crops = ((coloured - mean) / std).view(shape)
+    x = colour_augment_tensor(x, view_colour, sizes=views.sizes)
+    images = ((x - mean) / std).masked_fill(views.mask[:, None], 0.0)
+    return ImageBatch(images, views.mask, views.sizes), crops
 
 
 def normalise_images(v: ImageBatch) -> ImageBatch:
@@ -259,17 +327,6 @@ def normalise_images(v: ImageBatch) -> ImageBatch:
 def normalise_crops(t: Tensor | None) -> Tensor | None:
     """uint8 crops -> float32 ImageNet-normalised; float or ``None`` unchanged."""
     return t if t is None or t.dtype != torch.uint8 else normalise_uint8(t)
-
-
-def colour_crops(crops: Tensor, params: Tensor) -> Tensor:
-    """uint8 crops ``[..., 3, c, c]`` and their colour parameters ``[..., NUM_COLOUR_PARAMS]``
-    -> coloured, float32 ImageNet-normalised crops (on ``crops``' device)."""
-    shape = crops.shape
-    x = colour_augment_tensor(crops.reshape(-1, *shape[-3:]).to(torch.float32) / 255.0,
-                              params.reshape(-1, params.shape[-1]))
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return ((x - mean) / std).view(shape)
 
 
 def _empty_batch(skipped: int, reasons: dict[str, int]) -> SiameseBatch:
@@ -303,8 +360,15 @@ def collate_siamese(samples: Sequence[SiameseSample | SkippedSample | None]) -> 
     padded = pad_images([s.view1 for s in kept] + [s.view2 for s in kept])
     view1, view2 = _split(padded, n)
     has_crops = all(s.crops1 is not None and s.crops2 is not None for s in kept)
-    deferred = has_crops and all(s.crop_colour1 is not None and s.crop_colour2 is not None
-                                 for s in kept)
+    deferred = None
+    if all(s.deferred is not None for s in kept):
+        ds = [s.deferred for s in kept]
+        with_crops = all(d.crop_colour is not None for d in ds)  # type: ignore[union-attr]
+        deferred = DeferredAugment(
+            view_colour=torch.stack([d.view_colour for d in ds]),  # type: ignore[union-attr]
+            crop_colour=torch.stack([d.crop_colour for d in ds])  # type: ignore[misc,union-attr]
+            if with_crops else None,
+            crop_size=ds[0].crop_size)  # type: ignore[union-attr]
     return SiameseBatch(
         view1=view1, view2=view2,
         boxes1=torch.stack([s.boxes1 for s in kept]).float(),
@@ -312,8 +376,7 @@ def collate_siamese(samples: Sequence[SiameseSample | SkippedSample | None]) -> 
         crops1=torch.stack([s.crops1 for s in kept]) if has_crops else None,  # type: ignore[misc]
         crops2=torch.stack([s.crops2 for s in kept]) if has_crops else None,  # type: ignore[misc]
         image_ids=[s.image_id for s in kept], skipped=skipped, skip_reasons=reasons,
-        crop_colour1=torch.stack([s.crop_colour1 for s in kept]) if deferred else None,  # type: ignore[misc]
-        crop_colour2=torch.stack([s.crop_colour2 for s in kept]) if deferred else None,  # type: ignore[misc]
+        deferred=deferred,
     )
 
 
@@ -438,9 +501,9 @@ def build_pretrain_dataset(cfg: RunConfig) -> PretrainDataset:
         store = ProposalStore.open(pre.proposals.store)
         check_store_matches(store, records, pre.proposals.store, pre.images)
     opts = pre.siamese
-    if opts.crop_colour == "auto":  # the crops' colour pipeline on the GPU when there is one
+    if opts.augment_on == "auto":  # colour pipelines and crops on the GPU when there is one
         on_gpu = cfg.engine.device != "cpu" and torch.cuda.is_available()
-        opts = replace(opts, crop_colour="device" if on_gpu else "worker")
+        opts = replace(opts, augment_on="device" if on_gpu else "worker")
     dataset = PretrainDataset(records, store, opts, cfg.seed, pre.proposals)
     dataset.report_skips = True
     return dataset

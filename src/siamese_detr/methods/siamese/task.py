@@ -29,14 +29,12 @@ from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
 from siamese_detr.matcher import Matching
 from siamese_detr.methods.base import PretextTaskBase, global_pool_features, roi_pool_features
-from siamese_detr.methods.siamese.data import normalise_images
 from siamese_detr.methods.siamese.heads import FeatureAlign, build_predictor, build_projector
 from siamese_detr.ops.boxes import box_xyxy_to_cxcywh, jitter_xyxy
 from siamese_detr.structures import (
     BoxTargets,
     DetectorOutput,
     Encoded,
-    ImageBatch,
     LossOutput,
     QueryInputs,
 )
@@ -106,10 +104,9 @@ class SiameseDETR(nn.Module):
         if v1.images.shape[-2:] != v2.images.shape[-2:]:
             return self.forward_per_direction(batch)
         B = int(v1.images.shape[0])
-        # joined first, then normalised once (uint8 from the loader -> float, on the device)
-        views = normalise_images(ImageBatch(torch.cat([v1.images, v2.images]),
-                                            torch.cat([v1.mask, v2.mask]),
-                                            torch.cat([v1.sizes, v2.sizes])))
+        # joined first, then normalised once (uint8 from the loader -> float, on the device),
+        # the augmentation left to the device (augment_on=device) included
+        views, crops = batch.joint_inputs(crops=self.feature_align is not None)
         boxes = torch.cat([batch.boxes1, batch.boxes2])  # [2B, M, 4], view 1 then view 2
         enc = self.detector.encode(views)
         queries = self.region_queries(enc, boxes, views.sizes, groups=2)
@@ -119,7 +116,6 @@ class SiameseDETR(nn.Module):
         # each row's targets are its memory's view: the region boxes of that view
         loc, matching = self.criterion(out, self.region_targets(boxes, views.sizes))
         reg = None
-        crops = batch.crops() if self.feature_align is not None else None
         if crops is not None:
             emb = self.crop_embeddings(crops)
             # the crops of each row's query view; normalised by 2BM = the mean of directions

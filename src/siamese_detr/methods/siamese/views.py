@@ -28,14 +28,10 @@ from torch import Tensor
 from siamese_detr.config import SiameseOptions
 from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.transforms import get_size
-from siamese_detr.methods.siamese.colour import (
-    apply_colour_pil,
-    colour_augment,
-    sample_colour_params,
-)
+from siamese_detr.methods.siamese.colour import colour_augment, sample_colour_params
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "SiameseSample", "ViewGeometry", "ViewPlan",
+    "IMAGENET_MEAN", "IMAGENET_STD", "DeferredAugment", "SiameseSample", "ViewGeometry", "ViewPlan",
     "colour_augment", "detr_resize_size", "image_to_view", "normalise_uint8", "plan_views",
     "region_boxes", "sample_outer_rect", "sample_views", "to_normalised_tensor",
     "to_uint8_tensor", "two_view_boxes",
@@ -60,9 +56,9 @@ class SiameseSample:
             the same physical region in both views, row 0 the views' intersection rectangle.
         crops1, crops2: ``[M, 3, c, c]`` uint8 region crops or ``None``.
         image_id: id of the source image.
-        crop_colour1, crop_colour2: ``[M, NUM_COLOUR_PARAMS]`` float32 colour parameters of
-            the crops when their colour pipeline is left to the training device
-            (``crop_colour=device``: the crops are then un-coloured), else ``None``.
+        deferred: with ``augment_on=device``, the colour parameters the worker drew and
+            did not apply: ``view1``/``view2`` are then un-coloured and ``crops1``/``crops2``
+            ``None`` (cut and coloured on the training device); else ``None``.
     """
 
     view1: Tensor
@@ -72,8 +68,37 @@ class SiameseSample:
     crops1: Tensor | None
     crops2: Tensor | None
     image_id: str = ""
-    crop_colour1: Tensor | None = None
-    crop_colour2: Tensor | None = None
+    deferred: DeferredAugment | None = None
+
+
+@dataclass
+class DeferredAugment:
+    """What the training device applies (``augment_on=device``), of one sample or, with a
+    leading batch dimension ``B``, of a batch.
+
+    Attributes:
+        view_colour: ``[2, P]`` (``[B, 2, P]``) colour parameters of view 1 and view 2
+            (``P = NUM_COLOUR_PARAMS``, see :mod:`~siamese_detr.methods.siamese.colour`).
+        crop_colour: ``[2, M, P]`` (``[B, 2, M, P]``) parameters of each region crop of each
+            view, or ``None`` without region discrimination.
+        crop_size: side of the square crops cut from the views at their region boxes.
+    """
+
+    view_colour: Tensor
+    crop_colour: Tensor | None
+    crop_size: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DeferredAugment:
+        crop = self.crop_colour
+        return DeferredAugment(self.view_colour.to(device, non_blocking=non_blocking),
+                               None if crop is None else crop.to(device,
+                                                                 non_blocking=non_blocking),
+                               self.crop_size)
+
+    def pin_memory(self) -> DeferredAugment:
+        crop = self.crop_colour
+        return DeferredAugment(self.view_colour.pin_memory(),
+                               None if crop is None else crop.pin_memory(), self.crop_size)
 
 
 @dataclass(frozen=True)
@@ -361,28 +386,19 @@ def to_normalised_tensor(img: Image.Image) -> Tensor:
 
 
 def _region_crops(
-    view: Image.Image, boxes: np.ndarray, size: int, rng: np.random.Generator,
-    defer_colour: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+    view: Image.Image, boxes: np.ndarray, size: int, rng: np.random.Generator
+) -> Tensor:
     """Crop each xyxy view-pixel box, resize to ``size x size`` (aspect not kept), then an
-    independent colour pipeline per crop -> ``[M, 3, size, size]`` uint8. With
-    ``defer_colour`` the crops stay un-coloured and their parameters (drawn from ``rng`` as
-    the pipeline would) come back ``[M, NUM_COLOUR_PARAMS]`` for the training device."""
+    independent colour pipeline per crop -> ``[M, 3, size, size]`` uint8."""
     W, H = view.size
-    crops, params = [], []
+    crops = []
     for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
         x0, x1 = min(max(x0, 0.0), W - 1.0), min(max(x1, 0.0), float(W))
         y0, y1 = min(max(y0, 0.0), H - 1.0), min(max(y1, 0.0), float(H))
         x1, y1 = max(x1, x0 + 1.0), max(y1, y0 + 1.0)  # at least one pixel
         crop = view.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
-        p = sample_colour_params(rng)
-        if defer_colour:
-            params.append(p)
-        else:
-            crop = apply_colour_pil(crop, p)
-        crops.append(to_uint8_tensor(crop))
-    return torch.stack(crops), (torch.from_numpy(np.stack(params)).float() if defer_colour
-                                 else None)
+        crops.append(to_uint8_tensor(colour_augment(crop, rng)))
+    return torch.stack(crops)
 
 
 def sample_views(
@@ -401,16 +417,24 @@ def sample_views(
     plan = plan_views(image, proposals, opts, rng)
     if plan is None:
         return None
-    crops1 = crops2 = colour1 = colour2 = None
+    boxes1, boxes2 = torch.from_numpy(plan.boxes1), torch.from_numpy(plan.boxes2)
+    if opts.augment_on == "device":  # the same random draws, in the same order; not applied
+        crop_colour = None
+        if opts.region_discrimination:
+            crop_colour = torch.from_numpy(np.stack([
+                np.stack([sample_colour_params(rng) for _ in range(len(b))])
+                for b in (plan.boxes1, plan.boxes2)])).float()
+        view_colour = torch.from_numpy(np.stack([sample_colour_params(rng),
+                                                 sample_colour_params(rng)])).float()
+        return SiameseSample(
+            view1=to_uint8_tensor(plan.view1), view2=to_uint8_tensor(plan.view2),
+            boxes1=boxes1, boxes2=boxes2, crops1=None, crops2=None, image_id=image_id,
+            deferred=DeferredAugment(view_colour, crop_colour, opts.crop_size))
+    crops1 = crops2 = None
     if opts.region_discrimination:  # from the resized views, before their colour pipeline
-        defer = opts.crop_colour == "device"
-        crops1, colour1 = _region_crops(plan.view1, plan.boxes1, opts.crop_size, rng, defer)
-        crops2, colour2 = _region_crops(plan.view2, plan.boxes2, opts.crop_size, rng, defer)
+        crops1 = _region_crops(plan.view1, plan.boxes1, opts.crop_size, rng)
+        crops2 = _region_crops(plan.view2, plan.boxes2, opts.crop_size, rng)
     view1 = to_uint8_tensor(colour_augment(plan.view1, rng))
     view2 = to_uint8_tensor(colour_augment(plan.view2, rng))
-    return SiameseSample(
-        view1=view1, view2=view2,
-        boxes1=torch.from_numpy(plan.boxes1), boxes2=torch.from_numpy(plan.boxes2),
-        crops1=crops1, crops2=crops2, image_id=image_id, crop_colour1=colour1,
-        crop_colour2=colour2,
-    )
+    return SiameseSample(view1=view1, view2=view2, boxes1=boxes1, boxes2=boxes2,
+                         crops1=crops1, crops2=crops2, image_id=image_id)
