@@ -66,6 +66,12 @@ class MultiheadAttention(nn.Module):
         B, Q, D = query.shape
         S, h = key.shape[1], self.num_heads
         w, b = self.in_proj_weight, self.in_proj_bias
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):
+            # one cast of the packed projection instead of one per slice (autocast caches
+            # only leaf weights, and a slice is not one): the same values, fewer kernels
+            dtype = torch.get_autocast_dtype(device_type)
+            w, b = w.to(dtype), b.to(dtype)
         if key is query:
             q, k = F.linear(query, w[: 2 * D], b[: 2 * D]).chunk(2, -1)
         else:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from siamese_detr.models.attention import MultiheadAttention
+from siamese_detr.models.attention import MultiheadAttention, attend
 from siamese_detr.models.transformer.conditional import ProjectionFreeAttention
 
 
@@ -87,3 +89,36 @@ def test_projection_free_attention_matches_explicit_softmax() -> None:
     scores = (qh @ kh.transpose(-1, -2)).masked_fill(pad[:, None, None], float("-inf"))
     expected = m.out_proj((scores.softmax(-1) @ vh).transpose(1, 2).reshape(B, Q, V))
     assert (m(q, k, v, key_padding_mask=pad) - expected).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_autocast_casts_the_packed_projection_once(self_attention: bool) -> None:
+    """Under bf16 autocast the packed in-projection is cast once (not once per slice): the
+    outputs and gradients are those of casting each slice, and fewer casts run."""
+    from siamese_detr.engine.profiling import OpCounter
+
+    torch.manual_seed(0)
+    attn = MultiheadAttention(32, 4).eval()
+    x = torch.randn(2, 7, 32)
+    kv = x if self_attention else torch.randn(2, 5, 32)
+
+    def per_slice() -> torch.Tensor:  # the formula before: one autocast cast per slice
+        w, b, D = attn.in_proj_weight, attn.in_proj_bias, 32
+        q = F.linear(x, w[:D], b[:D])
+        k = F.linear(kv, w[D:2 * D], b[D:2 * D])
+        v = F.linear(kv, w[2 * D:], b[2 * D:])
+        out = attend(q.view(2, 7, 4, 8), k.view(2, -1, 4, 8), v.view(2, -1, 4, 8), None, 0.0)
+        return attn.out_proj(out)
+
+    results = []
+    for fn in (lambda: attn(x, kv, kv)[0], per_slice):
+        attn.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), OpCounter() as counter:
+            out = fn()
+        out.float().square().sum().backward()
+        results.append((out.detach(), attn.in_proj_weight.grad.clone(), counter.op_names))
+    (a, ga, ops_a), (b, gb, ops_b) = results
+    assert a.dtype == torch.bfloat16
+    assert torch.equal(a, b)
+    assert torch.allclose(ga, gb, rtol=1e-2, atol=1e-3)  # bf16 matmuls in another grouping
+    assert ops_a["_to_copy"] < ops_b["_to_copy"]
