@@ -143,6 +143,23 @@ def _select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), new, old)
 
 
+def _blend(x: Tensor, op: Tensor, a: Tensor, valid: Tensor | None, count: Tensor | None
+           ) -> Tensor:
+    """One blend operation per image: ``a * x + (1 - a) * d`` with ``d`` black (``op`` 0,
+    brightness), the 8-bit mean luma (1, contrast; over the valid pixels) or the luma (2,
+    saturation); ``a = 1`` leaves an 8-bit image exactly as it is."""
+    gray = _gray(x)
+    if valid is None:
+        mean = gray.mean((1, 2, 3), keepdim=True)
+    else:
+        mean = (gray * valid).sum((1, 2, 3), keepdim=True) / count
+    mean = torch.round(mean * 255.0) / 255.0
+    op = op.view(-1, 1, 1, 1)
+    degenerate = torch.where(op == 2, _quantise(gray), mean * (op == 1))
+    a = a.view(-1, 1, 1, 1)
+    return _quantise(a * x + (1 - a) * degenerate)
+
+
 def colour_augment_tensor(x: Tensor, params: Tensor, sizes: Tensor | None = None) -> Tensor:
     """The pipeline on ``x`` ``[N, 3, H, W]`` float in ``[0, 1]``, image ``i`` with
     ``params[i]`` (``[N, NUM_COLOUR_PARAMS]``); returns float in ``[0, 1]``, rounded to 8-bit
@@ -154,10 +171,11 @@ def colour_augment_tensor(x: Tensor, params: Tensor, sizes: Tensor | None = None
     edges, so the valid part equals the pipeline on the unpadded image (the padding holds
     junk: mask it afterwards).
 
-    Vectorised over images with no host read: at each of the 4 positions of the random
-    order, the blend operations (brightness, contrast, saturation: ``a * x + (1 - a) * d``
-    with ``d`` black, the mean luma or the luma) and the hue rotation are computed for all
-    images and each image keeps the one its order names there; then grayscale and blur."""
+    Vectorised over images with no host read. Each image's random order is three blend
+    operations (brightness, contrast, saturation) with the hue rotation somewhere among them:
+    ``k`` blends before it and ``3 - k`` after. So the batch runs three "before" blend slots,
+    one hue rotation, three "after" blend slots; in each slot an image either applies its
+    next blend or is left as it is (factor 1), then grayscale and blur."""
     if x.shape[0] == 0:
         return x
     p = params.to(device=x.device, dtype=torch.float32)
@@ -165,7 +183,7 @@ def colour_augment_tensor(x: Tensor, params: Tensor, sizes: Tensor | None = None
     on = p[:, 0] > 0
     order = p[:, _ORDER].round().long()
     f = p[:, _FACTORS]
-    valid = None
+    valid = count = None
     if sizes is not None:
         sizes = sizes.to(x.device)
         H, W = x.shape[-2:]
@@ -173,21 +191,18 @@ def colour_augment_tensor(x: Tensor, params: Tensor, sizes: Tensor | None = None
                  & (torch.arange(W, device=x.device)[None, None, :] < sizes[:, None, 1:]))
         valid = valid[:, None].to(x.dtype)  # [N, 1, H, W]
         count = sizes.prod(1).to(x.dtype).view(-1, 1, 1, 1)
-    for s in range(4):
-        op = order[:, s]
-        gray = _gray(x)
-        if valid is None:
-            mean = gray.mean((1, 2, 3), keepdim=True)
-        else:
-            mean = (gray * valid).sum((1, 2, 3), keepdim=True) / count
-        mean = torch.round(mean * 255.0) / 255.0
-        degenerate = torch.where((op == 0).view(-1, 1, 1, 1), torch.zeros_like(mean),
-                                 torch.where((op == 1).view(-1, 1, 1, 1), mean,
-                                             _quantise(gray)))
-        a = f.gather(1, op.clamp(max=2)[:, None]).view(-1, 1, 1, 1)
-        blended = _quantise(a * x + (1 - a) * degenerate)
-        rotated = _quantise(_hue_shift(x, p[:, _HUE]))
-        x = _select(on, torch.where((op == 3).view(-1, 1, 1, 1), rotated, blended), x)
+    k = (order == 3).long().argmax(1)  # blends before the hue rotation
+    slots = torch.arange(3, device=x.device)[None]  # [1, 3]
+    blends = order.gather(1, slots + (slots >= k[:, None]).long())  # the order without hue
+    factors = f.gather(1, blends)  # [N, 3]
+    one = torch.ones_like(factors)
+    before = torch.where(on[:, None] & (slots < k[:, None]), factors, one)
+    after = torch.where(on[:, None] & (slots >= k[:, None]), factors, one)
+    for j in range(3):
+        x = _blend(x, blends[:, j], before[:, j], valid, count)
+    x = _select(on, _quantise(_hue_shift(x, p[:, _HUE])), x)
+    for j in range(3):
+        x = _blend(x, blends[:, j], after[:, j], valid, count)
     x = _select(p[:, _GRAY] > 0, _quantise(_gray(x)).expand(-1, 3, -1, -1), x)
     sigma = p[:, _SIGMA]
     src = x if sizes is None else _extend_edges(x, sizes)
