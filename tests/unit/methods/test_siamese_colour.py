@@ -43,6 +43,14 @@ def _u8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
+def _diff_to_pil(imgs: list[Image.Image], params: list[np.ndarray]) -> torch.Tensor:
+    """``|tensor pipeline - PIL pipeline|`` in 8-bit levels, ``[N, 3, H, W]``."""
+    ref = torch.stack([_u8(apply_colour_pil(im, p)) for im, p in zip(imgs, params)]).float()
+    x = torch.stack([_u8(im) for im in imgs]).float() / 255
+    out = colour_augment_tensor(x, torch.tensor(np.stack(params), dtype=torch.float32)) * 255
+    return (out - ref).abs()
+
+
 def _identity() -> np.ndarray:
     p = np.zeros(NUM_COLOUR_PARAMS)
     p[1:5] = np.arange(4)
@@ -100,10 +108,7 @@ def test_each_operation_matches_pil(op: int, low: float, high: float) -> None:
     imgs = _photo_crops(24)
     values = np.random.default_rng(op).uniform(low, high, len(imgs))
     params = [_one_op(op, v) for v in values]
-    ref = torch.stack([_u8(apply_colour_pil(im, p)) for im, p in zip(imgs, params)]).float()
-    x = torch.stack([_u8(im) for im in imgs]).float() / 255
-    out = colour_augment_tensor(x, torch.tensor(np.stack(params), dtype=torch.float32)) * 255
-    diff = (out - ref).abs()
+    diff = _diff_to_pil(imgs, params)
     assert diff.mean() < 1.0, float(diff.mean())
     assert diff.quantile(0.99) <= 5, float(diff.quantile(0.99))
 
@@ -117,10 +122,7 @@ def test_grayscale_and_blur_match_pil() -> None:
         p[9] = float(i % 2)
         p[10] = rng.uniform(0.1, 2.0) if i % 3 else 0.0
         params.append(p)
-    ref = torch.stack([_u8(apply_colour_pil(im, p)) for im, p in zip(imgs, params)]).float()
-    x = torch.stack([_u8(im) for im in imgs]).float() / 255
-    out = colour_augment_tensor(x, torch.tensor(np.stack(params), dtype=torch.float32)) * 255
-    diff = (out - ref).abs()
+    diff = _diff_to_pil(imgs, params)
     assert diff.mean() < 0.6, float(diff.mean())  # PIL's blur is a box-filter approximation
     assert diff.quantile(0.99) <= 4, float(diff.quantile(0.99))
     plain = [i for i, p in enumerate(params) if p[10] == 0]  # grayscale alone: exact up to 1
@@ -131,10 +133,7 @@ def test_whole_pipeline_matches_pil_in_distribution_of_errors() -> None:
     imgs = _photo_crops(48, seed=2)
     rng = np.random.default_rng(11)
     params = [sample_colour_params(rng) for _ in imgs]
-    ref = torch.stack([_u8(apply_colour_pil(im, p)) for im, p in zip(imgs, params)]).float()
-    x = torch.stack([_u8(im) for im in imgs]).float() / 255
-    out = colour_augment_tensor(x, torch.tensor(np.stack(params), dtype=torch.float32)) * 255
-    diff = (out - ref).abs()
+    diff = _diff_to_pil(imgs, params)
     assert diff.mean() < 2.0, float(diff.mean())
     assert diff.quantile(0.99) <= 10, float(diff.quantile(0.99))
 
