@@ -6,7 +6,12 @@ set -u
 OUT=${OUT:?set OUT}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
+# pycocotools (the loader bench's fine-tuning set) is not in the GPU image: carry a wheel
+if ls .gpu/whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/src
 # the proposal store prepared here records its image folder under /work/main
 [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
 B="python bench/bench_gpu.py $EXTRA"
@@ -28,5 +33,5 @@ B="python bench/bench_gpu.py $EXTRA"
     --variants deformable --out "$OUT/pre4.json"; echo "D2 rc=$?"
   echo "== E: loader, 4 workers (toy data prepared with EdgeBoxes proposals in .gpu/loaderdata)"
   timeout 60 python bench/bench_loader.py --data .gpu/loaderdata --images "${LOADER_IMAGES:-64}" \
-    --size 448 --rounds 2 --workers 4; echo "E rc=$?"
+    --size 448 --rounds 2 --workers 4 --loader-batches 48; echo "E rc=$?"
 } 2>&1 | tee "$OUT/run.log"
