@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from siamese_detr.ops import deform_attn
-from siamese_detr.ops.deform_attn import ms_deform_attn
+from siamese_detr.ops.deform_attn import ms_deform_attn, near_integer_pixels
 
 DECODER_LEVELS = [(100, 136), (50, 68), (25, 34), (13, 17)]  # 800x1088 at strides 8-64
 
@@ -66,18 +66,6 @@ def _fwd_bwd(value, shapes, starts, loc, w, grad, dtype):
     out = ms_deform_attn(xs[0], shapes, starts, xs[1], xs[2])
     out.backward(grad.to(out.dtype))
     return out, [x.grad for x in xs]
-
-
-def near_integer_pixels(loc: torch.Tensor, shapes: torch.Tensor, eps: float = 1e-3
-                        ) -> torch.Tensor:
-    """``loc [B, Q, H, L, P, 2]`` (normalised x, y) -> bool, True where the sampling point's
-    pixel coordinate (``loc * size - 0.5``) lies within ``eps`` of an integer. There the
-    bilinear interpolation's derivative jumps (left and right neighbours differ), and two
-    correct implementations can round to different sides: their location gradients may differ
-    by the jump, so the location gradient is compared away from those points."""
-    size = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(loc)  # [L, 2] as (w, h)
-    pix = loc * size[None, None, None, :, None, :] - 0.5
-    return (pix - pix.round()).abs() < eps
 
 
 def check_deform_attn(device: torch.device) -> Iterator[dict[str, Any]]:

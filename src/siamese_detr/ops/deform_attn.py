@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn", "shapes_tensor",
-           "level_sizes", "triton_enabled"]
+           "level_sizes", "near_integer_pixels", "triton_enabled"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SHAPES_ATTR = "_siamese_detr_level_sizes"
@@ -354,3 +354,14 @@ class MSDeformAttn(nn.Module):
             )
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(out)
+
+
+def near_integer_pixels(loc: Tensor, shapes: Tensor, eps: float = 1e-3) -> Tensor:
+    """``loc [B, Q, H, L, P, 2]`` (normalised x, y) -> bool, True where the sampling point's
+    pixel coordinate (``loc * size - 0.5``) lies within ``eps`` of an integer. There the
+    bilinear interpolation's derivative jumps (left and right neighbours differ), and two
+    correct implementations can round to different sides: their location gradients may differ
+    by the jump, so the location gradient is compared away from those points."""
+    size = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(loc)  # [L, 2] as (w, h)
+    pix = loc * size[None, None, None, :, None, :] - 0.5
+    return (pix - pix.round()).abs() < eps

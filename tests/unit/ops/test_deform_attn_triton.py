@@ -54,7 +54,8 @@ sys.path.insert(0, {here!r})
 import test_deform_attn_triton as t
 from siamese_detr.ops.deform_attn_triton import ms_deform_attn_triton
 print(json.dumps({{"fp32": t.compare_fp32(ms_deform_attn_triton),
-                  "bf16": t.compare_bf16(ms_deform_attn_triton)}}))
+                  "bf16": t.compare_bf16(ms_deform_attn_triton),
+                  "integer": t.compare_on_integer_pixels(ms_deform_attn_triton)}}))
 """
 
 
@@ -90,6 +91,27 @@ def compare_bf16(kernel) -> dict[str, float]:
     return errs
 
 
+def compare_on_integer_pixels(kernel) -> dict[str, float]:
+    """Every x sampling coordinate on an integer pixel coordinate, where bilinear
+    interpolation's x-derivative jumps: the outputs and the y-gradients still agree, the
+    x-gradients agree away from those points (``near_integer_pixels``), and there the two
+    paths may take either one-sided derivative."""
+    levels = [(5, 7), (3, 4)]
+    value, shapes, starts, loc, w = _inputs(levels, B=1, Q=16, H=2, Dh=4, P=2)
+    widths = shapes[:, 1].to(loc).view(1, 1, 1, -1, 1)
+    pixel = (loc[..., 0] * widths - 0.5).round().clamp(min=0.0)
+    loc[..., 0] = (torch.minimum(pixel, widths - 1) + 0.5) / widths
+    grad = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(3))
+    ref, ref_grads = _fwd_bwd(ms_deform_attn, value, shapes, starts, loc, w, grad)
+    out, grads = _fwd_bwd(kernel, value, shapes, starts, loc, w, grad)
+    near = deform_attn.near_integer_pixels(loc, shapes)
+    scale = float(ref_grads[1].abs().max())
+    diff = (grads[1] - ref_grads[1]).abs()
+    return {"out": _rel(out, ref), "y": float(diff[..., 1].max()) / scale,
+            "x_away": float(diff.masked_fill(near, 0.0).max()) / scale,
+            "near_fraction": float(near[..., 0].float().mean())}
+
+
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, dict[str, float]]:
     """Both comparisons run in a fresh interpreter with ``TRITON_INTERPRET=1`` (Triton reads
@@ -116,6 +138,21 @@ def test_interpreted_kernels_bf16_value_fp32_accumulation(interpreted) -> None:
     errs = interpreted["bf16"]
     assert errs.pop("out_is_bf16") == 1.0 and errs.pop("grad_dtypes_ok") == 1.0
     assert all(e < 2e-2 for e in errs.values()), errs
+
+
+@pytest.mark.slow
+def test_interpreted_location_gradient_at_integer_pixels(interpreted) -> None:
+    """The premise of ``bench/gpu_checks``' masked location-gradient comparison."""
+    errs = interpreted["integer"]
+    assert errs["near_fraction"] == 1.0  # every x coordinate was put on an integer pixel
+    assert errs["out"] < 1e-5 and errs["y"] < 1e-5 and errs["x_away"] < 1e-5, errs
+
+
+def test_near_integer_pixels() -> None:
+    shapes = torch.tensor([[4, 10]])  # h 4, w 10: pixel = loc * (10, 4) - 0.5
+    loc = torch.tensor([[0.25, 0.375], [0.2500004, 0.3], [0.31, 0.125]]).view(1, 3, 1, 1, 1, 2)
+    near = deform_attn.near_integer_pixels(loc, shapes).view(3, 2)
+    assert near.tolist() == [[True, True], [True, False], [False, True]]
 
 
 def test_shapes_tensor_remembers_sizes_without_a_read() -> None:
