@@ -9,6 +9,8 @@ collation, in this process, so the figure is per worker) for:
 * ``pretrain/paper``: the paper options (10 regions, 128 px crops, base resize 320-480);
 * ``pretrain/paper, float``: the same samples normalised to float32 in the worker, as before
   workers sent uint8 (the batch is now normalised on the training device);
+* ``detreg/paper``, ``updetr/paper`` (and ``, augment on device``): the baselines' loaders
+  with their paper options (DETReg: 30 crops of 128 px per image; UP-DETR: 10 patches);
 * ``pretrain/paper, augment on device``: ``augment_on=device``, the colour pipelines and the
   region crops left to the training device (what ``auto`` picks on a GPU): the worker sends
   un-coloured views and the parameters it drew; the other rows use ``augment_on=worker``.
@@ -112,6 +114,22 @@ class FloatViews:
                        crops2=None if s.crops2 is None else normalise_uint8(s.crops2))
 
 
+def baseline_set(data: dict[str, Any], method: str, augment_on: str) -> tuple[Any, Callable]:
+    """The DETReg or UP-DETR data set of the toy images, paper options."""
+    from siamese_detr.config import DETRegOptions, UPDETROptions
+    from siamese_detr.data.sources import list_images
+    from siamese_detr.methods.detreg.data import DETRegDataset, collate_detreg
+    from siamese_detr.methods.updetr.data import UPDETRDataset, collate_updetr
+    from siamese_detr.proposals.store import ProposalStore
+
+    records = list_images(data["unlabeled"])
+    if method == "detreg":
+        store = ProposalStore.open(data["proposals"])
+        return (DETRegDataset(records, store, DETRegOptions(augment_on=augment_on), seed=0),
+                collate_detreg)
+    return UPDETRDataset(records, UPDETROptions(augment_on=augment_on), seed=0), collate_updetr
+
+
 def _tensor_bytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -184,7 +202,10 @@ def main() -> None:
                 "pretrain/paper, float": (FloatViews(pretrain_set(data, paper)),
                                           collate_siamese),
                 "pretrain/paper, augment on device": (
-                    pretrain_set(data, replace(paper, augment_on="device")), collate_siamese)}
+                    pretrain_set(data, replace(paper, augment_on="device")), collate_siamese),
+                **{f"{m}/paper{label}": baseline_set(data, m, where)
+                   for m in ("detreg", "updetr")
+                   for label, where in (("", "worker"), (", augment on device", "device"))}}
         print(f"{args.images} toy images of {args.size} px, batch 4, torch threads 1, "
               f"median of {args.rounds} rounds (shared machine: compare ratios only)")
         # rounds interleaved across the sets, so that a change of load hits all alike

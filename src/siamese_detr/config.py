@@ -236,6 +236,9 @@ class UPDETROptions:
     weight_recon: float = 1.0
     base_scales: tuple[int, ...] = (320, 336, 352, 368, 400, 416, 432, 448, 464, 480)
     base_max_size: int = 600
+    # where the patches' colour pipeline runs: "worker", "device" (workers send uint8 patches
+    # and the parameters they drew) or "auto" (device on a GPU); as pretrain.siamese.augment_on
+    augment_on: Literal["auto", "worker", "device"] = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,6 +260,9 @@ class DETRegOptions:
     # DETR's second branch: resize to one of these, random crop, then base resize
     crop_scales: tuple[int, ...] = (400, 500, 600)
     crop_range: tuple[int, int] = (384, 600)
+    # where the crops' colour pipeline runs: "worker", "device" (workers send uint8 crops and
+    # the parameters they drew) or "auto" (device on a GPU); as pretrain.siamese.augment_on
+    augment_on: Literal["auto", "worker", "device"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_proposals < 1:

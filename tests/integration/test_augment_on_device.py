@@ -34,3 +34,29 @@ def test_device_augmentation_resumes_exactly_and_matches_the_worker_path(toy_dat
     assert first_device["loss"] != first_worker["loss"]  # the pixels differ by rounding...
     # ...only: measured 27.465 against 27.459 (0.02 %)
     assert first_device["loss"] == pytest.approx(first_worker["loss"], rel=0.01)
+
+
+def _baseline(toy, out, method: str, augment_on: str) -> list[str]:
+    root = toy["root"]
+    args = ["pretrain", "--preset", f"tiny/conditional/{method}", "--out", str(out),
+            f"pretrain.images={root / 'unlabeled'}", "pretrain.batch_size=2",
+            f"pretrain.{method}.base_scales=128", f"model.backbone.weights={root / 'r18.pth'}",
+            "optim.length=1", "optim.lr_drops=1", "engine.log_every=1",
+            "engine.progress=false", f"pretrain.{method}.augment_on={augment_on}"]
+    if method == "detreg":
+        args += [f"pretrain.proposals.store={root / 'proposals'}", "pretrain.detreg.crop_size=32"]
+    else:
+        args += ["pretrain.updetr.patch_size=32"]
+    return args
+
+
+@pytest.mark.parametrize("method", ["updetr", "detreg"])
+def test_baselines_colour_their_crops_on_the_device_as_in_the_worker(toy_data, tmp_path,
+                                                                      method):
+    """UP-DETR's patches and DETReg's crops with ``augment_on=device``: the same first loss
+    as the worker path up to the colour pipeline's rounding."""
+    device, worker = tmp_path / "device", tmp_path / "worker"
+    assert main(_baseline(toy_data, device, method, "device")) == 0
+    assert main(_baseline(toy_data, worker, method, "worker")) == 0
+    a, b = _records(device)[0]["loss"], _records(worker)[0]["loss"]
+    assert a == pytest.approx(b, rel=0.01)

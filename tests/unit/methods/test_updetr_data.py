@@ -56,7 +56,8 @@ def test_too_small_image_gives_none(w: int, h: int) -> None:
 def test_crop_without_augmentation_is_the_image_region() -> None:
     img = _image(64, 48)
     boxes = np.array([[8.0, 4.0, 24.0, 20.0], [0.0, 0.0, 64.0, 48.0]])
-    crops = crop_patches(img, boxes, 16, rng=None)
+    crops, colour = crop_patches(img, boxes, 16, rng=None)
+    assert colour is None
     assert crops.shape == (2, 3, 16, 16)
     torch.testing.assert_close(crops[0], to_normalised_tensor(img.crop((8, 4, 24, 20))),
                                atol=1e-5, rtol=0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,13 @@ from siamese_detr.data import transforms as T
 from siamese_detr.data.collate import pad_images
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
-from siamese_detr.methods.siamese.views import colour_augment, to_normalised_tensor
+from siamese_detr.methods.siamese.colour import (
+    NUM_COLOUR_PARAMS,
+    apply_colour_pil,
+    augment_on_device,
+    sample_colour_params,
+)
+from siamese_detr.methods.siamese.views import to_normalised_tensor, to_uint8_tensor
 from siamese_detr.structures import BoxTargets, ImageBatch
 
 if TYPE_CHECKING:
@@ -72,12 +78,15 @@ class DETRegSample:
         boxes: ``[K, 4]`` normalised cxcywh pseudo targets in that image (``K >= min_boxes``).
         crops: ``[K, 3, c, c]`` normalised crops of the same boxes, or ``None``.
         image_id: the record's id.
+        crop_colour: ``augment_on=device``: the crops are uint8 and un-coloured, and these
+            ``[K, NUM_COLOUR_PARAMS]`` are their colour parameters; else ``None``.
     """
 
     image: Tensor
     boxes: Tensor
     crops: Tensor | None
     image_id: str
+    crop_colour: Tensor | None = None
 
 
 def detreg_transforms(opts: DETRegOptions) -> T.Compose:
@@ -91,15 +100,28 @@ def detreg_transforms(opts: DETRegOptions) -> T.Compose:
 
 
 def region_crops(image: Image.Image, boxes: np.ndarray, size: int,
-                 rng: np.random.Generator) -> Tensor:
+                 rng: np.random.Generator, defer_colour: bool = False
+                 ) -> tuple[Tensor, Tensor | None]:
     """Crop every xyxy pixel box of ``image``, resize to ``size x size`` (aspect not kept) and
-    apply an independent colour pipeline to each -> ``[K, 3, size, size]``."""
-    crops = [to_normalised_tensor(colour_augment(
-        image.resize((size, size), Image.Resampling.BILINEAR, box=tuple(float(v) for v in b)),
-        rng)) for b in np.asarray(boxes, dtype=np.float64)]
+    apply an independent colour pipeline to each -> (``[K, 3, size, size]`` normalised float,
+    ``None``). With ``defer_colour`` (``augment_on=device``) the same parameters are drawn but
+    not applied -> (uint8 crops, ``[K, NUM_COLOUR_PARAMS]`` parameters) for the device."""
+    crops, params = [], []
+    for b in np.asarray(boxes, dtype=np.float64):
+        crop = image.resize((size, size), Image.Resampling.BILINEAR, box=tuple(float(v) for v in b))
+        p = sample_colour_params(rng)
+        if defer_colour:
+            crops.append(to_uint8_tensor(crop))
+            params.append(p)
+        else:
+            crops.append(to_normalised_tensor(apply_colour_pil(crop, p)))
     if not crops:
-        return torch.zeros(0, 3, size, size)
-    return torch.stack(crops)
+        dtype = torch.uint8 if defer_colour else torch.float32
+        empty = torch.zeros(0, 3, size, size, dtype=dtype)
+        return empty, torch.zeros(0, NUM_COLOUR_PARAMS) if defer_colour else None
+    if defer_colour:
+        return torch.stack(crops), torch.from_numpy(np.stack(params)).float()
+    return torch.stack(crops), None
 
 
 def clip_boxes(boxes: np.ndarray, height: int, width: int, min_side: float = 1.0
@@ -179,7 +201,10 @@ class DETRegDataset(Dataset):
         if boxes is None or len(boxes) < self.opts.min_boxes:
             self._warn(record.image_id, f"fewer than {self.opts.min_boxes} proposals (skipped)")
             return None
-        crops = region_crops(image, boxes, self.opts.crop_size, rng) if self.with_crops else None
+        crops = colour = None
+        if self.with_crops:
+            crops, colour = region_crops(image, boxes, self.opts.crop_size, rng,
+                                         defer_colour=self.opts.augment_on == "device")
         target = {"boxes": torch.from_numpy(boxes),
                   "labels": torch.arange(len(boxes), dtype=torch.int64)}  # tracks survivors
         tensor, target = self.transform(image, target)
@@ -188,7 +213,8 @@ class DETRegDataset(Dataset):
             return None
         return DETRegSample(image=tensor, boxes=target["boxes"].float(),
                             crops=None if crops is None else crops[keep],
-                            image_id=record.image_id)
+                            image_id=record.image_id,
+                            crop_colour=None if colour is None else colour[keep])
 
 
 @dataclass
@@ -201,6 +227,8 @@ class DETRegBatch:
         crops: per image ``[K_i, 3, c, c]`` crops or ``None``.
         image_ids: ids of the ``B`` kept samples.
         skipped: ``None`` samples dropped from this batch.
+        crop_colour: per image ``[K_i, NUM_COLOUR_PARAMS]`` colour parameters of uint8,
+            un-coloured crops (``augment_on=device``), or ``None``.
     """
 
     images: ImageBatch
@@ -208,6 +236,7 @@ class DETRegBatch:
     crops: list[Tensor] | None
     image_ids: list[str]
     skipped: int = 0
+    crop_colour: list[Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -219,6 +248,8 @@ class DETRegBatch:
             crops=None if self.crops is None else [c.to(device, non_blocking=non_blocking)
                                                    for c in self.crops],
             image_ids=list(self.image_ids), skipped=self.skipped,
+            crop_colour=None if self.crop_colour is None else [
+                c.to(device, non_blocking=non_blocking) for c in self.crop_colour],
         )
 
 
@@ -238,7 +269,9 @@ def collate_detreg(samples: Sequence[DETRegSample | None]) -> DETRegBatch:
                for i, s in enumerate(kept)]
     has_crops = all(s.crops is not None for s in kept)
     crops = [s.crops for s in kept] if has_crops else None  # type: ignore[misc]
-    return DETRegBatch(images, targets, crops, [s.image_id for s in kept], skipped)
+    deferred = has_crops and all(s.crop_colour is not None for s in kept)
+    colour = [s.crop_colour for s in kept] if deferred else None  # type: ignore[misc]
+    return DETRegBatch(images, targets, crops, [s.image_id for s in kept], skipped, colour)
 
 
 def build_detreg_dataset(cfg: RunConfig, records: Sequence[Any] | None = None) -> DETRegDataset:
@@ -262,4 +295,6 @@ def build_detreg_dataset(cfg: RunConfig, records: Sequence[Any] | None = None) -
                           "` (DETReg used --method selective-search)")
     store = ProposalStore.open(pre.proposals.store)
     with_crops = pre.detreg.object_embedding_loss and pre.detreg.embedding_source == "crops"
-    return DETRegDataset(records, store, pre.detreg, cfg.seed, pre.proposals, with_crops)
+    opts = replace(pre.detreg, augment_on="device" if augment_on_device(
+        pre.detreg.augment_on, cfg.engine.device) else "worker")
+    return DETRegDataset(records, store, opts, cfg.seed, pre.proposals, with_crops)

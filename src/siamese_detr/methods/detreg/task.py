@@ -28,6 +28,7 @@ from torchvision.ops import roi_align
 from siamese_detr.config import DETRegOptions, RunConfig
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.base import PretextTaskBase
+from siamese_detr.methods.siamese.colour import colour_normalise
 from siamese_detr.models.heads import MLP
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, Encoded, LossOutput
@@ -88,7 +89,7 @@ class DETReg(nn.Module):
             if batch.crops is None:
                 raise ConfigError("pretrain.detreg.embedding_source=crops but the batch has no "
                                   "crops")
-            targets = self.crop_embeddings(batch.crops)
+            targets = self.crop_embeddings(batch.crops, batch.crop_colour)
         else:
             targets = self.roi_embeddings(enc, batch.targets)
         emb = self.embedding_loss(out, indices[-1], targets)
@@ -98,12 +99,17 @@ class DETReg(nn.Module):
         return LossOutput(total=det.total + w * emb, terms=dict(sorted(terms.items())))
 
     # ----------------------------------------------------------------- embeddings
-    def crop_embeddings(self, crops: list[Tensor]) -> list[Tensor]:
+    def crop_embeddings(self, crops: list[Tensor], colour: list[Tensor] | None = None
+                        ) -> list[Tensor]:
         """Per image ``[K_i, C3]``: GAP of the frozen backbone's C3 (``layer2``) map of each
-        crop, without gradient (official ``build_swav_backbone_old``: output '0', mean)."""
+        crop, without gradient (official ``build_swav_backbone_old``: output '0', mean).
+        ``colour``: the crops are uint8 and un-coloured (``augment_on=device``); their colour
+        pipeline and normalisation run here first, on all crops of the batch at once."""
         sizes = [int(c.shape[0]) for c in crops]
         with torch.no_grad():
             x = torch.cat(crops)
+            if colour is not None:
+                x = colour_normalise(x, torch.cat(colour))
             for name, module in self.detector.backbone.body.named_children():
                 x = module(x)
                 if name == "layer2":

@@ -28,8 +28,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from torch import Tensor
 
-__all__ = ["NUM_COLOUR_PARAMS", "apply_colour_pil", "colour_augment", "colour_augment_tensor",
-           "sample_colour_params"]
+from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["NUM_COLOUR_PARAMS", "apply_colour_pil", "augment_on_device", "colour_augment",
+           "colour_augment_tensor", "colour_normalise", "sample_colour_params"]
 
 JITTER_P, JITTER_BCS, JITTER_HUE = 0.8, 0.4, 0.1
 GRAYSCALE_P = 0.2
@@ -208,3 +210,24 @@ def colour_augment_tensor(x: Tensor, params: Tensor, sizes: Tensor | None = None
     src = x if sizes is None else _extend_edges(x, sizes)
     blurred = _quantise(_blur(src, sigma.clamp(min=BLUR_SIGMA[0])))
     return _select(sigma > 0, blurred, x)
+
+
+def colour_normalise(x: Tensor, params: Tensor) -> Tensor:
+    """Crops ``[..., 3, h, w]`` (uint8, or float in ``[0, 1]``) and their parameters
+    ``[..., NUM_COLOUR_PARAMS]`` -> coloured, ImageNet-normalised float32 of the same shape,
+    on ``x``'s device (the deferred crop pipeline of ``augment_on=device``)."""
+    shape = x.shape
+    x = x.reshape(-1, *shape[-3:])
+    x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+    x = colour_augment_tensor(x, params.reshape(-1, params.shape[-1]))
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return ((x - mean) / std).view(shape)
+
+
+def augment_on_device(setting: str, engine_device: str) -> bool:
+    """``augment_on`` (``auto``, ``worker``, ``device``) of a pretraining method -> whether the
+    workers leave the colour pipelines to the training device: ``auto`` does on a GPU."""
+    if setting == "auto":
+        return engine_device != "cpu" and torch.cuda.is_available()
+    return setting == "device"

@@ -25,7 +25,11 @@ from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.collate import pad_images
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
-from siamese_detr.methods.siamese.colour import colour_augment_tensor
+from siamese_detr.methods.siamese.colour import (
+    augment_on_device,
+    colour_augment_tensor,
+    colour_normalise,
+)
 from siamese_detr.methods.siamese.views import (
     DeferredAugment,
     SiameseSample,
@@ -306,11 +310,7 @@ def finish_augmentation(views: ImageBatch, boxes: Tensor, view_colour: Tensor,
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     crops = None
     if crop_colour is not None:
-        raw = cut_crops(x, boxes, views.sizes, crop_size)
-        shape = raw.shape
-        coloured = colour_augment_tensor(raw.reshape(-1, *shape[-3:]),
-                                         crop_colour.reshape(-1, crop_colour.shape[-1]))
-        crops = ((coloured - mean) / std).view(shape)
+        crops = colour_normalise(cut_crops(x, boxes, views.sizes, crop_size), crop_colour)
     x = colour_augment_tensor(x, view_colour, sizes=views.sizes)
     images = ((x - mean) / std).masked_fill(views.mask[:, None], 0.0)
     return ImageBatch(images, views.mask, views.sizes), crops
@@ -502,8 +502,8 @@ def build_pretrain_dataset(cfg: RunConfig) -> PretrainDataset:
         check_store_matches(store, records, pre.proposals.store, pre.images)
     opts = pre.siamese
     if opts.augment_on == "auto":  # colour pipelines and crops on the GPU when there is one
-        on_gpu = cfg.engine.device != "cpu" and torch.cuda.is_available()
-        opts = replace(opts, augment_on="device" if on_gpu else "worker")
+        on_device = augment_on_device(opts.augment_on, cfg.engine.device)
+        opts = replace(opts, augment_on="device" if on_device else "worker")
     dataset = PretrainDataset(records, store, opts, cfg.seed, pre.proposals)
     dataset.report_skips = True
     return dataset

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,8 +33,13 @@ from siamese_detr.data.collate import pad_images
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.data.transforms import get_size
 from siamese_detr.errors import ConfigError
+from siamese_detr.methods.siamese.colour import (
+    apply_colour_pil,
+    augment_on_device,
+    sample_colour_params,
+)
 from siamese_detr.methods.siamese.data import sample_rng
-from siamese_detr.methods.siamese.views import colour_augment, to_normalised_tensor
+from siamese_detr.methods.siamese.views import to_normalised_tensor, to_uint8_tensor
 from siamese_detr.structures import ImageBatch
 
 if TYPE_CHECKING:
@@ -64,12 +69,15 @@ class UPDETRSample:
         boxes: ``[M, 4]`` float32 xyxy of the patches in resized-image pixels.
         patches: ``[M, 3, c, c]`` normalised, colour-augmented patch crops.
         image_id: id of the source image.
+        patch_colour: ``augment_on=device``: the patches are uint8 and un-coloured, and these
+            ``[M, NUM_COLOUR_PARAMS]`` are their colour parameters; else ``None``.
     """
 
     image: Tensor
     boxes: Tensor
     patches: Tensor
     image_id: str = ""
+    patch_colour: Tensor | None = None
 
 
 def sample_patch_boxes(
@@ -88,17 +96,27 @@ def sample_patch_boxes(
 
 
 def crop_patches(
-    image: Image.Image, boxes: np.ndarray, size: int, rng: np.random.Generator | None
-) -> Tensor:
+    image: Image.Image, boxes: np.ndarray, size: int, rng: np.random.Generator | None,
+    defer_colour: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Crop each xyxy box of ``image``, resize it to ``size x size`` (bilinear, aspect not
-    kept), colour-augment it when ``rng`` is given, normalise -> ``[M, 3, size, size]``."""
-    crops = []
+    kept), colour-augment it when ``rng`` is given, normalise -> (``[M, 3, size, size]``,
+    ``None``). With ``defer_colour`` (``augment_on=device``, needs ``rng``) the same colour
+    parameters are drawn but not applied -> (uint8 patches, ``[M, NUM_COLOUR_PARAMS]``)."""
+    crops, params = [], []
     for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
         crop = image.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
-        if rng is not None:
-            crop = colour_augment(crop, rng)
+        p = None if rng is None else sample_colour_params(rng)
+        if defer_colour and p is not None:
+            crops.append(to_uint8_tensor(crop))
+            params.append(p)
+            continue
+        if p is not None:
+            crop = apply_colour_pil(crop, p)
         crops.append(to_normalised_tensor(crop))
-    return torch.stack(crops)
+    if params:
+        return torch.stack(crops), torch.from_numpy(np.stack(params)).float()
+    return torch.stack(crops), None
 
 
 def sample_updetr(
@@ -110,14 +128,15 @@ def sample_updetr(
     boxes = sample_patch_boxes(w, h, opts.num_patches, opts.min_patch, rng)
     if boxes is None:
         return None
-    patches = crop_patches(image, boxes, opts.patch_size, rng)
+    patches, colour = crop_patches(image, boxes, opts.patch_size, rng,
+                                   defer_colour=opts.augment_on == "device")
     short = int(opts.base_scales[int(rng.integers(len(opts.base_scales)))])
     oh, ow = get_size((h, w), short, opts.base_max_size)
     resized = image.resize((ow, oh), Image.BILINEAR)
     scaled = boxes * np.array([ow / w, oh / h] * 2)
     return UPDETRSample(
         image=to_normalised_tensor(resized), boxes=torch.from_numpy(scaled).float(),
-        patches=patches, image_id=image_id,
+        patches=patches, image_id=image_id, patch_colour=colour,
     )
 
 
@@ -170,6 +189,8 @@ class UPDETRBatch:
         patches: ``[B, M, 3, c, c]`` patch crops.
         image_ids: ids of the ``B`` kept samples.
         skipped: number of ``None`` samples dropped from this batch.
+        patch_colour: ``[B, M, NUM_COLOUR_PARAMS]`` colour parameters of uint8 un-coloured
+            patches (``augment_on=device``), or ``None``.
     """
 
     images: ImageBatch
@@ -177,6 +198,7 @@ class UPDETRBatch:
     patches: Tensor
     image_ids: list[str]
     skipped: int = 0
+    patch_colour: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -187,6 +209,8 @@ class UPDETRBatch:
             boxes=self.boxes.to(device, non_blocking=non_blocking),
             patches=self.patches.to(device, non_blocking=non_blocking),
             image_ids=list(self.image_ids), skipped=self.skipped,
+            patch_colour=None if self.patch_colour is None else self.patch_colour.to(
+                device, non_blocking=non_blocking),
         )
 
 
@@ -205,6 +229,8 @@ def collate_updetr(samples: Sequence[UPDETRSample | None]) -> UPDETRBatch:
         boxes=torch.stack([s.boxes for s in kept]).float(),
         patches=torch.stack([s.patches for s in kept]),
         image_ids=[s.image_id for s in kept], skipped=skipped,
+        patch_colour=torch.stack([s.patch_colour for s in kept])  # type: ignore[misc]
+        if all(s.patch_colour is not None for s in kept) else None,
     )
 
 
@@ -215,4 +241,7 @@ def build_updetr_dataset(cfg: RunConfig) -> UPDETRDataset:
     if not cfg.pretrain.images:
         raise ConfigError("pretrain.images is empty: give an image folder, list file or COCO "
                           "json, e.g. pretrain.images=data/imagenet/train")
-    return UPDETRDataset(list_images(cfg.pretrain.images), cfg.pretrain.updetr, cfg.seed)
+    opts = cfg.pretrain.updetr
+    opts = replace(opts, augment_on="device" if augment_on_device(
+        opts.augment_on, cfg.engine.device) else "worker")
+    return UPDETRDataset(list_images(cfg.pretrain.images), opts, cfg.seed)

@@ -31,6 +31,7 @@ from siamese_detr.config import RunConfig, UPDETROptions
 from siamese_detr.errors import ConfigError
 from siamese_detr.losses.discrimination import region_discrimination_loss
 from siamese_detr.methods.base import PretextTaskBase, global_pool_features
+from siamese_detr.methods.siamese.colour import colour_normalise
 from siamese_detr.models.heads import MLP
 from siamese_detr.ops.boxes import normalize_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, LossOutput, QueryInputs
@@ -113,7 +114,10 @@ class UPDETR(nn.Module):
     def forward(self, batch: UPDETRBatch) -> LossOutput:
         """Loss of one batch (``B >= 1``); see the module docstring."""
         enc = self.detector.encode(batch.images)
-        feats = self.patch_features(batch.patches)
+        patches = batch.patches
+        if batch.patch_colour is not None:  # augment_on=device: colour and normalise here
+            patches = colour_normalise(patches, batch.patch_colour)
+        feats = self.patch_features(patches)
         out = self.detector.decode(enc, self.patch_queries(feats))
         return self.losses(out, patch_targets(batch.boxes, batch.images.sizes), feats)
 
