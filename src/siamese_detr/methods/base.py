@@ -36,6 +36,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from siamese_detr.ops.boxes import box_xyxy_to_cxcywh
+from siamese_detr.structures import BoxTargets
+
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
@@ -136,3 +139,15 @@ def roi_pool_features(
 def global_pool_features(features: list[Tensor]) -> Tensor:
     """Global average pool of each level, concatenated: ``[N, C_l, h, w]`` -> ``[N, sum C_l]``."""
     return torch.cat([f.mean(dim=(-2, -1)) for f in features], dim=-1)
+
+
+def pixel_box_targets(boxes: Tensor, sizes: Tensor) -> list[BoxTargets]:
+    """Boxes ``[B, M, 4]`` (pixel xyxy in image b, unpadded ``sizes [B, 2]`` ``(h, w)``) ->
+    per image normalised cxcywh targets with label 0 (the single "region"/"patch" class of the
+    pretext tasks); no host read."""
+    h, w = sizes[:, 0].to(boxes.dtype), sizes[:, 1].to(boxes.dtype)
+    scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
+    norm = box_xyxy_to_cxcywh(boxes.float() / scale)
+    labels = torch.zeros(norm.shape[:2], dtype=torch.int64, device=boxes.device)
+    return [BoxTargets(boxes=norm[b], labels=labels[b], size=sizes[b])
+            for b in range(boxes.shape[0])]

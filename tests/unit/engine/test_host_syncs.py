@@ -276,3 +276,49 @@ def test_the_configured_optimizer_steps_without_a_host_read(tmp_path):
         pytest.xfail("engine.optim.build_optimizer does not build a fused AdamW yet: "
                      + _explain(counted))
     assert max(counted.syncs) <= 1, _explain(counted)
+
+
+# --------------------------------------------------------------------------- baselines, device aug
+
+
+def _deferred_siamese_batches(n: int) -> list[Any]:
+    """Siamese batches as ``augment_on=device`` collates them: uint8 views, no crops, colour
+    parameters (cut and coloured in the step)."""
+    import numpy as np
+
+    from siamese_detr.methods.siamese.colour import sample_colour_params
+    from siamese_detr.methods.siamese.views import DeferredAugment
+
+    rng = np.random.default_rng(0)
+
+    def params(*shape: int) -> torch.Tensor:
+        flat = [sample_colour_params(rng) for _ in range(int(np.prod(shape)))]
+        return torch.tensor(np.stack(flat), dtype=torch.float32).view(*shape, -1)
+
+    out = []
+    for b in pretrain_batches(n):
+        b.view1 = b.view1.__class__((b.view1.images.abs() * 60).clamp(0, 255).to(torch.uint8),
+                                    b.view1.mask, b.view1.sizes)
+        b.view2 = b.view2.__class__((b.view2.images.abs() * 60).clamp(0, 255).to(torch.uint8),
+                                    b.view2.mask, b.view2.sizes)
+        b.crops1 = b.crops2 = None
+        b.deferred = DeferredAugment(params(2, 2), params(2, 2, 4), 32)
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "deformable"])
+def test_pretrain_step_with_device_augmentation_has_at_most_one_host_read(variant, tmp_path):
+    _check(count_steps(pretrain_task(variant), _deferred_siamese_batches(STEPS), tmp_path))
+
+
+@pytest.mark.parametrize("method", ["detreg", "updetr"])
+def test_baseline_steps_have_at_most_one_host_read(method, tmp_path):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "methods"))
+    mod = importlib.import_module(f"test_{method}_task")
+    variant = "conditional"
+    _check(count_steps(mod.make_task(variant), [mod.make_batch(seed=s) for s in range(STEPS)],
+                       tmp_path))

@@ -94,9 +94,15 @@ class DETReg(nn.Module):
             targets = self.roi_embeddings(enc, batch.targets)
         emb = self.embedding_loss(out, indices[-1], targets)
         w = self.opts.weight_embedding
-        terms = dict(det.terms)
-        terms["loss_embedding"] = (w * float(emb.detach()), float(emb.detach()))
-        return LossOutput(total=det.total + w * emb, terms=dict(sorted(terms.items())))
+        total = det.total + w * emb
+        if det.raw is None:  # a criterion with host terms
+            terms = dict(det.terms)
+            terms["loss_embedding"] = (w * float(emb.detach()), float(emb.detach()))
+            return LossOutput(total=total, terms=dict(sorted(terms.items())))
+        # the logged terms stay on the device: no host read in the step
+        return LossOutput(total=total, names=[*det.names, "loss_embedding"],
+                          weights=[*det.weights, w],
+                          raw=torch.cat([det.raw, emb.detach().float().reshape(1)]))
 
     # ----------------------------------------------------------------- embeddings
     def crop_embeddings(self, crops: list[Tensor], colour: list[Tensor] | None = None

@@ -28,9 +28,14 @@ from torch import Tensor, nn
 from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
 from siamese_detr.matcher import Matching
-from siamese_detr.methods.base import PretextTaskBase, global_pool_features, roi_pool_features
+from siamese_detr.methods.base import (
+    PretextTaskBase,
+    global_pool_features,
+    pixel_box_targets,
+    roi_pool_features,
+)
 from siamese_detr.methods.siamese.heads import FeatureAlign, build_predictor, build_projector
-from siamese_detr.ops.boxes import box_xyxy_to_cxcywh, jitter_xyxy
+from siamese_detr.ops.boxes import jitter_xyxy
 from siamese_detr.structures import (
     BoxTargets,
     DetectorOutput,
@@ -206,12 +211,7 @@ class SiameseDETR(nn.Module):
     def region_targets(boxes: Tensor, sizes: Tensor) -> list[BoxTargets]:
         """Region boxes ``[B, M, 4]`` (pixel xyxy of view b) -> normalised cxcywh targets with
         label 0 (the single "region" class); no host read."""
-        h, w = sizes[:, 0].to(boxes.dtype), sizes[:, 1].to(boxes.dtype)
-        scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
-        norm = box_xyxy_to_cxcywh(boxes.float() / scale)
-        labels = torch.zeros(norm.shape[:2], dtype=torch.int64, device=boxes.device)
-        return [BoxTargets(boxes=norm[b], labels=labels[b], size=sizes[b])
-                for b in range(boxes.shape[0])]
+        return pixel_box_targets(boxes, sizes)
 
     def crop_embeddings(self, crops: Tensor) -> Tensor:
         """``[B, M, 3, c, c]`` crops -> ``[B, M, sum C_l]`` GAP of the frozen backbone levels

@@ -30,10 +30,9 @@ from torch import Tensor, nn
 from siamese_detr.config import RunConfig, UPDETROptions
 from siamese_detr.errors import ConfigError
 from siamese_detr.losses.discrimination import region_discrimination_loss
-from siamese_detr.methods.base import PretextTaskBase, global_pool_features
+from siamese_detr.methods.base import PretextTaskBase, global_pool_features, pixel_box_targets
 from siamese_detr.methods.siamese.colour import colour_normalise
 from siamese_detr.models.heads import MLP
-from siamese_detr.ops.boxes import normalize_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, LossOutput, QueryInputs
 
 if TYPE_CHECKING:
@@ -59,14 +58,9 @@ def group_attention_mask(num_queries: int, num_groups: int) -> Tensor:
 
 def patch_targets(boxes: Tensor, sizes: Tensor) -> list[BoxTargets]:
     """Patch boxes ``[B, M, 4]`` (pixel xyxy) -> normalised cxcywh targets relative to each
-    image's unpadded ``sizes [B, 2]`` (h, w), label 0 (the single "patch" class)."""
-    targets = []
-    for b in range(boxes.shape[0]):
-        h, w = (int(v) for v in sizes[b].tolist())
-        norm = normalize_xyxy(boxes[b].float(), h, w)
-        labels = torch.zeros(norm.shape[0], dtype=torch.int64, device=boxes.device)
-        targets.append(BoxTargets(boxes=norm, labels=labels, size=sizes[b].cpu()))
-    return targets
+    image's unpadded ``sizes [B, 2]`` (h, w), label 0 (the single "patch" class); no host
+    read."""
+    return pixel_box_targets(boxes, sizes)
 
 
 class UPDETR(nn.Module):
