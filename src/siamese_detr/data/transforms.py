@@ -38,6 +38,8 @@ __all__ = [
     "RandomSizeCrop",
     "RandomSelect",
     "ToTensor",
+    "ToUint8Tensor",
+    "NormalizeBoxes",
     "Normalize",
     "get_size",
     "hflip",
@@ -230,7 +232,38 @@ class ToTensor:
         return "ToTensor()"
 
 
-class Normalize:
+class ToUint8Tensor:
+    """PIL image -> ``[3, H, W]`` uint8 (4x fewer bytes than float for a loader worker to hand
+    over; normalised where the batch is used, as ``ToTensor() + Normalize()`` would)."""
+
+    def __call__(self, image: ImageLike, target: Target) -> tuple[Tensor, Target]:
+        if isinstance(image, Image.Image):
+            image = F.pil_to_tensor(image.convert("RGB"))
+        return image, target
+
+    def __repr__(self) -> str:
+        return "ToUint8Tensor()"
+
+
+class NormalizeBoxes:
+    """Boxes absolute xyxy -> normalised cxcywh in ``[0, 1]`` relative to the image's
+    ``(h, w)``, and ``target["size"]``; the image is left as it is. Must be the last
+    transform."""
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        h, w = image_hw(image)
+        target = dict(target)
+        target["size"] = torch.tensor([h, w], dtype=torch.int64)
+        boxes = target.get("boxes")
+        if boxes is not None:
+            target["boxes"] = box_xyxy_to_cxcywh(boxes) / boxes.new_tensor([w, h, w, h])
+        return image, target
+
+    def __repr__(self) -> str:
+        return "NormalizeBoxes()"
+
+
+class Normalize(NormalizeBoxes):
     """``(image - mean) / std``; boxes absolute xyxy -> normalised cxcywh in ``[0, 1]``
     relative to the image's ``(h, w)``. Must be the last transform."""
 
@@ -240,14 +273,7 @@ class Normalize:
         self.mean, self.std = list(mean), list(std)
 
     def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
-        image = F.normalize(image, mean=self.mean, std=self.std)
-        h, w = image_hw(image)
-        target = dict(target)
-        target["size"] = torch.tensor([h, w], dtype=torch.int64)
-        boxes = target.get("boxes")
-        if boxes is not None:
-            target["boxes"] = box_xyxy_to_cxcywh(boxes) / boxes.new_tensor([w, h, w, h])
-        return image, target
+        return super().__call__(F.normalize(image, mean=self.mean, std=self.std), target)
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"

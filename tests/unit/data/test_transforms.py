@@ -155,3 +155,26 @@ def test_fixed_and_none_pipelines():
     x, t = T.build_transforms(cfg, train=True)(_image(90, 120), _target([[0, 0, 12, 9]]))
     assert x.shape == (3, 90, 120)
     assert torch.allclose(t["boxes"], torch.tensor([[0.05, 0.05, 0.1, 0.1]]))
+
+
+def test_uint8_handover_equals_normalising_in_the_worker():
+    """``ToUint8Tensor() + NormalizeBoxes()`` in the worker, ``normalise_images`` on the
+    device: the bits of ``ToTensor() + Normalize()``, padding zero in both."""
+    import numpy as np
+
+    from siamese_detr.data.collate import pad_images
+    from siamese_detr.methods.siamese.data import normalise_images
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in ((20, 30), (26, 18))]
+    target = _target([[2.0, 3.0, 12.0, 15.0], [0.0, 0.0, 18.0, 20.0]])
+    old = [T.Compose([T.ToTensor(), T.Normalize()])(im, target) for im in images]
+    new = [T.Compose([T.ToUint8Tensor(), T.NormalizeBoxes()])(im, target) for im in images]
+    for (a, ta), (b, tb) in zip(old, new):
+        assert b.dtype == torch.uint8
+        assert torch.equal(ta["boxes"], tb["boxes"]) and torch.equal(ta["size"], tb["size"])
+    padded_old = pad_images([a for a, _ in old])
+    padded_new = normalise_images(pad_images([b for b, _ in new]))
+    assert torch.equal(padded_old.mask, padded_new.mask)
+    assert torch.equal(padded_old.images, padded_new.images)

@@ -74,7 +74,8 @@ class DETRegSample:
     """One training sample.
 
     Attributes:
-        image: ``[3, h, w]`` normalised augmented image.
+        image: ``[3, h, w]`` uint8 augmented image (ImageNet-normalised where the batch is
+            used, :func:`~siamese_detr.methods.siamese.data.normalise_images`).
         boxes: ``[K, 4]`` normalised cxcywh pseudo targets in that image (``K >= min_boxes``).
         crops: ``[K, 3, c, c]`` normalised crops of the same boxes, or ``None``.
         image_id: the record's id.
@@ -90,13 +91,13 @@ class DETRegSample:
 
 
 def detreg_transforms(opts: DETRegOptions) -> T.Compose:
-    """DETReg's detection augmentation (``make_self_det_transforms('train')``), ending with
-    :class:`~siamese_detr.data.transforms.Normalize` (boxes -> normalised cxcywh)."""
+    """DETReg's detection augmentation (``make_self_det_transforms('train')``), ending with a
+    uint8 image (normalised on the training device) and normalised cxcywh boxes."""
     base = T.RandomResize(opts.base_scales, max_size=opts.base_max_size)
     cropped = T.Compose([T.RandomResize(opts.crop_scales), T.RandomSizeCrop(*opts.crop_range),
                          T.RandomResize(opts.base_scales, max_size=opts.base_max_size)])
-    return T.Compose([T.RandomHorizontalFlip(), T.RandomSelect(base, cropped), T.ToTensor(),
-                      T.Normalize()])
+    return T.Compose([T.RandomHorizontalFlip(), T.RandomSelect(base, cropped),
+                      T.ToUint8Tensor(), T.NormalizeBoxes()])
 
 
 def region_crops(image: Image.Image, boxes: np.ndarray, size: int,

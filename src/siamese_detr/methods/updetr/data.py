@@ -65,7 +65,7 @@ class UPDETRSample:
     """One training sample.
 
     Attributes:
-        image: ``[3, H, W]`` normalised resized image.
+        image: ``[3, H, W]`` uint8 resized image (ImageNet-normalised where the batch is used).
         boxes: ``[M, 4]`` float32 xyxy of the patches in resized-image pixels.
         patches: ``[M, 3, c, c]`` normalised, colour-augmented patch crops.
         image_id: id of the source image.
@@ -135,7 +135,7 @@ def sample_updetr(
     resized = image.resize((ow, oh), Image.BILINEAR)
     scaled = boxes * np.array([ow / w, oh / h] * 2)
     return UPDETRSample(
-        image=to_normalised_tensor(resized), boxes=torch.from_numpy(scaled).float(),
+        image=to_uint8_tensor(resized), boxes=torch.from_numpy(scaled).float(),
         patches=patches, image_id=image_id, patch_colour=colour,
     )
 
