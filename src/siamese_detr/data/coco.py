@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from siamese_detr.config import ConfigError
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
-from siamese_detr.data.transforms import Compose, Normalize, ToTensor, Transform
+from siamese_detr.data.transforms import Compose, NormalizeBoxes, ToUint8Tensor, Transform
 from siamese_detr.data.validate import sanitize_coco
 from siamese_detr.structures import BoxTargets
 
@@ -102,7 +102,7 @@ class CocoDetection(Dataset):
         self.coco = self._load(self.ann_file)
         self.problems = sanitize_coco(self.coco, self.ann_file, self.image_folder)
         self.ids: list[int] = sorted(self.coco.imgs.keys())
-        self.transforms: Transform = transforms or Compose([ToTensor(), Normalize()])
+        self.transforms: Transform = transforms or Compose([ToUint8Tensor(), NormalizeBoxes()])
         self.num_classes = num_classes
         self._unreadable: set[int] = set()
         self._check_labels(num_classes)

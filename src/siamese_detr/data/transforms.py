@@ -290,7 +290,8 @@ def build_transforms(cfg: DataConfig, train: bool) -> Compose:
 
     All end with ToTensor + Normalize (ImageNet mean/std; boxes -> normalised cxcywh).
     """
-    final: list[Transform] = [ToTensor(), Normalize()]
+    # uint8 out of the worker, normalised by the detector (ImageBatch.normalised): same bits
+    final: list[Transform] = [ToUint8Tensor(), NormalizeBoxes()]
     if not train:
         return Compose([RandomResize([cfg.val_size], cfg.max_size), *final])
     if cfg.augment == "detr":

@@ -140,8 +140,10 @@ class Detector(nn.Module):
 
         ``batch.images [B, 3, H, W]`` with ``batch.mask [B, H, W]`` -> :class:`Encoded`
         (memory ``[B, S, D]``; ``features`` are the raw backbone maps before ``input_proj``).
-        A completely frozen backbone runs under ``no_grad``.
+        A completely frozen backbone runs under ``no_grad``. uint8 images (as the loaders hand
+        them over) are normalised here first (:meth:`ImageBatch.normalised`).
         """
+        batch = batch.normalised()
         if self.backbone.fully_frozen:
             with torch.no_grad():
                 feats = [f.detach() for f in self.backbone(batch.images)]

@@ -171,7 +171,7 @@ def test_uint8_handover_equals_normalising_in_the_worker():
     target = _target([[2.0, 3.0, 12.0, 15.0], [0.0, 0.0, 18.0, 20.0]])
     old = [T.Compose([T.ToTensor(), T.Normalize()])(im, target) for im in images]
     new = [T.Compose([T.ToUint8Tensor(), T.NormalizeBoxes()])(im, target) for im in images]
-    for (a, ta), (b, tb) in zip(old, new):
+    for (_, ta), (b, tb) in zip(old, new):
         assert b.dtype == torch.uint8
         assert torch.equal(ta["boxes"], tb["boxes"]) and torch.equal(ta["size"], tb["size"])
     padded_old = pad_images([a for a, _ in old])

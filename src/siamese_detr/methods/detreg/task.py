@@ -29,7 +29,6 @@ from siamese_detr.config import DETRegOptions, RunConfig
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.base import PretextTaskBase
 from siamese_detr.methods.siamese.colour import colour_normalise
-from siamese_detr.methods.siamese.data import normalise_images
 from siamese_detr.models.heads import MLP
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, Encoded, LossOutput
@@ -81,7 +80,7 @@ class DETReg(nn.Module):
         return self.detector.state_dict()
 
     def forward(self, batch: DETRegBatch) -> LossOutput:
-        enc = self.detector.encode(normalise_images(batch.images))  # uint8 from the loader
+        enc = self.detector.encode(batch.images)  # uint8 from the loader: normalised there
         out = self.detector.decode(enc)
         det, indices = self.criterion(out, batch.targets)
         if self.feature_embed is None:

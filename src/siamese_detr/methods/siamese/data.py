@@ -318,10 +318,7 @@ def finish_augmentation(views: ImageBatch, boxes: Tensor, view_colour: Tensor,
 
 def normalise_images(v: ImageBatch) -> ImageBatch:
     """uint8 padded images -> float32 ImageNet-normalised, zero on padding; float unchanged."""
-    if v.images.dtype != torch.uint8:
-        return v
-    return ImageBatch(normalise_uint8(v.images).masked_fill(v.mask[:, None], 0.0), v.mask,
-                      v.sizes)
+    return v.normalised()
 
 
 def normalise_crops(t: Tensor | None) -> Tensor | None:

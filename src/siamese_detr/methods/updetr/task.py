@@ -32,7 +32,6 @@ from siamese_detr.errors import ConfigError
 from siamese_detr.losses.discrimination import region_discrimination_loss
 from siamese_detr.methods.base import PretextTaskBase, global_pool_features, pixel_box_targets
 from siamese_detr.methods.siamese.colour import colour_normalise
-from siamese_detr.methods.siamese.data import normalise_images
 from siamese_detr.models.heads import MLP
 from siamese_detr.structures import BoxTargets, DetectorOutput, LossOutput, QueryInputs
 
@@ -108,7 +107,7 @@ class UPDETR(nn.Module):
 
     def forward(self, batch: UPDETRBatch) -> LossOutput:
         """Loss of one batch (``B >= 1``); see the module docstring."""
-        enc = self.detector.encode(normalise_images(batch.images))  # uint8 from the loader
+        enc = self.detector.encode(batch.images)  # uint8 from the loader: normalised there
         patches = batch.patches
         if batch.patch_colour is not None:  # augment_on=device: colour and normalise here
             patches = colour_normalise(patches, batch.patch_colour)
