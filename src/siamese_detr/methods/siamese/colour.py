@@ -6,12 +6,13 @@ grayscale with p = 0.2, Gaussian blur with p = 0.5 and sigma ~ U(0.1, 2).
 * :func:`colour_augment`: one PIL image, in the loader worker (the reference).
 * :func:`colour_augment_tensor`: a batch of float images ``[N, 3, H, W]`` in ``[0, 1]``, each
   with its own parameters, vectorised (no per-image Python loop), on whatever device the
-  batch is on. With ``pretrain.siamese.crop_colour=device`` the workers draw the crops'
-  parameters (:func:`sample_colour_params`, the same random draws in the same order as the PIL
-  path) and send un-coloured crops; the training device applies the pipeline to all
-  ``2 B M`` crops of a batch at once. The two forms compute the same operations up to
-  rounding (PIL rounds to 8 bits after each operation and approximates the Gaussian blur
-  with box filters); ``tests/unit/methods/test_siamese_colour.py`` bounds the difference.
+  batch is on. With ``augment_on=device`` (``pretrain.siamese``, ``pretrain.detreg``,
+  ``pretrain.updetr``) the workers draw the parameters (:func:`sample_colour_params`, the
+  same random draws in the same order as the PIL path) and send un-coloured images; the
+  training device applies the pipeline to the whole batch at once. The two forms compute the
+  same operations up to rounding (PIL rounds to 8 bits inside its HSV round trip and
+  approximates the Gaussian blur with box filters); ``tests/unit/methods/
+  test_siamese_colour.py`` bounds the difference.
 
 Parameters of one image, a row of :data:`NUM_COLOUR_PARAMS`:
 ``[jitter_on, order_0..order_3, brightness, contrast, saturation, hue, grayscale_on, sigma]``
