@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Second issue-13 GPU call (after bench/gpu_session.sh): the CUDA-graph probe of the host
-# overhead, the loader with crop_colour=device, and the device cost of the crops' colouring.
+# overhead, the loader with augment_on=device, and the device cost of that augmentation.
 set -u
 OUT=${OUT:?set OUT}
 EXTRA=${EXTRA:-}
@@ -14,7 +14,7 @@ B="python bench/bench_gpu.py $EXTRA"
   echo "== F: detector fwd+bwd as CUDA graphs (probe), batch 2 at 800x1088"
   timeout 110 $B --no-hf --no-pretrain --graphed --warmup 2 --steps 5 --out "$OUT/graphed.json"
   echo "F rc=$?"
-  echo "== H: loader, paper options, crop colour in the worker vs on the device"
+  echo "== H: loader, paper options, augmentation in the worker vs on the device"
   timeout 45 python bench/bench_loader.py --data .gpu/loaderdata --images 64 --size 448 \
     --rounds 1 --workers 4 --loader-batches 48; echo "H rc=$?"
   timeout 45 python bench/bench_loader.py --data .gpu/loaderdata --images 64 --size 448 \
