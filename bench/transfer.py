@@ -197,11 +197,12 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, ti
 
 
 # ------------------------------------------------------------------ running
-def _train(kind: str, cfg: RunConfig, marker: str, configs: Path) -> None:
+def _train(kind: str, cfg: RunConfig, marker: str, configs: Path, mark: bool = False) -> None:
     """One run as a one-thread ``siamese-detr`` subprocess unless ``marker`` exists (an
-    interrupted run continues from its ``last.pt``): :func:`siamese_detr.demo.jobs.run_job`."""
+    interrupted run continues from its ``last.pt``): :func:`siamese_detr.demo.jobs.run_job`
+    (``mark``: the marker is written there after a successful run)."""
     try:
-        run_job(kind, cfg, marker, configs)
+        run_job(kind, cfg, marker, configs, mark_done=mark)
     except UserError as e:
         raise SystemExit(str(e)) from None
 
@@ -274,8 +275,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def pretrain(method: str, s: int) -> None:
         cfg = pretrain_config(out, plan, method, s, a.pretrain_iters, a.pretrain_overrides)
-        _train("pretrain", cfg, "done", configs)
-        (Path(cfg.output_dir) / "done").touch()
+        _train("pretrain", cfg, "done", configs, mark=True)
 
     def finetune(name: str, f: int, init: str) -> None:
         cfg = finetune_config(out, plan, init, seed=f)

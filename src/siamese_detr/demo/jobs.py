@@ -28,10 +28,12 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run_job(kind: str, cfg: RunConfig, done: str, configs: Path, threads: int | None = 1
-            ) -> Path:
+def run_job(kind: str, cfg: RunConfig, done: str, configs: Path, threads: int | None = 1,
+            mark_done: bool = False) -> Path:
     """Run ``siamese-detr KIND`` with ``cfg`` in a subprocess unless ``cfg.output_dir/done``
-    exists; returns the run folder.
+    exists; returns the run folder. ``done`` is a file the run writes when it finishes
+    (``final_metrics.json`` of a fine-tuning run), or, with ``mark_done``, an empty file
+    written here once the subprocess exits with 0 (a pretraining run writes no such file).
 
     The exact config is saved to ``configs/<run>.yaml`` and the subprocess's output to
     ``<run>.log`` beside the run folder. ``threads`` sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``
@@ -54,6 +56,8 @@ def run_job(kind: str, cfg: RunConfig, done: str, configs: Path, threads: int | 
     log = run_dir.with_suffix(".log")
     with log.open("a") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if rc == 0 and mark_done:
+        (run_dir / done).touch()
     if rc != 0 or not (run_dir / done).is_file():
         raise UserError(f"{kind} run {run_dir} failed (exit code {rc}); its output is in {log}. "
                         "Run the same command again to continue it")
