@@ -27,3 +27,37 @@ def test_detection_batches_are_pinned_and_unchanged():
     assert all(t.boxes.is_pinned() and t.labels.is_pinned() for t in targets)
     assert torch.equal(images.images, plain[0].images)
     assert [t.labels.tolist() for t in targets] == [t.labels.tolist() for t in plain[1]]
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if hasattr(obj, "__dataclass_fields__"):
+        return [t for f in obj.__dataclass_fields__ for t in _tensors(getattr(obj, f))]
+    return []
+
+
+@pytest.mark.parametrize("method", ["detreg", "updetr", "siamese"])
+def test_pretext_batches_pin_every_tensor(method):
+    """DETReg, UP-DETR and Siamese DETR batches (the device-augmentation parameters too)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "methods"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
+    if method == "siamese":
+        batch = importlib.import_module("test_host_syncs")._deferred_siamese_batches(1)[0]
+    else:
+        batch = importlib.import_module(f"test_{method}_task").make_batch()
+        if method == "detreg":
+            batch.crop_colour = [torch.zeros(len(c), 11) for c in batch.crops]
+        else:
+            batch.patch_colour = torch.zeros(*batch.patches.shape[:2], 11)
+    pinned = batch.pin_memory()
+    before, after = _tensors(batch), _tensors(pinned)
+    assert len(after) == len(before) > 3
+    assert all(t.is_pinned() for t in after)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -242,6 +242,16 @@ class DETRegBatch:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def pin_memory(self) -> DETRegBatch:
+        """Page-locked copy (``DataLoader(pin_memory=True)`` calls this)."""
+        return DETRegBatch(
+            images=self.images.pin_memory(), targets=[t.pin_memory() for t in self.targets],
+            crops=None if self.crops is None else [c.pin_memory() for c in self.crops],
+            image_ids=list(self.image_ids), skipped=self.skipped,
+            crop_colour=None if self.crop_colour is None else [
+                c.pin_memory() for c in self.crop_colour],
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> DETRegBatch:
         return DETRegBatch(
             images=self.images.to(device, non_blocking),

@@ -203,6 +203,15 @@ class UPDETRBatch:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def pin_memory(self) -> UPDETRBatch:
+        """Page-locked copy (``DataLoader(pin_memory=True)`` calls this)."""
+        return UPDETRBatch(
+            images=self.images.pin_memory(), boxes=self.boxes.pin_memory(),
+            patches=self.patches.pin_memory(), image_ids=list(self.image_ids),
+            skipped=self.skipped,
+            patch_colour=None if self.patch_colour is None else self.patch_colour.pin_memory(),
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> UPDETRBatch:
         return UPDETRBatch(
             images=self.images.to(device, non_blocking),
