@@ -14,6 +14,9 @@ export PYTHONPATH=/tmp/site:$PWD/src
 [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
 B="python bench/bench_gpu.py $EXTRA"
 {
+  echo "== 0: the GPU-only tests (pinned batches, Triton kernels on CUDA)"
+  timeout 90 python -m pytest -q -p no:cacheprovider tests/unit/data/test_pinned_batches.py \
+    tests/unit/ops/test_deform_attn_triton.py; echo "0 rc=$?"
   echo "== 1: parity checks (deformable location gradients now masked near integer pixels)"
   timeout 80 $B --only-check --out "$OUT/checks.json"; echo "1 rc=$?"
   echo "== 2: loader with augment_on=device, 4 and 12 workers (16 cores)"
