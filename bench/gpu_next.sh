@@ -2,17 +2,7 @@
 # The measurements issue 13 still lacks (bench/GPU_RUN.md, "Still to measure"), as one device
 # call of about 5 minutes. Carry .gpu/loaderdata and .gpu/whl. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next.sh
-set -u
-OUT=${OUT:?set OUT}
-EXTRA=${EXTRA:-}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .gpu/whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD/src
-[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
-B="python bench/bench_gpu.py $EXTRA"
+source bench/gpu_env.sh
 {
   echo "== 0: the GPU-only tests (pinned batches, Triton kernels on CUDA)"
   timeout 90 python -m pytest -q -p no:cacheprovider tests/unit/data/test_pinned_batches.py \
@@ -20,10 +10,8 @@ B="python bench/bench_gpu.py $EXTRA"
   echo "== 1: parity checks (deformable location gradients now masked near integer pixels)"
   timeout 80 $B --only-check --out "$OUT/checks.json"; echo "1 rc=$?"
   echo "== 2: loader with augment_on=device, 4 and 12 workers (16 cores)"
-  timeout 60 python bench/bench_loader.py --data .gpu/loaderdata --images 64 --size 448 \
-    --rounds 1 --workers 4 --loader-batches 64; echo "2 rc=$?"
-  timeout 45 python bench/bench_loader.py --data .gpu/loaderdata --images 64 --size 448 \
-    --rounds 1 --workers 12 --loader-batches 128 | tail -4; echo "2b rc=$?"
+  loader 60 4 64; echo "2 rc=$?"
+  loader 45 12 128 | tail -4; echo "2b rc=$?"
   echo "== 3: pretraining step on augment_on=device loader output, per-GPU paper batch"
   timeout 45 $B --no-hf --no-pretrain-2x --augment-on-device --batch 8 --size 480x480 \
     --warmup 2 --steps 5 --variants detr,conditional --out "$OUT/pre8aug.json"; echo "3 rc=$?"

@@ -2,19 +2,7 @@
 # The issue-13 GPU session in one call (bench/GPU_RUN.md): each part under its own timeout,
 # results written to $OUT as they come. On a CPU, for a dry run:
 #   OUT=/tmp/o EXTRA="--device cpu --small" LOADER_IMAGES=8 bash bench/gpu_session.sh
-set -u
-OUT=${OUT:?set OUT}
-EXTRA=${EXTRA:-}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-# pycocotools (the loader bench's fine-tuning set) is not in the GPU image: carry a wheel
-if ls .gpu/whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD/src
-# the proposal store prepared here records its image folder under /work/main
-[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
-B="python bench/bench_gpu.py $EXTRA"
+source bench/gpu_env.sh
 {
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader
   python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
@@ -32,6 +20,5 @@ B="python bench/bench_gpu.py $EXTRA"
   timeout 25 $B --no-hf --no-pretrain-2x --batch 4 --size 480x480 --warmup 1 --steps 4 \
     --variants deformable --out "$OUT/pre4.json"; echo "D2 rc=$?"
   echo "== E: loader, 4 workers (toy data prepared with EdgeBoxes proposals in .gpu/loaderdata)"
-  timeout 60 python bench/bench_loader.py --data .gpu/loaderdata --images "${LOADER_IMAGES:-64}" \
-    --size 448 --rounds 2 --workers 4 --loader-batches 48; echo "E rc=$?"
+  loader 60 4 48; echo "E rc=$?"
 } 2>&1 | tee "$OUT/run.log"

@@ -1,0 +1,21 @@
+# Sourced by the bench/gpu_*.sh device calls: checks OUT, installs the carried wheels, sets
+# PYTHONPATH, and defines B (bench_gpu.py with $EXTRA) and `loader SECONDS WORKERS BATCHES`
+# (bench_loader.py on the carried toy data). EXTRA="--device cpu --small" for a CPU dry run.
+set -u
+OUT=${OUT:?set OUT}
+EXTRA=${EXTRA:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# pycocotools (the loader bench's fine-tuning set) is not in the GPU image: carry a wheel
+if ls .gpu/whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/src
+# the proposal store prepared here records its image folder under /work/main
+[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+B="python bench/bench_gpu.py $EXTRA"
+
+loader() {  # loader SECONDS WORKERS BATCHES: one round, per worker and the real loader
+  timeout "$1" python bench/bench_loader.py --data .gpu/loaderdata \
+    --images "${LOADER_IMAGES:-64}" --size 448 --rounds 1 --workers "$2" --loader-batches "$3"
+}
