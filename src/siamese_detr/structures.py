@@ -13,9 +13,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
+
+
+@lru_cache(maxsize=64)
+def device_constant(values: tuple[float, ...], device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """A small constant vector on ``device``, made once per (values, device, dtype) and
+    reused: creating it per call on a GPU would copy it from pageable host memory, a copy that
+    waits for the device's queue, in the training step. Made outside inference mode, so a
+    constant first asked for by ``predict`` still serves training."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
+def imagenet_normalise(x: Tensor) -> Tensor:
+    """Float ``[..., 3, H, W]`` in ``[0, 1]`` -> ImageNet mean/std normalised, on ``x``'s
+    device: the one place the normalisation is written (loaders hand over uint8; the
+    detector, the Siamese views and crops and the pretext crops all come through here)."""
+    mean = device_constant(tuple(IMAGENET_MEAN), x.device).view(3, 1, 1)
+    std = device_constant(tuple(IMAGENET_STD), x.device).view(3, 1, 1)
+    return (x - mean) / std
 
 
 @dataclass(frozen=True)
@@ -40,11 +63,7 @@ class ImageBatch:
         batch is returned as it is."""
         if self.images.dtype != torch.uint8:
             return self
-        from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
-
-        mean = torch.tensor(IMAGENET_MEAN, device=self.images.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.images.device).view(3, 1, 1)
-        x = (self.images.to(torch.float32) / 255.0 - mean) / std
+        x = imagenet_normalise(self.images.to(torch.float32) / 255.0)
         return ImageBatch(x.masked_fill(self.mask[:, None], 0.0), self.mask, self.sizes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageBatch:

@@ -158,13 +158,11 @@ def test_fixed_and_none_pipelines():
 
 
 def test_uint8_handover_equals_normalising_in_the_worker():
-    """``ToUint8Tensor() + NormalizeBoxes()`` in the worker, ``normalise_images`` on the
+    """``ToUint8Tensor() + NormalizeBoxes()`` in the worker, ``ImageBatch.normalised`` on the
     device: the bits of ``ToTensor() + Normalize()``, padding zero in both."""
     import numpy as np
 
     from siamese_detr.data.collate import pad_images
-    from siamese_detr.methods.siamese.data import normalise_images
-
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
               for h, w in ((20, 30), (26, 18))]
@@ -175,6 +173,6 @@ def test_uint8_handover_equals_normalising_in_the_worker():
         assert b.dtype == torch.uint8
         assert torch.equal(ta["boxes"], tb["boxes"]) and torch.equal(ta["size"], tb["size"])
     padded_old = pad_images([a for a, _ in old])
-    padded_new = normalise_images(pad_images([b for b, _ in new]))
+    padded_new = pad_images([b for b, _ in new]).normalised()
     assert torch.equal(padded_old.mask, padded_new.mask)
     assert torch.equal(padded_old.images, padded_new.images)

@@ -38,13 +38,8 @@ from siamese_detr.data import transforms as T
 from siamese_detr.data.collate import pad_images
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
-from siamese_detr.methods.siamese.colour import (
-    NUM_COLOUR_PARAMS,
-    apply_colour_pil,
-    augment_on_device,
-    sample_colour_params,
-)
-from siamese_detr.methods.siamese.views import to_normalised_tensor, to_uint8_tensor
+from siamese_detr.methods.siamese.colour import resolve_augment_on
+from siamese_detr.methods.siamese.views import crop_and_colour
 from siamese_detr.structures import BoxTargets, ImageBatch
 
 if TYPE_CHECKING:
@@ -74,8 +69,8 @@ class DETRegSample:
     """One training sample.
 
     Attributes:
-        image: ``[3, h, w]`` uint8 augmented image (ImageNet-normalised where the batch is
-            used, :func:`~siamese_detr.methods.siamese.data.normalise_images`).
+        image: ``[3, h, w]`` uint8 augmented image (the detector normalises it,
+            :meth:`~siamese_detr.structures.ImageBatch.normalised`).
         boxes: ``[K, 4]`` normalised cxcywh pseudo targets in that image (``K >= min_boxes``).
         crops: ``[K, 3, c, c]`` normalised crops of the same boxes, or ``None``.
         image_id: the record's id.
@@ -105,24 +100,9 @@ def region_crops(image: Image.Image, boxes: np.ndarray, size: int,
                  ) -> tuple[Tensor, Tensor | None]:
     """Crop every xyxy pixel box of ``image``, resize to ``size x size`` (aspect not kept) and
     apply an independent colour pipeline to each -> (``[K, 3, size, size]`` normalised float,
-    ``None``). With ``defer_colour`` (``augment_on=device``) the same parameters are drawn but
-    not applied -> (uint8 crops, ``[K, NUM_COLOUR_PARAMS]`` parameters) for the device."""
-    crops, params = [], []
-    for b in np.asarray(boxes, dtype=np.float64):
-        crop = image.resize((size, size), Image.Resampling.BILINEAR, box=tuple(float(v) for v in b))
-        p = sample_colour_params(rng)
-        if defer_colour:
-            crops.append(to_uint8_tensor(crop))
-            params.append(p)
-        else:
-            crops.append(to_normalised_tensor(apply_colour_pil(crop, p)))
-    if not crops:
-        dtype = torch.uint8 if defer_colour else torch.float32
-        empty = torch.zeros(0, 3, size, size, dtype=dtype)
-        return empty, torch.zeros(0, NUM_COLOUR_PARAMS) if defer_colour else None
-    if defer_colour:
-        return torch.stack(crops), torch.from_numpy(np.stack(params)).float()
-    return torch.stack(crops), None
+    ``None``), or with ``defer_colour`` (uint8 crops, their colour parameters):
+    :func:`~siamese_detr.methods.siamese.views.crop_and_colour`."""
+    return crop_and_colour(image, boxes, size, rng, defer_colour)
 
 
 def clip_boxes(boxes: np.ndarray, height: int, width: int, min_side: float = 1.0
@@ -306,6 +286,6 @@ def build_detreg_dataset(cfg: RunConfig, records: Sequence[Any] | None = None) -
                           "` (DETReg used --method selective-search)")
     store = ProposalStore.open(pre.proposals.store)
     with_crops = pre.detreg.object_embedding_loss and pre.detreg.embedding_source == "crops"
-    opts = replace(pre.detreg, augment_on="device" if augment_on_device(
-        pre.detreg.augment_on, cfg.engine.device) else "worker")
+    opts = replace(pre.detreg,
+                   augment_on=resolve_augment_on(pre.detreg.augment_on, cfg.engine.device))
     return DETRegDataset(records, store, opts, cfg.seed, pre.proposals, with_crops)

@@ -29,10 +29,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from torch import Tensor
 
-from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
+from siamese_detr.structures import device_constant, imagenet_normalise
 
-__all__ = ["NUM_COLOUR_PARAMS", "apply_colour_pil", "augment_on_device", "colour_augment",
-           "colour_augment_tensor", "colour_normalise", "sample_colour_params"]
+__all__ = ["NUM_COLOUR_PARAMS", "apply_colour_pil", "colour_augment", "colour_augment_tensor",
+           "colour_normalise", "resolve_augment_on", "sample_colour_params"]
 
 JITTER_P, JITTER_BCS, JITTER_HUE = 0.8, 0.4, 0.1
 GRAYSCALE_P = 0.2
@@ -40,6 +40,7 @@ BLUR_P, BLUR_SIGMA = 0.5, (0.1, 2.0)
 NUM_COLOUR_PARAMS = 11
 _ORDER, _FACTORS, _HUE, _GRAY, _SIGMA = slice(1, 5), slice(5, 8), 8, 9, 10
 _LUMA = (0.299, 0.587, 0.114)  # PIL's "L" conversion (ITU-R 601-2)
+_HUE_PHASES = (5.0, 3.0, 1.0)  # HSV -> RGB: where each of R, G, B sits on the hue circle
 _BLUR_RADIUS = 6  # taps each side: 3 sigma at the largest sigma (2.0)
 
 
@@ -90,7 +91,7 @@ def colour_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def _gray(x: Tensor) -> Tensor:
     """``[N, 3, H, W] -> [N, 1, H, W]`` luma."""
-    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    w = device_constant(_LUMA, x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
@@ -113,8 +114,8 @@ def _hue_shift(x: Tensor, shift: Tensor) -> Tensor:
     h = torch.where(grey, torch.zeros_like(h), h) / 6.0
     h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
     # HSV -> RGB: each channel from the distance of h to its own phase
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)
-                        .view(1, 3, 1, 1) + h.unsqueeze(1) * 6.0, 6.0)
+    k = torch.remainder(device_constant(_HUE_PHASES, x.device, x.dtype).view(1, 3, 1, 1)
+                        + h.unsqueeze(1) * 6.0, 6.0)
     ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
     return maxc.unsqueeze(1) * (1.0 - sat.unsqueeze(1) * ramp)
 
@@ -221,14 +222,13 @@ def colour_normalise(x: Tensor, params: Tensor) -> Tensor:
     x = x.reshape(-1, *shape[-3:])
     x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
     x = colour_augment_tensor(x, params.reshape(-1, params.shape[-1]))
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return ((x - mean) / std).view(shape)
+    return imagenet_normalise(x).view(shape)
 
 
-def augment_on_device(setting: str, engine_device: str) -> bool:
-    """``augment_on`` (``auto``, ``worker``, ``device``) of a pretraining method -> whether the
-    workers leave the colour pipelines to the training device: ``auto`` does on a GPU."""
+def resolve_augment_on(setting: str, engine_device: str) -> str:
+    """``augment_on`` of a pretraining method (``auto``, ``worker``, ``device``) -> ``worker``
+    or ``device``: whether the workers leave the colour pipelines to the training device
+    (``auto``: on a GPU)."""
     if setting == "auto":
-        return engine_device != "cpu" and torch.cuda.is_available()
-    return setting == "device"
+        return "device" if engine_device != "cpu" and torch.cuda.is_available() else "worker"
+    return setting

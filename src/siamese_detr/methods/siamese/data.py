@@ -26,9 +26,9 @@ from siamese_detr.data.collate import pad_images
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.colour import (
-    augment_on_device,
     colour_augment_tensor,
     colour_normalise,
+    resolve_augment_on,
 )
 from siamese_detr.methods.siamese.views import (
     DeferredAugment,
@@ -36,7 +36,7 @@ from siamese_detr.methods.siamese.views import (
     normalise_uint8,
     sample_views,
 )
-from siamese_detr.structures import ImageBatch
+from siamese_detr.structures import ImageBatch, imagenet_normalise
 
 if TYPE_CHECKING:
     from siamese_detr.data.sources import ImageRecord
@@ -215,7 +215,7 @@ class SiameseBatch:
             out = None
             if crops and self.crops1 is not None and self.crops2 is not None:
                 out = normalise_crops(torch.cat([self.crops1, self.crops2]))
-            return normalise_images(views), out
+            return views.normalised(), out
         crop_colour = None
         if crops and d.crop_colour is not None:
             crop_colour = torch.cat([d.crop_colour[:, 0], d.crop_colour[:, 1]])
@@ -255,8 +255,8 @@ class SiameseBatch:
         tensors = (self.view1.images, self.view2.images, self.crops1, self.crops2)
         if not any(t is not None and t.dtype == torch.uint8 for t in tensors):
             return self
-        return replace(self, view1=normalise_images(self.view1),
-                       view2=normalise_images(self.view2), crops1=normalise_crops(self.crops1),
+        return replace(self, view1=self.view1.normalised(),
+                       view2=self.view2.normalised(), crops1=normalise_crops(self.crops1),
                        crops2=normalise_crops(self.crops2))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SiameseBatch:
@@ -306,19 +306,12 @@ def finish_augmentation(views: ImageBatch, boxes: Tensor, view_colour: Tensor,
     Vectorised over the batch, no host read. -> (views, crops ``[N, M, 3, c, c]`` or
     ``None``)."""
     x = views.images.to(torch.float32) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     crops = None
     if crop_colour is not None:
         crops = colour_normalise(cut_crops(x, boxes, views.sizes, crop_size), crop_colour)
     x = colour_augment_tensor(x, view_colour, sizes=views.sizes)
-    images = ((x - mean) / std).masked_fill(views.mask[:, None], 0.0)
+    images = imagenet_normalise(x).masked_fill(views.mask[:, None], 0.0)
     return ImageBatch(images, views.mask, views.sizes), crops
-
-
-def normalise_images(v: ImageBatch) -> ImageBatch:
-    """uint8 padded images -> float32 ImageNet-normalised, zero on padding; float unchanged."""
-    return v.normalised()
 
 
 def normalise_crops(t: Tensor | None) -> Tensor | None:
@@ -497,10 +490,9 @@ def build_pretrain_dataset(cfg: RunConfig) -> PretrainDataset:
                               f"{pre.proposals.store}`")
         store = ProposalStore.open(pre.proposals.store)
         check_store_matches(store, records, pre.proposals.store, pre.images)
-    opts = pre.siamese
-    if opts.augment_on == "auto":  # colour pipelines and crops on the GPU when there is one
-        on_device = augment_on_device(opts.augment_on, cfg.engine.device)
-        opts = replace(opts, augment_on="device" if on_device else "worker")
+    # colour pipelines and crops on the GPU when there is one (auto)
+    opts = replace(pre.siamese,
+                   augment_on=resolve_augment_on(pre.siamese.augment_on, cfg.engine.device))
     dataset = PretrainDataset(records, store, opts, cfg.seed, pre.proposals)
     dataset.report_skips = True
     return dataset

@@ -28,14 +28,19 @@ from torch import Tensor
 from siamese_detr.config import SiameseOptions
 from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 from siamese_detr.data.transforms import get_size
-from siamese_detr.methods.siamese.colour import colour_augment, sample_colour_params
+from siamese_detr.methods.siamese.colour import (
+    NUM_COLOUR_PARAMS,
+    apply_colour_pil,
+    colour_augment,
+    sample_colour_params,
+)
+from siamese_detr.structures import imagenet_normalise
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "DeferredAugment", "SiameseSample", "ViewGeometry", "ViewPlan",
-    "colour_augment", "detr_resize_size", "image_to_view", "normalise_uint8", "plan_views",
-    "region_boxes", "sample_outer_rect", "sample_views", "to_normalised_tensor",
-    "to_uint8_tensor", "two_view_boxes",
-    "view_to_image",
+    "IMAGENET_MEAN", "IMAGENET_STD", "DeferredAugment", "SiameseSample", "ViewGeometry",
+    "ViewPlan", "colour_augment", "crop_and_colour", "detr_resize_size", "image_to_view",
+    "normalise_uint8", "plan_views", "region_boxes", "sample_outer_rect", "sample_views",
+    "to_normalised_tensor", "to_uint8_tensor", "two_view_boxes", "view_to_image",
 ]
 
 FLIP_P = 0.5
@@ -375,9 +380,7 @@ def to_uint8_tensor(img: Image.Image) -> Tensor:
 def normalise_uint8(x: Tensor) -> Tensor:
     """uint8 ``[..., 3, H, W]`` -> float32 in [0, 1], then ImageNet mean/std normalisation, on
     ``x``'s device; the same float32 operations as :func:`to_normalised_tensor`, so equal bits."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x.to(torch.float32) / 255.0 - mean) / std
+    return imagenet_normalise(x.to(torch.float32) / 255.0)
 
 
 def to_normalised_tensor(img: Image.Image) -> Tensor:
@@ -438,3 +441,31 @@ def sample_views(
     view2 = to_uint8_tensor(colour_augment(plan.view2, rng))
     return SiameseSample(view1=view1, view2=view2, boxes1=boxes1, boxes2=boxes2,
                          crops1=crops1, crops2=crops2, image_id=image_id)
+
+
+def crop_and_colour(image: Image.Image, boxes: np.ndarray, size: int,
+                    rng: np.random.Generator | None, defer_colour: bool = False
+                    ) -> tuple[Tensor, Tensor | None]:
+    """Crop every xyxy pixel box of ``image``, resize it to ``size x size`` (bilinear, aspect
+    not kept), apply an independent colour pipeline to each when ``rng`` is given, normalise
+    -> (``[K, 3, size, size]`` float, ``None``). With ``defer_colour`` (``augment_on=device``)
+    the same parameters are drawn but not applied -> (uint8 crops, ``[K, NUM_COLOUR_PARAMS]``)
+    for :func:`~siamese_detr.methods.siamese.colour.colour_normalise` on the device. The
+    crops of DETReg and the patches of UP-DETR."""
+    defer = defer_colour and rng is not None
+    crops, params = [], []
+    for b in np.asarray(boxes, dtype=np.float64):
+        crop = image.resize((size, size), Image.Resampling.BILINEAR,
+                            box=tuple(float(v) for v in b))
+        p = None if rng is None else sample_colour_params(rng)
+        if defer:
+            crops.append(to_uint8_tensor(crop))
+            params.append(p)
+        else:
+            crops.append(to_normalised_tensor(crop if p is None else apply_colour_pil(crop, p)))
+    out = torch.stack(crops) if crops else torch.zeros(
+        0, 3, size, size, dtype=torch.uint8 if defer else torch.float32)
+    if not defer:
+        return out, None
+    return out, torch.from_numpy(np.stack(params)).float() if params else torch.zeros(
+        0, NUM_COLOUR_PARAMS)

@@ -33,13 +33,9 @@ from siamese_detr.data.collate import pad_images
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.data.transforms import get_size
 from siamese_detr.errors import ConfigError
-from siamese_detr.methods.siamese.colour import (
-    apply_colour_pil,
-    augment_on_device,
-    sample_colour_params,
-)
+from siamese_detr.methods.siamese.colour import resolve_augment_on
 from siamese_detr.methods.siamese.data import sample_rng
-from siamese_detr.methods.siamese.views import to_normalised_tensor, to_uint8_tensor
+from siamese_detr.methods.siamese.views import crop_and_colour, to_uint8_tensor
 from siamese_detr.structures import ImageBatch
 
 if TYPE_CHECKING:
@@ -101,22 +97,9 @@ def crop_patches(
 ) -> tuple[Tensor, Tensor | None]:
     """Crop each xyxy box of ``image``, resize it to ``size x size`` (bilinear, aspect not
     kept), colour-augment it when ``rng`` is given, normalise -> (``[M, 3, size, size]``,
-    ``None``). With ``defer_colour`` (``augment_on=device``, needs ``rng``) the same colour
-    parameters are drawn but not applied -> (uint8 patches, ``[M, NUM_COLOUR_PARAMS]``)."""
-    crops, params = [], []
-    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
-        crop = image.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
-        p = None if rng is None else sample_colour_params(rng)
-        if defer_colour and p is not None:
-            crops.append(to_uint8_tensor(crop))
-            params.append(p)
-            continue
-        if p is not None:
-            crop = apply_colour_pil(crop, p)
-        crops.append(to_normalised_tensor(crop))
-    if params:
-        return torch.stack(crops), torch.from_numpy(np.stack(params)).float()
-    return torch.stack(crops), None
+    ``None``), or with ``defer_colour`` (uint8 patches, their colour parameters):
+    :func:`~siamese_detr.methods.siamese.views.crop_and_colour`."""
+    return crop_and_colour(image, boxes, size, rng, defer_colour)
 
 
 def sample_updetr(
@@ -251,6 +234,5 @@ def build_updetr_dataset(cfg: RunConfig) -> UPDETRDataset:
         raise ConfigError("pretrain.images is empty: give an image folder, list file or COCO "
                           "json, e.g. pretrain.images=data/imagenet/train")
     opts = cfg.pretrain.updetr
-    opts = replace(opts, augment_on="device" if augment_on_device(
-        opts.augment_on, cfg.engine.device) else "worker")
+    opts = replace(opts, augment_on=resolve_augment_on(opts.augment_on, cfg.engine.device))
     return UPDETRDataset(list_images(cfg.pretrain.images), opts, cfg.seed)
