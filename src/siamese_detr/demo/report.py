@@ -287,15 +287,12 @@ def write_report(out: Path, plan: Any, seconds: float, pretrain_cfg: Any) -> Pat
 
 
 def _views_figure(pretrain_cfg: Any, path: Path) -> None:
-    from dataclasses import replace
-
+    from siamese_detr.configio import apply_overrides
     from siamese_detr.methods.siamese.data import build_pretrain_dataset, draw_views
 
     # the figure shows finished samples: augmented in the worker even where a GPU would
     # finish them (augment_on=device leaves views un-coloured and crops uncut)
-    pre = pretrain_cfg.pretrain
-    cfg = replace(pretrain_cfg, pretrain=replace(pre, siamese=replace(pre.siamese,
-                                                                      augment_on="worker")))
+    cfg = apply_overrides(pretrain_cfg, ["pretrain.siamese.augment_on=worker"])
     dataset = build_pretrain_dataset(cfg)
     for index in range(len(dataset)):
         sample = dataset[index]
