@@ -94,13 +94,10 @@ class DETReg(nn.Module):
             targets = self.roi_embeddings(enc, batch.targets)
         emb = self.embedding_loss(out, indices[-1], targets)
         w = self.opts.weight_embedding
-        total = det.total + w * emb
-        if det.raw is None:  # a criterion with host terms
-            terms = dict(det.terms)
-            terms["loss_embedding"] = (w * float(emb.detach()), float(emb.detach()))
-            return LossOutput(total=total, terms=dict(sorted(terms.items())))
-        # the logged terms stay on the device: no host read in the step
-        return LossOutput(total=total, names=[*det.names, "loss_embedding"],
+        # the logged terms stay on the device (the set criterion reports them so): no host
+        # read in the step
+        assert det.raw is not None
+        return LossOutput(total=det.total + w * emb, names=[*det.names, "loss_embedding"],
                           weights=[*det.weights, w],
                           raw=torch.cat([det.raw, emb.detach().float().reshape(1)]))
 
