@@ -286,35 +286,37 @@ def ours_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
 
 def graphed_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
                  targets: list[BoxTargets], device: torch.device, dtype: str) -> Step:
-    """A probe, not a feature: our fine-tuning step with the detector's forward and backward
-    captured as CUDA graphs (``torch.cuda.make_graphed_callables``, fixed image size); the
-    criterion (with its host matching) and the optimiser stay eager. It shows how much of the
-    step is host overhead."""
-    from siamese_detr.structures import DetectorOutput
+    """Our fine-tuning step with ``engine.cuda_graphs``: the detector's forward and backward
+    replayed from CUDA graphs (``DetectionTask.enable_cuda_graphs``, padding to multiples of
+    32, a no-op at 800x1088); the criterion with its host matching and the optimiser eager."""
+    from siamese_detr.methods.supervised import DetectionTask
 
-    sizes = images.sizes
-
-    class Flat(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.det = model
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            out = self.det(ImageBatch(x, mask, sizes))
-            return out.logits, out.boxes
-
-    def cast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16",
-                              cache_enabled=False)
-
-    with cast():
-        graphed = torch.cuda.make_graphed_callables(Flat(), (images.images, images.mask))
+    task = DetectionTask(model, criterion)
+    task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
 
     def fwd_bwd() -> None:
-        with cast():
-            logits, boxes = graphed(images.images, images.mask)
-            out = DetectorOutput(logits=logits, boxes=boxes, hidden=logits[..., :0])
-            loss = criterion(out, targets)[0].total
+        with graph_autocast(device, dtype):
+            loss = task((images, targets)).total
+        loss.backward()
+    return Step(fwd_bwd, opt)
+
+
+def graph_autocast(device: torch.device, dtype: str) -> Any:
+    """Autocast as the training loop sets it with ``engine.cuda_graphs`` (no weight cache)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16",
+                          cache_enabled=False)
+
+
+def pretrain_graphed_step(task: Any, opt: Any, batch: Any, device: torch.device,
+                          dtype: str) -> Step:
+    """Our Siamese pretraining step with ``engine.cuda_graphs`` (``SiameseDETR.dense`` from
+    CUDA graphs)."""
+    if task._dense is None:
+        task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
+
+    def fwd_bwd() -> None:
+        with graph_autocast(device, dtype):
+            loss = task(batch).total
         loss.backward()
     return Step(fwd_bwd, opt)
 
@@ -465,6 +467,12 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
         makers["ours_graphed"] = lambda dt: graphed_step(gmodel, gcrit, gopt, images, targets,
                                                          device, dt)
         params["ours_graphed"] = trainable(gmodel)
+        if not args.no_pretrain:
+            _, gtask, gpopt = build_pretrain(variant, device, args.crop)
+            gtask.load_state_dict(task.state_dict())
+            makers["pretrain_graphed"] = lambda dt: pretrain_graphed_step(gtask, gpopt, sb,
+                                                                          device, dt)
+            params["pretrain_graphed"] = trainable(gtask)
     for dtype in dtypes:
         steps: dict[str, Step] = {}
         for k, make in makers.items():
@@ -533,6 +541,12 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
     for k in ("ours_compiled", "ours_cl", "ours_graphed"):
         if k in rows and "ours" in rows:
             ratios[f"{k}_over_ours_ms"] = rows[k]["ms_median"] / rows["ours"]["ms_median"]
+    if "pretrain_graphed" in rows and "ours_graphed" in rows:
+        ratios["pretrain_graphed_over_ours_graphed_ms"] = (
+            rows["pretrain_graphed"]["ms_median"] / rows["ours_graphed"]["ms_median"])
+    if "pretrain_graphed" in rows and "pretrain" in rows:
+        ratios["pretrain_graphed_over_pretrain_ms"] = (
+            rows["pretrain_graphed"]["ms_median"] / rows["pretrain"]["ms_median"])
     if "hf" in rows and "ours" in rows:
         ratios["ours_over_hf_ms"] = rows["ours"]["ms_median"] / rows["hf"]["ms_median"]
         ratios["ours_over_hf_ops"] = rows["ours"]["ops_per_step"] / rows["hf"]["ops_per_step"]
@@ -551,7 +565,8 @@ def bf16_vs_fp32(res: Results) -> None:
     """ours bf16 speed-up over ours fp32, per variant, from the rows measured so far."""
     rows = res.data["rows"]
     for v in VARIANTS:
-        for impl in ("ours", "ours_cl", "ours_compiled", "ours_graphed", "pretrain"):
+        for impl in ("ours", "ours_cl", "ours_compiled", "ours_graphed", "pretrain",
+                     "pretrain_graphed"):
             ms = {r["dtype"]: r["ms_median"] for r in rows
                   if r["variant"] == v and r["impl"] == impl}
             if "fp32" in ms and "bf16" in ms:
@@ -582,8 +597,8 @@ def main() -> None:
     ap.add_argument("--size", default=None,
                     help="images HxW (default 800x1088; --small: 64x96)")
     ap.add_argument("--graphed", action="store_true",
-                    help="CUDA: also time our step with the detector captured as CUDA graphs "
-                         "(a probe of the host overhead)")
+                    help="CUDA: also time our fine-tuning and pretraining steps with "
+                         "engine.cuda_graphs (the dense part from CUDA graphs)")
     ap.add_argument("--augment-on-device", action="store_true",
                     help="also time the pretraining step on the loader output of "
                          "augment_on=device (crops cut, crops and views coloured in the step)")

@@ -172,12 +172,27 @@ class EngineConfig:
     deterministic: bool = False
     # torch.compile the transformer's encoder and decoder (dynamic shapes); see engine/compile
     compile: bool = False
+    # CUDA only: the dense part of the step (detector forward and backward, before the
+    # matching) replayed from CUDA graphs, one per padded batch shape; see engine/graphs.
+    # Fine-tuning and Siamese pretraining; needs accum_steps=1
+    cuda_graphs: bool = False
+    cuda_graphs_max: int = 16  # graphs kept (one per shape); batches of other shapes: eager
+    # pad each batch's height and width up to a multiple of this (fewer distinct shapes for
+    # cuda_graphs and compile); 0 = 128 with cuda_graphs, else no extra padding
+    pad_to_multiple: int = 0
     max_empty_batches: int = 100  # consecutive batches without a usable sample -> stop
     max_nonfinite_steps: int = 2  # steps with a non-finite loss skipped; one more -> stop
 
     def __post_init__(self) -> None:
         if self.accum_steps < 1:
             raise ConfigError("engine.accum_steps must be >= 1")
+        if self.cuda_graphs and self.accum_steps != 1:
+            raise ConfigError("engine.cuda_graphs=true needs engine.accum_steps=1 (a graph's "
+                              "gradients live in its own buffers): set one of them")
+        if self.cuda_graphs_max < 1:
+            raise ConfigError("engine.cuda_graphs_max must be >= 1")
+        if self.pad_to_multiple < 0:
+            raise ConfigError("engine.pad_to_multiple must be >= 0 (0: automatic)")
         if self.max_empty_batches < 1:
             raise ConfigError("engine.max_empty_batches must be >= 1")
         if self.max_nonfinite_steps < 0:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from siamese_detr.structures import BoxTargets, ImageBatch
 
-__all__ = ["pad_images", "collate_detection"]
+__all__ = ["pad_images", "collate_detection", "pad_to_multiple", "padded_size"]
 
 
 def pad_images(images: Sequence[Tensor]) -> ImageBatch:
@@ -38,6 +39,26 @@ def pad_images(images: Sequence[Tensor]) -> ImageBatch:
         batch[i, :, :h, :w].copy_(img)
         mask[i, :h, :w] = False
     return ImageBatch(images=batch, mask=mask, sizes=sizes.to(ref.device))
+
+
+def padded_size(h: int, w: int, multiple: int) -> tuple[int, int]:
+    """``(h, w)`` rounded up to multiples of ``multiple`` (``multiple <= 1``: unchanged)."""
+    if multiple <= 1:
+        return h, w
+    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
+
+
+def pad_to_multiple(batch: ImageBatch, multiple: int) -> ImageBatch:
+    """Pad a batch at the bottom/right (zeros; mask True) up to ``multiple``; ``sizes`` (the
+    unpadded image sizes) unchanged; the same batch when nothing is to pad. Works on uint8
+    and float batches (zero padding is what :meth:`ImageBatch.normalised` gives padding)."""
+    H, W = int(batch.images.shape[-2]), int(batch.images.shape[-1])
+    Hp, Wp = padded_size(H, W, multiple)
+    if (Hp, Wp) == (H, W):
+        return batch
+    pad = (0, Wp - W, 0, Hp - H)
+    return ImageBatch(F.pad(batch.images, pad, value=0), F.pad(batch.mask, pad, value=True),
+                      batch.sizes)
 
 
 class DetectionBatch(tuple):

@@ -103,11 +103,14 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_context(amp: str, device: torch.device, weight_cache: bool = True
+                     ) -> contextlib.AbstractContextManager:
+    """Autocast for ``engine.amp`` on CUDA (nothing on the CPU). ``weight_cache=False`` for
+    CUDA graphs: a graph capture cannot use autocast's cache of cast weights."""
     if device.type != "cuda" or amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=weight_cache)
 
 
 def resume(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -438,7 +441,7 @@ def train(
                 t_data += time.perf_counter() - t0
                 sync = micro == engine.accum_steps - 1 or not hasattr(task, "no_sync")
                 ctx = contextlib.nullcontext() if sync else task.no_sync()
-                with ctx, autocast_context(engine.amp, device):
+                with ctx, autocast_context(engine.amp, device, not engine.cuda_graphs):
                     out: LossOutput = task(batch)
                 found_inf = found_inf + window.add(out, step, ids)  # on the device
                 loss = out.total / engine.accum_steps

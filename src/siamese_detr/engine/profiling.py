@@ -31,6 +31,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _HOST_READ_METHODS = {"tolist", "numpy", "cpu"}
+# calls that make a tensor from host data: on a GPU each is a host-to-device copy, which a
+# CUDA graph cannot replay (it would copy from a host buffer that is gone)
+_UPLOAD_FUNCTIONS = {"tensor", "as_tensor", "from_numpy", "pin_memory"}
 
 
 def _is_host_target(args: tuple, kwargs: dict) -> bool:
@@ -78,6 +81,8 @@ class _Function(TorchFunctionMode):
         to_host = name == "cpu" or (name == "to" and _is_host_target(args, kwargs))
         if to_host or (name in _HOST_READ_METHODS and not self.owner._is_host(args[0])):
             self.owner._sync(name)
+        if name in _UPLOAD_FUNCTIONS:
+            self.owner._upload(name)
         out = func(*args, **kwargs)
         if to_host and isinstance(out, torch.Tensor):
             self.owner._host[id(out)] = weakref.ref(out)
@@ -85,20 +90,28 @@ class _Function(TorchFunctionMode):
 
 
 class OpCounter:
-    """Context manager counting aten ops (``ops``, ``op_names``) and host reads (``syncs``,
-    ``sync_sites``: ``kind@file:line`` for each read, innermost frame in this package)."""
+    """Context manager counting aten ops (``ops``, ``op_names``), host reads (``syncs``,
+    ``sync_sites``: ``kind@file:line`` for each read, innermost frame in this package) and
+    tensors made from host data (``uploads``, ``upload_sites``: ``torch.tensor``,
+    ``as_tensor``, ``from_numpy``, ``pin_memory``)."""
 
     def __init__(self) -> None:
         self.ops = 0
         self.syncs = 0
         self.op_names: Counter[str] = Counter()
         self.sync_sites: Counter[str] = Counter()
+        self.uploads = 0
+        self.upload_sites: Counter[str] = Counter()
         self._host: dict[int, weakref.ref] = {}  # host copies made inside the region
         self._modes = (_Function(self), _Dispatch(self))
 
     def _sync(self, kind: str) -> None:
         self.syncs += 1
         self.sync_sites[f"{kind}@{_caller()}"] += 1
+
+    def _upload(self, kind: str) -> None:
+        self.uploads += 1
+        self.upload_sites[f"{kind}@{_caller()}"] += 1
 
     def _is_host(self, t: object) -> bool:
         """Is ``t`` (or the tensor it views) a host copy made by a counted read?"""

@@ -43,6 +43,25 @@ def tidy_resumed_run(run_dir: Path, step: int) -> None:
         write_text(metrics, "".join(f"{line}\n" for line in kept))
 
 
+def _enable_cuda_graphs(task: nn.Module, cfg: RunConfig, dist_info: DistInfo) -> None:
+    """``engine.cuda_graphs``: on CUDA, the task's dense part from CUDA graphs
+    (:mod:`siamese_detr.engine.graphs`); ignored on the CPU, like ``engine.amp``."""
+    from siamese_detr.engine.graphs import DEFAULT_PAD_MULTIPLE, enable_cuda_graphs
+
+    log = get_logger()
+    if dist_info.device.type != "cuda":
+        log.warning("engine.cuda_graphs=true is ignored on %s (CUDA only)", dist_info.device)
+        return
+    pad = cfg.engine.pad_to_multiple or DEFAULT_PAD_MULTIPLE
+    names = enable_cuda_graphs(task, cfg.engine.cuda_graphs_max, pad)
+    if names:
+        log.info("cuda_graphs: %s (batches padded to multiples of %d, at most %d graphs)",
+                 ", ".join(names), pad, cfg.engine.cuda_graphs_max)
+    else:
+        log.warning("engine.cuda_graphs=true: this task (%s) has no graphed part yet; it "
+                    "runs eagerly", type(task).__name__)
+
+
 @dataclass
 class Prepared:
     model: nn.Module  # the task, DDP-wrapped when distributed
@@ -64,6 +83,15 @@ def prepare_training(task: nn.Module, cfg: RunConfig, dist_info: DistInfo, datas
         from siamese_detr.engine.compile import compile_transformers
 
         get_logger().info("torch.compile: %s", ", ".join(compile_transformers(task)))
+    if cfg.engine.cuda_graphs:
+        _enable_cuda_graphs(task, cfg, dist_info)
+    elif cfg.engine.pad_to_multiple > 1:
+        padded = [m for m in task.modules() if hasattr(m, "pad_multiple")]
+        for m in padded:
+            m.pad_multiple = cfg.engine.pad_to_multiple
+        if not padded:
+            get_logger().warning("engine.pad_to_multiple: this task (%s) pads per batch only",
+                                 type(task).__name__)
     optimizer = build_optimizer(task, cfg.optim)
     scaler = None
     if cfg.engine.amp == "fp16" and dist_info.device.type == "cuda":

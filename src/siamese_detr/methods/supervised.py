@@ -12,14 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from siamese_detr.config import RunConfig
+from siamese_detr.data.collate import pad_to_multiple
 from siamese_detr.errors import ConfigError
-from siamese_detr.structures import BoxTargets, ImageBatch, LossOutput
+from siamese_detr.structures import BoxTargets, DetectorOutput, ImageBatch, LossOutput
 
 if TYPE_CHECKING:
     from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.engine.graphs import Capture, GraphedDense
     from siamese_detr.engine.loop import TrainResult
     from siamese_detr.engine.setup import Prepared
 
@@ -33,10 +35,32 @@ class DetectionTask(nn.Module):
         super().__init__()
         self.detector = detector
         self.criterion = criterion
+        self.pad_multiple = 1
+        self._dense: GraphedDense | None = None
+
+    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
+                           capture: Capture | None = None) -> None:
+        """Pad batches to ``pad_multiple`` and run the detector (forward and backward) from
+        CUDA graphs (:mod:`siamese_detr.engine.graphs`); the criterion stays eager."""
+        from siamese_detr.engine.graphs import GraphedDense
+
+        self.pad_multiple = pad_multiple
+        self._dense = GraphedDense(self.detector, self.dense, max_graphs=max_graphs,
+                                   capture=capture, name="detector")
+
+    def dense(self, images: Tensor, mask: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """The detector's ``(logits, boxes)`` from tensors only (what a CUDA graph captures)."""
+        out = self.detector(ImageBatch(images, mask, sizes))
+        return out.logits, out.boxes
 
     def forward(self, batch: tuple[ImageBatch, list[BoxTargets]]) -> LossOutput:
         images, targets = batch
-        out = self.detector(images)
+        images = pad_to_multiple(images, self.pad_multiple)
+        if self._dense is None:
+            out = self.detector(images)
+        else:
+            logits, boxes = self._dense(images.images, images.mask, images.sizes)
+            out = DetectorOutput(logits=logits, boxes=boxes, hidden=logits[..., :0])
         loss, _ = self.criterion(out, targets)
         return loss
 

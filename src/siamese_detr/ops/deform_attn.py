@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +37,22 @@ BACKEND_ENV = "SIAMESE_DETR_DEFORM_ATTN"
 
 def shapes_tensor(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
     """``[L, 2]`` int64 ``(h, w)`` on ``device`` that remembers the Python sizes, so that
-    :func:`level_sizes` needs no device-to-host read; the host-to-device copy is asynchronous
-    (pinned) on CUDA, so building it does not wait for queued kernels either."""
-    t = torch.tensor(shapes, dtype=torch.long).reshape(-1, 2)
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    else:
-        t = t.to(device)
-    setattr(t, _SHAPES_ATTR, [(int(h), int(w)) for h, w in shapes])
+    :func:`level_sizes` needs no device-to-host read. Made once per (sizes, device) and
+    reused (do not modify it): the training step then copies nothing from the host for it,
+    which also lets a CUDA graph capture the step (a host-to-device copy in a graph would
+    replay from a host buffer that is gone)."""
+    return _shapes_tensor(tuple((int(h), int(w)) for h, w in shapes), torch.device(device))
+
+
+@lru_cache(maxsize=256)
+def _shapes_tensor(shapes: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
+    with torch.inference_mode(False):
+        t = torch.tensor(shapes, dtype=torch.long).reshape(-1, 2)
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        else:
+            t = t.to(device)
+    setattr(t, _SHAPES_ATTR, list(shapes))
     return t
 
 

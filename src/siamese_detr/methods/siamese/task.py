@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
+from siamese_detr.data.collate import pad_to_multiple
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
 from siamese_detr.matcher import Matching
 from siamese_detr.methods.base import (
@@ -40,11 +41,13 @@ from siamese_detr.structures import (
     BoxTargets,
     DetectorOutput,
     Encoded,
+    ImageBatch,
     LossOutput,
     QueryInputs,
 )
 
 if TYPE_CHECKING:
+    from siamese_detr.engine.graphs import Capture, GraphedDense
     from siamese_detr.engine.setup import Prepared
     from siamese_detr.losses.set_criterion import SetCriterion
     from siamese_detr.methods.siamese.data import SiameseBatch
@@ -90,6 +93,8 @@ class SiameseDETR(nn.Module):
         check_regions(detector.num_queries, opts.num_regions)
         # the backbone never trains during pretraining (method.md 3.1)
         detector.backbone.requires_grad_(False)
+        self.pad_multiple = 1
+        self._dense: GraphedDense | None = None  # engine.cuda_graphs
 
     # ----------------------------------------------------------------- public API
     def detector_state_dict(self) -> dict[str, Tensor]:
@@ -113,23 +118,57 @@ class SiameseDETR(nn.Module):
         # the augmentation left to the device (augment_on=device) included
         views, crops = batch.joint_inputs(crops=self.feature_align is not None)
         boxes = torch.cat([batch.boxes1, batch.boxes2])  # [2B, M, 4], view 1 then view 2
-        enc = self.detector.encode(views)
-        queries = self.region_queries(enc, boxes, views.sizes, groups=2)
-        # memory rows [view 1; view 2] meet query rows [view 2; view 1]: no memory copy
-        swapped = queries.position.roll(B, dims=0)
-        out = self.detector.decode(enc, QueryInputs(position=swapped))
+        views = pad_to_multiple(views, self.pad_multiple)  # engine.pad_to_multiple
+        dense = self._dense or self.dense
+        logits, pred_boxes, hidden, *rest = dense(views.images, views.mask, views.sizes,
+                                                  boxes, crops)
+        out = DetectorOutput(logits=logits, boxes=pred_boxes, hidden=hidden)
+        emb = rest.pop(0) if crops is not None else None
+        pooled = rest.pop(0) if self.projector is not None else None
         # each row's targets are its memory's view: the region boxes of that view
         loc, matching = self.criterion(out, self.region_targets(boxes, views.sizes))
         reg = None
-        if crops is not None:
-            emb = self.crop_embeddings(crops)
+        if emb is not None:
             # the crops of each row's query view; normalised by 2BM = the mean of directions
             reg = self.region_loss(out, matching, emb.roll(B, dims=0))
         glob = None
-        if self.projector is not None:
-            pooled = self.pooled_memory(enc)
+        if pooled is not None:
             glob = self._global_from_pooled(pooled[:B], pooled[B:])
         return self._combine_joint(loc, reg, glob)
+
+    def dense(self, images: Tensor, mask: Tensor, sizes: Tensor, boxes: Tensor,
+              crops: Tensor | None) -> tuple[Tensor, ...]:
+        """The part of :meth:`forward` before the matching, from tensors only (what a CUDA
+        graph captures): the ``2B`` views (view 1 then view 2) encoded once, each view's region
+        queries decoded against the other view's memory.
+
+        Returns ``(logits, boxes, hidden)`` of the decoder, then the crop embeddings
+        ``[2B, M, C]`` when ``crops`` is given, then the pooled memories ``[2B, D']`` when the
+        global discrimination is on."""
+        B = int(images.shape[0]) // 2
+        views = ImageBatch(images, mask, sizes)
+        enc = self.detector.encode(views)
+        queries = self.region_queries(enc, boxes, sizes, groups=2)
+        # memory rows [view 1; view 2] meet query rows [view 2; view 1]: no memory copy
+        swapped = queries.position.roll(B, dims=0)
+        out = self.detector.decode(enc, QueryInputs(position=swapped))
+        result = [out.logits, out.boxes, out.hidden]
+        if crops is not None:
+            result.append(self.crop_embeddings(crops))
+        if self.projector is not None:
+            result.append(self.pooled_memory(enc))
+        return tuple(result)
+
+    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
+                           capture: Capture | None = None) -> None:
+        """Pad the joint views to ``pad_multiple`` and run :meth:`dense` (forward and
+        backward) from CUDA graphs (:mod:`siamese_detr.engine.graphs`); the matching and the
+        losses stay eager."""
+        from siamese_detr.engine.graphs import GraphedDense
+
+        self.pad_multiple = pad_multiple
+        self._dense = GraphedDense(self, self.dense, max_graphs=max_graphs, capture=capture,
+                                   name="siamese")
 
     def forward_per_direction(self, batch: SiameseBatch) -> LossOutput:
         """:meth:`forward` with each view encoded and each direction decoded and scored on

@@ -1,0 +1,167 @@
+"""``engine.cuda_graphs=true``: the dense part of a training step replayed as CUDA graphs.
+
+A DETR training step on a GPU is bound by the host at the paper's per-GPU batch (the GPU is
+busy a quarter of the step; docs/benchmarks.md section 2), which is also why bf16 does not
+pay there. A CUDA graph replays the kernels of a captured forward and backward with one
+launch each. The step is split where the host must look at the data:
+
+* the **dense part**: a function of tensors only (images, mask, region boxes, crops ->
+  logits, boxes, decoder states, ...), with no host read and no host-to-device copy. It is
+  captured with :func:`torch.cuda.make_graphed_callables` (forward and backward graphs, one
+  autograd node) once per input signature: shapes, dtypes, autocast state;
+* the **rest** runs eagerly: the Hungarian matching (the step's one host read), the losses,
+  the optimiser.
+
+Shapes: DETR's images change size every batch. ``engine.pad_to_multiple`` pads each batch's
+height and width up to a multiple (128 by default with graphs), so a few shapes recur; each
+gets its own graph (its own memory pool, holding that shape's activations) on first sight, up
+to ``engine.cuda_graphs_max`` graphs; batches of other shapes run eagerly. Padding is what
+DETR's batching already does (masked positions), so the losses keep their meaning.
+
+Where graphs are not used: on the CPU (the option is ignored, like ``engine.amp``), in eval
+mode or without gradients (evaluation, ``predict``), and for the tasks that have no dense part
+yet (UP-DETR and DETReg pretraining run eagerly).
+
+Constraints the callers keep: one call of a graph per step (a second call before the
+backward would overwrite the saved activations), ``engine.accum_steps=1`` (the returned
+parameter gradients live in the graph's buffers), autocast without its weight cache
+(:func:`siamese_detr.engine.loop.autocast_context` turns it off).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from siamese_detr.data.collate import pad_to_multiple, padded_size
+from siamese_detr.engine.logging import get_logger
+
+__all__ = ["Capture", "GraphedDense", "pad_to_multiple", "padded_size", "enable_cuda_graphs",
+           "graph_signature", "DEFAULT_PAD_MULTIPLE"]
+
+DEFAULT_PAD_MULTIPLE = 128  # with cuda_graphs and engine.pad_to_multiple=0
+
+Capture = Callable[[nn.Module, tuple[Tensor, ...]], Callable[..., Any]]
+
+
+def graph_signature(args: tuple[Tensor | None, ...]) -> tuple[Any, ...]:
+    """What a captured graph is specific to: each input's shape, dtype, device and
+    ``requires_grad`` (``None`` inputs count too), and the autocast state."""
+    parts: list[Any] = []
+    for a in args:
+        parts.append(None if a is None else (tuple(a.shape), a.dtype, a.device,
+                                             a.requires_grad))
+    for kind in ("cuda", "cpu"):
+        on = torch.is_autocast_enabled(kind)
+        parts.append((kind, on, torch.get_autocast_dtype(kind) if on else None))
+    return tuple(parts)
+
+
+class _Bound(nn.Module):
+    """``fn`` as a module whose parameters are ``owner``'s (what the graphs train)."""
+
+    def __init__(self, owner: nn.Module, fn: Callable[..., tuple[Tensor, ...]]) -> None:
+        super().__init__()
+        self.owner = owner
+        self.fn = fn
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        return self.fn(*args)
+
+
+def _capture_cuda(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., Any]:
+    # thread_local: the DataLoader's pin-memory thread may allocate page-locked memory while
+    # the training thread captures; only the capturing thread's calls are checked
+    return torch.cuda.make_graphed_callables(module, args, allow_unused_input=True,
+                                             capture_error_mode="thread_local")
+
+
+class GraphedDense:
+    """``fn(*tensors) -> tuple of tensors``, replayed from CUDA graphs where it can be.
+
+    Args:
+        owner: the module whose parameters ``fn`` uses and trains; graphs are used only while
+            it is in training mode and gradients are enabled.
+        fn: the dense part of a step (no host reads, no host-to-device copies; ``None`` inputs
+            are passed through to it but not to the graph).
+        max_graphs: at most this many captured signatures; others run eagerly.
+        capture: ``capture(module, sample_args) -> callable`` (default
+            :func:`torch.cuda.make_graphed_callables`); tests pass a stand-in.
+        name: for the log.
+    """
+
+    def __init__(self, owner: nn.Module, fn: Callable[..., tuple[Tensor, ...]], *,
+                 max_graphs: int = 16, capture: Capture | None = None,
+                 name: str = "dense") -> None:
+        self.owner = owner
+        self.fn = fn
+        self.max_graphs = max_graphs
+        self.capture = capture or _capture_cuda
+        self.name = name
+        self.graphs: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self.graphed_calls = 0
+        self.eager_calls = 0
+        self.capture_seconds = 0.0
+        self._full_warned = False
+
+    def usable(self, args: tuple[Tensor | None, ...]) -> bool:
+        first = next(a for a in args if a is not None)
+        return (self.owner.training and torch.is_grad_enabled()
+                and (first.device.type == "cuda" or self.capture is not _capture_cuda))
+
+    def __call__(self, *args: Tensor | None) -> tuple[Tensor, ...]:
+        if not self.usable(args):
+            return self.fn(*args)
+        present = [i for i, a in enumerate(args) if a is not None]
+
+        def dense(*tensors: Tensor) -> tuple[Tensor, ...]:
+            full: list[Tensor | None] = [None] * len(args)
+            for i, t in zip(present, tensors):
+                full[i] = t
+            return tuple(self.fn(*full))
+
+        key = graph_signature(args)
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            if len(self.graphs) >= self.max_graphs:
+                if not self._full_warned:
+                    get_logger().warning(
+                        "cuda_graphs: %s has %d graphs (engine.cuda_graphs_max); batches of "
+                        "new shapes run eagerly (raise engine.pad_to_multiple or "
+                        "engine.cuda_graphs_max)", self.name, self.max_graphs)
+                    self._full_warned = True
+                self.eager_calls += 1
+                return self.fn(*args)
+            tensors = tuple(args[i] for i in present)
+            t0 = time.perf_counter()
+            graphed = self.capture(_Bound(self.owner, dense), tensors)  # type: ignore[arg-type]
+            self.capture_seconds += time.perf_counter() - t0
+            self.graphs[key] = graphed
+            shapes = [tuple(t.shape) for t in tensors]
+            get_logger().info("cuda_graphs: captured %s #%d for %s in %.1f s", self.name,
+                              len(self.graphs), shapes[0], time.perf_counter() - t0)
+        self.graphed_calls += 1
+        out = graphed(*(args[i] for i in present))
+        return tuple(out)
+
+    def stats(self) -> dict[str, float]:
+        return {"graphs": len(self.graphs), "graphed_calls": self.graphed_calls,
+                "eager_calls": self.eager_calls, "capture_seconds": self.capture_seconds}
+
+
+def enable_cuda_graphs(task: nn.Module, max_graphs: int, pad_multiple: int,
+                       capture: Capture | None = None) -> list[str]:
+    """Give every module in ``task`` that has a dense part (``enable_cuda_graphs(max_graphs,
+    pad_multiple, capture)`` method) its graphs; return their names (empty: nothing to
+    graph)."""
+    done = []
+    for name, module in task.named_modules():
+        hook = getattr(module, "enable_cuda_graphs", None)
+        if callable(hook):
+            hook(max_graphs=max_graphs, pad_multiple=pad_multiple, capture=capture)
+            done.append(name or type(module).__name__)
+    return done

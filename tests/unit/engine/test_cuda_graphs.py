@@ -1,0 +1,268 @@
+"""``engine.cuda_graphs``: the dense part of a step from CUDA graphs (engine/graphs.py).
+
+On the CPU: the padding to shape buckets, the capture-safety of the dense parts (no host read,
+no tensor made from host data after the first call), the capture cache (one graph per
+signature, a cap, eager in eval mode and without gradients) and the gradients, checked with a
+CPU stand-in for ``torch.cuda.make_graphed_callables`` that has its interface and its autograd
+structure (static inputs, one autograd node, the module's parameters as extra inputs). On a
+GPU: the real graphs against eager training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from siamese_detr.config import EngineConfig
+from siamese_detr.data.collate import pad_images, pad_to_multiple, padded_size
+from siamese_detr.engine.graphs import GraphedDense, enable_cuda_graphs, graph_signature
+from siamese_detr.engine.loop import Schedule, train
+from siamese_detr.engine.profiling import OpCounter
+from siamese_detr.errors import ConfigError
+
+_spec = importlib.util.spec_from_file_location("host_syncs",
+                                               Path(__file__).with_name("test_host_syncs.py"))
+hs = importlib.util.module_from_spec(_spec)  # the step fixtures of the host-read tests
+_spec.loader.exec_module(hs)  # type: ignore[union-attr]
+
+VARIANTS = ("vanilla", "conditional", "deformable")
+
+
+# --------------------------------------------------------------------------- shape buckets
+def test_padded_size_rounds_up_to_the_multiple():
+    assert padded_size(480, 640, 128) == (512, 640)
+    assert padded_size(1, 129, 128) == (128, 256)
+    assert padded_size(800, 1066, 1) == (800, 1066)
+
+
+def test_pad_to_multiple_pads_bottom_right_with_masked_zeros():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(1, 255, (3, 50, 70), dtype=torch.uint8, generator=g)
+    b = torch.randint(1, 255, (3, 40, 90), dtype=torch.uint8, generator=g)
+    batch = pad_images([a, b])
+    out = pad_to_multiple(batch, 32)
+    assert tuple(out.images.shape) == (2, 3, 64, 96)
+    assert torch.equal(out.images[:, :, :50, :90], batch.images)
+    assert int(out.images[:, :, 50:].abs().sum()) == 0 and int(out.images[..., 90:].sum()) == 0
+    assert torch.equal(out.mask[:, :50, :90], batch.mask)
+    assert bool(out.mask[:, 50:].all()) and bool(out.mask[..., 90:].all())
+    assert torch.equal(out.sizes, batch.sizes)
+    # normalising after padding = padding after normalising (padding is zero either way)
+    assert torch.equal(out.normalised().images,
+                       pad_to_multiple(batch.normalised(), 32).images)
+    assert pad_to_multiple(out, 32) is out
+
+
+# --------------------------------------------------------------------------- capture safety
+def _finetune_inputs(variant: str) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    task = hs.finetune_task(variant).train()
+    images, _ = hs.finetune_batches(1)[0]
+    u8 = (images.images.clamp(-2, 2) * 60 + 128).to(torch.uint8)  # the loaders hand uint8
+    return task, (u8, images.mask, images.sizes)
+
+
+def _pretrain_inputs(variant: str) -> tuple[nn.Module, tuple[Tensor | None, ...]]:
+    task = hs.pretrain_task(variant).train()
+    batch = hs.pretrain_batches(1)[0]
+    views, crops = batch.joint_inputs()
+    return task, (views.images, views.mask, views.sizes,
+                  torch.cat([batch.boxes1, batch.boxes2]), crops)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_dense_part_neither_reads_nor_uploads_after_its_first_call(variant, kind):
+    """What a CUDA graph can capture: after a first (warm-up) call, forward and backward of
+    the dense part read nothing back to the host and make no tensor from host data (either
+    would break the capture or replay stale host memory)."""
+    task, args = (_finetune_inputs if kind == "finetune" else _pretrain_inputs)(variant)
+    task.dense(*args)
+    with OpCounter() as c:
+        out = task.dense(*args)
+        sum(o.float().sum() for o in out if o.requires_grad).backward()
+    assert c.syncs == 0, dict(c.sync_sites)
+    assert c.uploads == 0, dict(c.upload_sites)
+    assert c.ops > 100  # the counter saw the step
+
+
+def test_op_counter_sees_uploads():
+    from siamese_detr.ops import deform_attn
+
+    deform_attn._shapes_tensor.cache_clear()
+    task, args = _finetune_inputs("deformable")
+    with OpCounter() as c:
+        task.dense(*args)
+    assert any("deform_attn.py" in site for site in c.upload_sites), dict(c.upload_sites)
+
+
+# --------------------------------------------------------------------------- capture cache
+class EmulatedCapture:
+    """CPU stand-in for ``torch.cuda.make_graphed_callables(module, sample_args)``: the same
+    calling convention and autograd structure (inputs copied into static buffers, one autograd
+    node whose extra inputs are the module's parameters, parameter gradients returned by that
+    node), with the forward recomputed eagerly instead of replayed."""
+
+    def __init__(self) -> None:
+        self.captures: list[list[tuple[int, ...]]] = []
+
+    def __call__(self, module: nn.Module, sample_args: tuple[Tensor, ...]) -> Callable[..., Any]:
+        assert all(isinstance(a, Tensor) for a in sample_args)
+        self.captures.append([tuple(a.shape) for a in sample_args])
+        params = tuple(module.parameters())
+        static = [a.detach().clone().requires_grad_(a.requires_grad) for a in sample_args]
+        n = len(static)
+
+        class Graphed(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+                for s, x in zip(static, inputs[:n]):
+                    assert s.shape == x.shape and s.dtype == x.dtype
+                    s.data.copy_(x)
+                with torch.enable_grad():
+                    ctx.outs = tuple(module(*static))
+                return tuple(o.detach() for o in ctx.outs)
+
+            @staticmethod
+            def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+                surface = [*static, *params]
+                need = [t for t in surface if t.requires_grad]
+                live = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad]
+                got = iter(torch.autograd.grad([o for o, _ in live], need,
+                                               [g for _, g in live], allow_unused=True))
+                return tuple(next(got) if t.requires_grad else None for t in surface)
+
+        return lambda *args: Graphed.apply(*args, *params)
+
+
+def test_one_capture_per_signature_up_to_the_cap():
+    lin = nn.Linear(4, 3)
+    capture = EmulatedCapture()
+    dense = GraphedDense(lin, lambda x: (lin(x),), max_graphs=2, capture=capture)
+    for rows in (5, 5, 7, 5, 9, 9):
+        (y,) = dense(torch.randn(rows, 4))
+        assert y.shape == (rows, 3)
+    assert capture.captures == [[(5, 4)], [(7, 4)]]
+    assert dense.stats() == {"graphs": 2, "graphed_calls": 4, "eager_calls": 2,
+                             "capture_seconds": pytest.approx(dense.capture_seconds)}
+    lin.eval()  # evaluation and inference run eagerly
+    dense(torch.randn(11, 4))
+    lin.train()
+    with torch.no_grad():
+        dense(torch.randn(13, 4))
+    assert len(capture.captures) == 2
+    # the input's dtype and requires_grad and the autocast state belong to the signature
+    x = torch.randn(5, 4)
+    assert graph_signature((x,)) != graph_signature((x.double(),))
+    assert graph_signature((x,)) != graph_signature((x.requires_grad_(),))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = graph_signature((x.detach(),))
+    assert inside != graph_signature((x.detach(),))
+
+
+def _stream(batches: list[Any]) -> Callable[[int], Iterator[Any]]:
+    return lambda position: iter(batches[position:])
+
+
+def _train(task: nn.Module, batches: list[Any], tmp_path: Path) -> list[Tensor]:
+    opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.05)
+    eng = EngineConfig(log_every=100, ckpt_every=0, progress=False, keep_checkpoints=0)
+    train(task=task, batches=_stream(batches), optimizer=opt,
+          schedule=Schedule(len(batches), (), 0.1, 0, 0.1), engine=eng, run_dir=tmp_path,
+          dist_info=hs.CPU, checkpoint_meta={"kind": "test", "config": {}})
+    return [p.detach().clone() for p in task.parameters()]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_graphed_training_equals_eager_training(variant, kind, tmp_path):
+    """Three steps through the real loop with the dense part behind the graph interface
+    (emulated) give the same weights as eager steps: every trainable parameter gets its
+    gradient through the graph's autograd node, the eager rest (matching, losses) is
+    unchanged, padding included."""
+    make = hs.finetune_task if kind == "finetune" else hs.pretrain_task
+    batches = (hs.finetune_batches if kind == "finetune" else hs.pretrain_batches)(3)
+    results = []
+    for graphed in (False, True):
+        task = make(variant)
+        capture = EmulatedCapture()
+        if graphed:
+            assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32, capture=capture)
+        else:
+            task.pad_multiple = 32
+        torch.manual_seed(1)
+        results.append(_train(task, batches, tmp_path / str(graphed)))
+        if graphed:
+            assert len(capture.captures) == 1  # all three batches pad to one shape
+            assert capture.captures[0][0][-2:] == (64, 96)
+    changed = 0
+    for eager, graphed in zip(*results):
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    for p0, p1 in zip(results[0], [p.detach() for p in make(variant).parameters()]):
+        changed += int(not torch.equal(p0, p1))
+    assert changed > 10  # the steps did train
+
+
+def test_cuda_graphs_config_rules():
+    with pytest.raises(ConfigError, match="accum_steps"):
+        EngineConfig(cuda_graphs=True, accum_steps=2)
+    with pytest.raises(ConfigError, match="cuda_graphs_max"):
+        EngineConfig(cuda_graphs_max=0)
+    with pytest.raises(ConfigError, match="pad_to_multiple"):
+        EngineConfig(pad_to_multiple=-1)
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
+    """Real ``make_graphed_callables`` against eager, dropout and box jitter off (the capture's
+    warm-up draws random numbers, so only deterministic steps can be compared): the losses of
+    three steps and the weights after them agree."""
+    from dataclasses import replace
+
+    from siamese_detr.engine.distributed import DistInfo
+
+    dev = torch.device("cuda")
+    make = hs.finetune_task if kind == "finetune" else hs.pretrain_task
+    batches = (hs.finetune_batches if kind == "finetune" else hs.pretrain_batches)(3)
+    results, losses = [], []
+    for graphed in (False, True):
+        task = make(variant).to(dev)
+        for m in task.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        if hasattr(task, "opts"):
+            task.opts = replace(task.opts, box_jitter=0.0)
+        if graphed:
+            assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32)
+        else:
+            task.pad_multiple = 32
+        opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.05)
+        eng = EngineConfig(log_every=1, ckpt_every=0, progress=False, keep_checkpoints=0,
+                           amp=amp, cuda_graphs=graphed)
+        dist = DistInfo(rank=0, world_size=1, local_rank=0, device=dev)
+        torch.manual_seed(1)
+        train(task=task, batches=_stream(batches), optimizer=opt,
+              schedule=Schedule(3, (), 0.1, 0, 0.1), engine=eng, run_dir=tmp_path / str(graphed),
+              dist_info=dist, checkpoint_meta={"kind": "test", "config": {}})
+        from siamese_detr.engine.logging import read_jsonl
+
+        losses.append([r["loss"] for r in read_jsonl(tmp_path / str(graphed) / "metrics.jsonl")
+                       if "loss" in r])
+        results.append([p.detach().float().cpu() for p in task.parameters()])
+        if graphed:
+            dense = task._dense
+            assert dense.graphed_calls == 3 and len(dense.graphs) == 1
+    tol = dict(rtol=1e-3, atol=1e-5) if amp == "none" else dict(rtol=3e-2, atol=1e-3)
+    torch.testing.assert_close(losses[1], losses[0], **tol)
+    for eager, graphed in zip(*results):
+        torch.testing.assert_close(graphed, eager, **tol)
