@@ -208,6 +208,60 @@ def test_graphed_training_equals_eager_training(variant, kind, tmp_path):
     assert changed > 10  # the steps did train
 
 
+def _no_randomness(task: nn.Module) -> nn.Module:
+    from dataclasses import replace
+
+    for m in task.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "dropout", None), float):  # attention dropout inside SDPA
+            m.dropout = 0.0
+    if hasattr(task, "opts"):
+        task.opts = replace(task.opts, box_jitter=0.0)
+    return task
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_real_make_graphed_callables_accepts_the_dense_parts(variant, kind, monkeypatch):
+    """The real ``torch.cuda.make_graphed_callables`` on the CPU, its CUDA primitives (stream,
+    synchronize, graph capture and replay) replaced by no-ops: its warm-up, its autograd over
+    our outputs and the module's parameters and its graphed autograd node accept the dense
+    parts as they are (tensor-only inputs and outputs, outputs without gradient, parameters
+    the part does not use). A no-op replay returns what the capture computed from the first
+    batch, so the first step's loss must equal the eager loss (nothing random), and every
+    trainable parameter must receive a gradient of its shape."""
+    import contextlib
+
+    import torch.cuda.graphs as tcg
+
+    from siamese_detr.engine import graphs
+
+    class NoGraph:
+        def replay(self) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", NoGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(tcg, "graph_pool_handle", lambda: None)
+    make = hs.finetune_task if kind == "finetune" else hs.pretrain_task
+    batch = (hs.finetune_batches if kind == "finetune" else hs.pretrain_batches)(1)[0]
+    eager = _no_randomness(make(variant).train())
+    task = _no_randomness(make(variant).train())
+    real = graphs._capture_cuda
+    enable_cuda_graphs(task, max_graphs=2, pad_multiple=1, capture=lambda m, a: real(m, a))
+    loss = task(batch).total
+    loss.backward()
+    assert task._dense.stats()["graphed_calls"] == 1
+    torch.testing.assert_close(loss.detach(), eager(batch).total.detach(), rtol=1e-6, atol=0)
+    for name, p in task.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.shape == p.shape, name
+
+
 def test_cuda_graphs_config_rules():
     with pytest.raises(ConfigError, match="accum_steps"):
         EngineConfig(cuda_graphs=True, accum_steps=2)
@@ -227,8 +281,6 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
     """Real ``make_graphed_callables`` against eager, dropout and box jitter off (the capture's
     warm-up draws random numbers, so only deterministic steps can be compared): the losses of
     three steps and the weights after them agree."""
-    from dataclasses import replace
-
     from siamese_detr.engine.distributed import DistInfo
 
     dev = torch.device("cuda")
@@ -236,12 +288,7 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
     batches = (hs.finetune_batches if kind == "finetune" else hs.pretrain_batches)(3)
     results, losses = [], []
     for graphed in (False, True):
-        task = make(variant).to(dev)
-        for m in task.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
-        if hasattr(task, "opts"):
-            task.opts = replace(task.opts, box_jitter=0.0)
+        task = _no_randomness(make(variant)).to(dev)
         if graphed:
             assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32)
         else:
