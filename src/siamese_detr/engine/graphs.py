@@ -103,6 +103,7 @@ class GraphedDense:
         self.capture = capture or _capture_cuda
         self.name = name
         self.graphs: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self.failed: dict[tuple[Any, ...], str] = {}  # signatures whose capture raised
         self.graphed_calls = 0
         self.eager_calls = 0
         self.capture_seconds = 0.0
@@ -126,6 +127,9 @@ class GraphedDense:
 
         key = graph_signature(args)
         graphed = self.graphs.get(key)
+        if key in self.failed:
+            self.eager_calls += 1
+            return self.fn(*args)
         if graphed is None:
             if len(self.graphs) >= self.max_graphs:
                 if not self._full_warned:
@@ -138,19 +142,30 @@ class GraphedDense:
                 return self.fn(*args)
             tensors = tuple(args[i] for i in present)
             t0 = time.perf_counter()
-            graphed = self.capture(_Bound(self.owner, dense), tensors)  # type: ignore[arg-type]
+            try:
+                graphed = self.capture(_Bound(self.owner, dense), tensors)  # type: ignore[arg-type]
+            except Exception as e:  # an op that cannot be captured: this shape runs eagerly
+                self.failed[key] = repr(e)
+                get_logger().warning("cuda_graphs: %s could not be captured for %s (%r); "
+                                     "batches of this shape run eagerly", self.name,
+                                     tuple(tensors[0].shape), e)
+            else:
+                self.graphs[key] = graphed
+                get_logger().info("cuda_graphs: captured %s #%d for %s in %.1f s", self.name,
+                                  len(self.graphs), tuple(tensors[0].shape),
+                                  time.perf_counter() - t0)
             self.capture_seconds += time.perf_counter() - t0
-            self.graphs[key] = graphed
-            shapes = [tuple(t.shape) for t in tensors]
-            get_logger().info("cuda_graphs: captured %s #%d for %s in %.1f s", self.name,
-                              len(self.graphs), shapes[0], time.perf_counter() - t0)
+            if key in self.failed:
+                self.eager_calls += 1
+                return self.fn(*args)
         self.graphed_calls += 1
         out = graphed(*(args[i] for i in present))
         return tuple(out)
 
     def stats(self) -> dict[str, float]:
         return {"graphs": len(self.graphs), "graphed_calls": self.graphed_calls,
-                "eager_calls": self.eager_calls, "capture_seconds": self.capture_seconds}
+                "eager_calls": self.eager_calls, "capture_seconds": self.capture_seconds,
+                "failed_captures": len(self.failed)}
 
 
 def enable_cuda_graphs(task: nn.Module, max_graphs: int, pad_multiple: int,

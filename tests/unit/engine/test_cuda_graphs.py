@@ -26,12 +26,55 @@ from siamese_detr.engine.loop import Schedule, train
 from siamese_detr.engine.profiling import OpCounter
 from siamese_detr.errors import ConfigError
 
-_spec = importlib.util.spec_from_file_location("host_syncs",
-                                               Path(__file__).with_name("test_host_syncs.py"))
-hs = importlib.util.module_from_spec(_spec)  # the step fixtures of the host-read tests
-_spec.loader.exec_module(hs)  # type: ignore[union-attr]
+
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+_HERE = Path(__file__).parent
+hs = _load("host_syncs", _HERE / "test_host_syncs.py")  # fine-tuning and Siamese fixtures
+dr = _load("detreg_task", _HERE.parent / "methods" / "test_detreg_task.py")
+ud = _load("updetr_task", _HERE.parent / "methods" / "test_updetr_task.py")
 
 VARIANTS = ("vanilla", "conditional", "deformable")
+KINDS = ("finetune", "pretrain", "detreg", "updetr")
+
+
+def make_task(kind: str, variant: str) -> nn.Module:
+    """The task of ``kind`` (fine-tuning, Siamese DETR, DETReg, UP-DETR) at test size."""
+    if kind == "finetune":
+        return hs.finetune_task(variant)
+    if kind == "pretrain":
+        return hs.pretrain_task(variant)
+    return (dr if kind == "detreg" else ud).make_task(variant, levels=1 if variant != "deformable"
+                                                      else 2)
+
+
+def make_batches(kind: str, n: int) -> list[Any]:
+    if kind == "finetune":
+        return hs.finetune_batches(n)
+    if kind == "pretrain":
+        return hs.pretrain_batches(n)
+    return [(dr if kind == "detreg" else ud).make_batch(seed=i) for i in range(n)]
+
+
+def dense_args(kind: str, batch: Any) -> tuple[Tensor | None, ...]:
+    """The inputs of ``task.dense`` for one batch, as the task's forward builds them."""
+    if kind == "finetune":
+        images = batch[0]
+        u8 = (images.images.clamp(-2, 2) * 60 + 128).to(torch.uint8)  # the loaders hand uint8
+        return u8, images.mask, images.sizes
+    if kind == "pretrain":
+        views, crops = batch.joint_inputs()
+        return (views.images, views.mask, views.sizes, torch.cat([batch.boxes1, batch.boxes2]),
+                crops)
+    images = batch.images
+    if kind == "detreg":
+        return images.images, images.mask, images.sizes
+    return images.images, images.mask, images.sizes, batch.patches
 
 
 # --------------------------------------------------------------------------- shape buckets
@@ -60,28 +103,14 @@ def test_pad_to_multiple_pads_bottom_right_with_masked_zeros():
 
 
 # --------------------------------------------------------------------------- capture safety
-def _finetune_inputs(variant: str) -> tuple[nn.Module, tuple[Tensor, ...]]:
-    task = hs.finetune_task(variant).train()
-    images, _ = hs.finetune_batches(1)[0]
-    u8 = (images.images.clamp(-2, 2) * 60 + 128).to(torch.uint8)  # the loaders hand uint8
-    return task, (u8, images.mask, images.sizes)
-
-
-def _pretrain_inputs(variant: str) -> tuple[nn.Module, tuple[Tensor | None, ...]]:
-    task = hs.pretrain_task(variant).train()
-    batch = hs.pretrain_batches(1)[0]
-    views, crops = batch.joint_inputs()
-    return task, (views.images, views.mask, views.sizes,
-                  torch.cat([batch.boxes1, batch.boxes2]), crops)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_dense_part_neither_reads_nor_uploads_after_its_first_call(variant, kind):
     """What a CUDA graph can capture: after a first (warm-up) call, forward and backward of
     the dense part read nothing back to the host and make no tensor from host data (either
     would break the capture or replay stale host memory)."""
-    task, args = (_finetune_inputs if kind == "finetune" else _pretrain_inputs)(variant)
+    task = make_task(kind, variant).train()
+    args = dense_args(kind, make_batches(kind, 1)[0])
     task.dense(*args)
     with OpCounter() as c:
         out = task.dense(*args)
@@ -95,7 +124,8 @@ def test_op_counter_sees_uploads():
     from siamese_detr.ops import deform_attn
 
     deform_attn._shapes_tensor.cache_clear()
-    task, args = _finetune_inputs("deformable")
+    task = make_task("finetune", "deformable").train()
+    args = dense_args("finetune", make_batches("finetune", 1)[0])
     with OpCounter() as c:
         task.dense(*args)
     assert any("deform_attn.py" in site for site in c.upload_sites), dict(c.upload_sites)
@@ -149,7 +179,8 @@ def test_one_capture_per_signature_up_to_the_cap():
         assert y.shape == (rows, 3)
     assert capture.captures == [[(5, 4)], [(7, 4)]]
     assert dense.stats() == {"graphs": 2, "graphed_calls": 4, "eager_calls": 2,
-                             "capture_seconds": pytest.approx(dense.capture_seconds)}
+                             "capture_seconds": pytest.approx(dense.capture_seconds),
+                             "failed_captures": 0}
     lin.eval()  # evaluation and inference run eagerly
     dense(torch.randn(11, 4))
     lin.train()
@@ -163,6 +194,24 @@ def test_one_capture_per_signature_up_to_the_cap():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = graph_signature((x.detach(),))
     assert inside != graph_signature((x.detach(),))
+
+
+def test_a_failed_capture_leaves_that_shape_eager():
+    lin = nn.Linear(4, 3)
+    capture = EmulatedCapture()
+
+    def flaky(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., Any]:
+        if args[0].shape[0] == 7:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return capture(module, args)
+
+    dense = GraphedDense(lin, lambda x: (lin(x),), max_graphs=4, capture=flaky)
+    x = torch.randn(7, 4)
+    for rows in (7, 5, 7):
+        (y,) = dense(torch.randn(rows, 4) if rows != 7 else x)
+    torch.testing.assert_close(y, lin(x))  # the eager result
+    assert dense.stats()["failed_captures"] == 1 and dense.eager_calls == 2
+    assert dense.graphed_calls == 1 and len(capture.captures) == 1  # tried once, not again
 
 
 def _stream(batches: list[Any]) -> Callable[[int], Iterator[Any]]:
@@ -179,17 +228,16 @@ def _train(task: nn.Module, batches: list[Any], tmp_path: Path) -> list[Tensor]:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_graphed_training_equals_eager_training(variant, kind, tmp_path):
     """Three steps through the real loop with the dense part behind the graph interface
     (emulated) give the same weights as eager steps: every trainable parameter gets its
     gradient through the graph's autograd node, the eager rest (matching, losses) is
     unchanged, padding included."""
-    make = hs.finetune_task if kind == "finetune" else hs.pretrain_task
-    batches = (hs.finetune_batches if kind == "finetune" else hs.pretrain_batches)(3)
+    batches = make_batches(kind, 3)
     results = []
     for graphed in (False, True):
-        task = make(variant)
+        task = make_task(kind, variant)
         capture = EmulatedCapture()
         if graphed:
             assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32, capture=capture)
@@ -203,7 +251,7 @@ def test_graphed_training_equals_eager_training(variant, kind, tmp_path):
     changed = 0
     for eager, graphed in zip(*results):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
-    for p0, p1 in zip(results[0], [p.detach() for p in make(variant).parameters()]):
+    for p0, p1 in zip(results[0], [p.detach() for p in make_task(kind, variant).parameters()]):
         changed += int(not torch.equal(p0, p1))
     assert changed > 10  # the steps did train
 
@@ -216,13 +264,15 @@ def _no_randomness(task: nn.Module) -> nn.Module:
             m.p = 0.0
         if isinstance(getattr(m, "dropout", None), float):  # attention dropout inside SDPA
             m.dropout = 0.0
-    if hasattr(task, "opts"):
-        task.opts = replace(task.opts, box_jitter=0.0)
+    opts = getattr(task, "opts", None)
+    if opts is not None:  # Siamese box jitter, UP-DETR patch masking and query shuffle
+        off = {"box_jitter": 0.0, "mask_ratio": 0.0, "query_shuffle": False}
+        task.opts = replace(opts, **{k: v for k, v in off.items() if hasattr(opts, k)})
     return task
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_real_make_graphed_callables_accepts_the_dense_parts(variant, kind, monkeypatch):
     """The real ``torch.cuda.make_graphed_callables`` on the CPU, its CUDA primitives (stream,
     synchronize, graph capture and replay) replaced by no-ops: its warm-up, its autograd over
@@ -247,10 +297,9 @@ def test_real_make_graphed_callables_accepts_the_dense_parts(variant, kind, monk
     monkeypatch.setattr(torch.cuda, "CUDAGraph", NoGraph)
     monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
     monkeypatch.setattr(tcg, "graph_pool_handle", lambda: None)
-    make = hs.finetune_task if kind == "finetune" else hs.pretrain_task
-    batch = (hs.finetune_batches if kind == "finetune" else hs.pretrain_batches)(1)[0]
-    eager = _no_randomness(make(variant).train())
-    task = _no_randomness(make(variant).train())
+    batch = make_batches(kind, 1)[0]
+    eager = _no_randomness(make_task(kind, variant).train())
+    task = _no_randomness(make_task(kind, variant).train())
     real = graphs._capture_cuda
     enable_cuda_graphs(task, max_graphs=2, pad_multiple=1, capture=lambda m, a: real(m, a))
     loss = task(batch).total
@@ -275,7 +324,7 @@ def test_cuda_graphs_config_rules():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
     """Real ``make_graphed_callables`` against eager, dropout and box jitter off (the capture's
@@ -284,11 +333,10 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
     from siamese_detr.engine.distributed import DistInfo
 
     dev = torch.device("cuda")
-    make = hs.finetune_task if kind == "finetune" else hs.pretrain_task
-    batches = (hs.finetune_batches if kind == "finetune" else hs.pretrain_batches)(3)
+    batches = make_batches(kind, 3)
     results, losses = [], []
     for graphed in (False, True):
-        task = _no_randomness(make(variant)).to(dev)
+        task = _no_randomness(make_task(kind, variant)).to(dev)
         if graphed:
             assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32)
         else:
@@ -313,3 +361,21 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
     torch.testing.assert_close(losses[1], losses[0], **tol)
     for eager, graphed in zip(*results):
         torch.testing.assert_close(graphed, eager, **tol)
+
+
+def test_setup_ignores_graphs_on_the_cpu_and_applies_the_padding(tmp_path, caplog):
+    from dataclasses import replace
+
+    from siamese_detr.config import RunConfig
+    from siamese_detr.engine.setup import prepare_training
+
+    base = RunConfig(output_dir=str(tmp_path))
+    task = make_task("finetune", "vanilla")
+    cfg = replace(base, engine=EngineConfig(cuda_graphs=True, progress=False))
+    with caplog.at_level("WARNING"):
+        prepare_training(task, cfg, hs.CPU, dataset_len=4, per_process_batch=2)
+    assert task._dense is None and task.pad_multiple == 1
+    assert "ignored on cpu" in caplog.text
+    cfg = replace(base, engine=EngineConfig(pad_to_multiple=64, progress=False))
+    prepare_training(task, cfg, hs.CPU, dataset_len=4, per_process_batch=2)
+    assert task._dense is None and task.pad_multiple == 64

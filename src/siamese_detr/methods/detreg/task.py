@@ -26,14 +26,16 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from siamese_detr.config import DETRegOptions, RunConfig
+from siamese_detr.data.collate import pad_to_multiple
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.base import PretextTaskBase
 from siamese_detr.methods.siamese.colour import colour_normalise
 from siamese_detr.models.heads import MLP
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
-from siamese_detr.structures import BoxTargets, DetectorOutput, Encoded, LossOutput
+from siamese_detr.structures import BoxTargets, DetectorOutput, Encoded, ImageBatch, LossOutput
 
 if TYPE_CHECKING:
+    from siamese_detr.engine.graphs import Capture, GraphedDense
     from siamese_detr.engine.setup import Prepared
     from siamese_detr.methods.detreg.data import DETRegBatch
     from siamese_detr.models.detector import Detector
@@ -62,6 +64,8 @@ class DETReg(nn.Module):
         self.detector = detector
         self.opts = opts
         self.criterion = criterion
+        self.pad_multiple = 1
+        self._dense: GraphedDense | None = None  # engine.cuda_graphs
         self.feature_embed: MLP | None = None
         if opts.object_embedding_loss:
             D = detector.hidden_dim
@@ -80,8 +84,11 @@ class DETReg(nn.Module):
         return self.detector.state_dict()
 
     def forward(self, batch: DETRegBatch) -> LossOutput:
-        enc = self.detector.encode(batch.images)  # uint8 from the loader: normalised there
-        out = self.detector.decode(enc)
+        images = pad_to_multiple(batch.images, self.pad_multiple)  # engine.pad_to_multiple
+        dense = self._dense or self.dense
+        # uint8 from the loader: normalised in the detector
+        logits, boxes, hidden, *features = dense(images.images, images.mask, images.sizes)
+        out = DetectorOutput(logits=logits, boxes=boxes, hidden=hidden)
         det, indices = self.criterion(out, batch.targets)
         if self.feature_embed is None:
             return det
@@ -91,7 +98,7 @@ class DETReg(nn.Module):
                                   "crops")
             targets = self.crop_embeddings(batch.crops, batch.crop_colour)
         else:
-            targets = self.roi_embeddings(enc, batch.targets)
+            targets = self.roi_embeddings(features, batch.targets)
         emb = self.embedding_loss(out, indices[-1], targets)
         w = self.opts.weight_embedding
         # the logged terms stay on the device (the set criterion reports them so): no host
@@ -100,6 +107,27 @@ class DETReg(nn.Module):
         return LossOutput(total=det.total + w * emb, names=[*det.names, "loss_embedding"],
                           weights=[*det.weights, w],
                           raw=torch.cat([det.raw, emb.detach().float().reshape(1)]))
+
+    def dense(self, images: Tensor, mask: Tensor, sizes: Tensor) -> tuple[Tensor, ...]:
+        """The part of :meth:`forward` before the matching, from tensors only (what a CUDA
+        graph captures): the detector's ``(logits, boxes, hidden)``, then the frozen backbone
+        maps when the embeddings are pooled from them (``embedding_source=roi``)."""
+        enc = self.detector.encode(ImageBatch(images, mask, sizes))
+        out = self.detector.decode(enc)
+        result = [out.logits, out.boxes, out.hidden]
+        if self.feature_embed is not None and self.opts.embedding_source != "crops":
+            result.extend(enc.features)
+        return tuple(result)
+
+    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
+                           capture: Capture | None = None) -> None:
+        """Pad batches to ``pad_multiple`` and run :meth:`dense` (forward and backward) from
+        CUDA graphs (:mod:`siamese_detr.engine.graphs`)."""
+        from siamese_detr.engine.graphs import GraphedDense
+
+        self.pad_multiple = pad_multiple
+        self._dense = GraphedDense(self, self.dense, max_graphs=max_graphs, capture=capture,
+                                   name="detreg")
 
     # ----------------------------------------------------------------- embeddings
     def crop_embeddings(self, crops: list[Tensor], colour: list[Tensor] | None = None
@@ -119,9 +147,14 @@ class DETReg(nn.Module):
                     break
             return list(x.mean(dim=(-2, -1)).detach().split(sizes))
 
-    def roi_embeddings(self, enc: Encoded, targets: list[BoxTargets]) -> list[Tensor]:
-        """Per image ``[K_i, sum C_l]``: RoIAlign (7x7) + GAP of each frozen backbone level at
-        the target boxes (pixels of the unpadded image), concatenated over levels."""
+    def roi_embeddings(self, features: Encoded | list[Tensor], targets: list[BoxTargets]
+                       ) -> list[Tensor]:
+        """Per image ``[K_i, sum C_l]``: RoIAlign (7x7) + GAP of each frozen backbone level
+        (``features``: the maps, or an ``Encoded`` holding them) at the target boxes (pixels of
+        the unpadded image), concatenated over levels."""
+        if isinstance(features, Encoded):
+            features = features.features
+        strides = self.detector.backbone.strides
         boxes = []
         for t in targets:
             h, w = (float(v) for v in t.size.tolist())
@@ -130,7 +163,7 @@ class DETReg(nn.Module):
         sizes = [len(b) for b in boxes]
         with torch.no_grad():
             pooled = []
-            for feat, stride in zip(enc.features, enc.strides):
+            for feat, stride in zip(features, strides):
                 rois = [b.to(feat.dtype) for b in boxes]
                 out = roi_align(feat, rois, output_size=7, spatial_scale=1.0 / stride,
                                 sampling_ratio=-1, aligned=False)

@@ -28,14 +28,22 @@ import torch
 from torch import Tensor, nn
 
 from siamese_detr.config import RunConfig, UPDETROptions
+from siamese_detr.data.collate import pad_to_multiple
 from siamese_detr.errors import ConfigError
 from siamese_detr.losses.discrimination import region_discrimination_loss
 from siamese_detr.methods.base import PretextTaskBase, global_pool_features, pixel_box_targets
 from siamese_detr.methods.siamese.colour import colour_normalise
 from siamese_detr.models.heads import MLP
-from siamese_detr.structures import BoxTargets, DetectorOutput, LossOutput, QueryInputs
+from siamese_detr.structures import (
+    BoxTargets,
+    DetectorOutput,
+    ImageBatch,
+    LossOutput,
+    QueryInputs,
+)
 
 if TYPE_CHECKING:
+    from siamese_detr.engine.graphs import Capture, GraphedDense
     from siamese_detr.engine.setup import Prepared
     from siamese_detr.methods.updetr.data import UPDETRBatch
     from siamese_detr.models.detector import Detector
@@ -86,6 +94,8 @@ class UPDETR(nn.Module):
                 f"model.num_queries={detector.num_queries} must be a multiple of "
                 f"pretrain.updetr.num_patches={opts.num_patches}"
             )
+        self.pad_multiple = 1
+        self._dense: GraphedDense | None = None  # engine.cuda_graphs
         self.detector = detector
         self.opts = opts
         self.criterion = criterion
@@ -107,13 +117,34 @@ class UPDETR(nn.Module):
 
     def forward(self, batch: UPDETRBatch) -> LossOutput:
         """Loss of one batch (``B >= 1``); see the module docstring."""
-        enc = self.detector.encode(batch.images)  # uint8 from the loader: normalised there
+        images = pad_to_multiple(batch.images, self.pad_multiple)  # engine.pad_to_multiple
         patches = batch.patches
         if batch.patch_colour is not None:  # augment_on=device: colour and normalise here
             patches = colour_normalise(patches, batch.patch_colour)
+        dense = self._dense or self.dense
+        logits, boxes, hidden, feats = dense(images.images, images.mask, images.sizes, patches)
+        out = DetectorOutput(logits=logits, boxes=boxes, hidden=hidden)
+        return self.losses(out, patch_targets(batch.boxes, batch.images.sizes), feats)
+
+    def dense(self, images: Tensor, mask: Tensor, sizes: Tensor, patches: Tensor
+              ) -> tuple[Tensor, ...]:
+        """The part of :meth:`forward` before the matching, from tensors only (what a CUDA
+        graph captures): ``(logits, boxes, hidden)`` of the patch queries decoded against the
+        image (uint8 images normalised in the detector), then the patch features."""
+        enc = self.detector.encode(ImageBatch(images, mask, sizes))
         feats = self.patch_features(patches)
         out = self.detector.decode(enc, self.patch_queries(feats))
-        return self.losses(out, patch_targets(batch.boxes, batch.images.sizes), feats)
+        return out.logits, out.boxes, out.hidden, feats
+
+    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
+                           capture: Capture | None = None) -> None:
+        """Pad batches to ``pad_multiple`` and run :meth:`dense` (forward and backward) from
+        CUDA graphs (:mod:`siamese_detr.engine.graphs`)."""
+        from siamese_detr.engine.graphs import GraphedDense
+
+        self.pad_multiple = pad_multiple
+        self._dense = GraphedDense(self, self.dense, max_graphs=max_graphs, capture=capture,
+                                   name="updetr")
 
     # ----------------------------------------------------------------- queries
     def patch_features(self, patches: Tensor) -> Tensor:
