@@ -174,7 +174,7 @@ class EngineConfig:
     compile: bool = False
     # CUDA only: the dense part of the step (detector forward and backward, before the
     # matching) replayed from CUDA graphs, one per padded batch shape; see engine/graphs.
-    # Fine-tuning and Siamese pretraining; needs accum_steps=1
+    # Fine-tuning and all pretraining methods; needs accum_steps=1
     cuda_graphs: bool = False
     cuda_graphs_max: int = 16  # graphs kept (one per shape); batches of other shapes: eager
     # pad each batch's height and width up to a multiple of this (fewer distinct shapes for

@@ -19,8 +19,8 @@ to ``engine.cuda_graphs_max`` graphs; batches of other shapes run eagerly. Paddi
 DETR's batching already does (masked positions), so the losses keep their meaning.
 
 Where graphs are not used: on the CPU (the option is ignored, like ``engine.amp``), in eval
-mode or without gradients (evaluation, ``predict``), and for the tasks that have no dense part
-yet (UP-DETR and DETReg pretraining run eagerly).
+mode or without gradients (evaluation, ``predict``), for shapes past the cap, and for a shape
+whose capture raised (warned once, then eager).
 
 Constraints the callers keep: one call of a graph per step (a second call before the
 backward would overwrite the saved activations), ``engine.accum_steps=1`` (the returned
