@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from siamese_detr.data.collate import pad_to_multiple, padded_size
 from siamese_detr.engine.logging import get_logger
 
-__all__ = ["Capture", "GraphedDense", "pad_to_multiple", "padded_size", "enable_cuda_graphs",
-           "graph_signature", "DEFAULT_PAD_MULTIPLE"]
+__all__ = ["Capture", "GraphedDense", "cuda_memory", "pad_to_multiple", "padded_size",
+           "enable_cuda_graphs", "graph_signature", "DEFAULT_PAD_MULTIPLE"]
 
 DEFAULT_PAD_MULTIPLE = 128  # with cuda_graphs and engine.pad_to_multiple=0
 
@@ -80,6 +80,17 @@ def _capture_cuda(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., 
                                              capture_error_mode="thread_local")
 
 
+def cuda_memory(device: torch.device) -> tuple[int, int]:
+    """``(available, reserved)`` bytes on ``device``: what the driver has free plus what the
+    caching allocator holds unused, and what the allocator holds in all."""
+    free, _ = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    return free + reserved - torch.cuda.memory_allocated(device), reserved
+
+
+MemoryProbe = Callable[[torch.device], tuple[int, int]]
+
+
 class GraphedDense:
     """``fn(*tensors) -> tuple of tensors``, replayed from CUDA graphs where it can be.
 
@@ -91,76 +102,107 @@ class GraphedDense:
         max_graphs: at most this many captured signatures; others run eagerly.
         capture: ``capture(module, sample_args) -> callable`` (default
             :func:`torch.cuda.make_graphed_callables`); tests pass a stand-in.
+        memory: ``memory(device) -> (available, reserved)`` bytes (default
+            :func:`cuda_memory` with real captures; none with a stand-in). A graph keeps its
+            shape's activations, so a new shape is captured only while the memory available
+            is at least ``headroom`` times the most a capture has added so far.
         name: for the log.
     """
 
     def __init__(self, owner: nn.Module, fn: Callable[..., tuple[Tensor, ...]], *,
                  max_graphs: int = 16, capture: Capture | None = None,
+                 memory: MemoryProbe | None = None, headroom: float = 2.0,
                  name: str = "dense") -> None:
         self.owner = owner
         self.fn = fn
         self.max_graphs = max_graphs
         self.capture = capture or _capture_cuda
+        self.memory = memory if memory is not None or capture is not None else cuda_memory
+        self.headroom = headroom
         self.name = name
         self.graphs: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self.failed: dict[tuple[Any, ...], str] = {}  # signatures whose capture raised
         self.graphed_calls = 0
         self.eager_calls = 0
         self.capture_seconds = 0.0
-        self._full_warned = False
+        self.graph_bytes = 0  # the most memory one capture added (reserved bytes)
+        self._warned: set[str] = set()
 
     def usable(self, args: tuple[Tensor | None, ...]) -> bool:
         first = next(a for a in args if a is not None)
         return (self.owner.training and torch.is_grad_enabled()
                 and (first.device.type == "cuda" or self.capture is not _capture_cuda))
 
+    def _warn_once(self, why: str, msg: str, *fmt: object) -> None:
+        if why not in self._warned:
+            self._warned.add(why)
+            get_logger().warning(msg, *fmt)
+
+    def _room_for_another(self, device: torch.device) -> bool:
+        if self.memory is None or not self.graphs:
+            return True
+        available, _ = self.memory(device)
+        if available >= self.headroom * self.graph_bytes:
+            return True
+        self._warn_once("memory", "cuda_graphs: %s keeps %d graphs; %.0f MiB left is under "
+                        "%.1fx the %.0f MiB a graph took, so batches of new shapes run eagerly "
+                        "(raise engine.pad_to_multiple for fewer shapes)", self.name,
+                        len(self.graphs), available / 2**20, self.headroom,
+                        self.graph_bytes / 2**20)
+        return False
+
+    def _capture(self, key: tuple[Any, ...], tensors: tuple[Tensor, ...],
+                 dense: Callable[..., tuple[Tensor, ...]]) -> Callable[..., Any] | None:
+        """Capture one signature; None (and the signature remembered as failed) when the
+        capture raises."""
+        device = tensors[0].device
+        before = self.memory(device)[1] if self.memory is not None else 0
+        t0 = time.perf_counter()
+        try:
+            graphed = self.capture(_Bound(self.owner, dense), tensors)  # type: ignore[arg-type]
+        except Exception as e:  # an op that cannot be captured, or out of memory
+            self.failed[key] = repr(e)
+            get_logger().warning("cuda_graphs: %s could not be captured for %s (%r); batches "
+                                 "of this shape run eagerly", self.name,
+                                 tuple(tensors[0].shape), e)
+            return None
+        finally:
+            self.capture_seconds += time.perf_counter() - t0
+        if self.memory is not None:
+            self.graph_bytes = max(self.graph_bytes, self.memory(device)[1] - before)
+        self.graphs[key] = graphed
+        get_logger().info("cuda_graphs: captured %s #%d for %s in %.1f s (+%.0f MiB)",
+                          self.name, len(self.graphs), tuple(tensors[0].shape),
+                          time.perf_counter() - t0, self.graph_bytes / 2**20)
+        return graphed
+
     def __call__(self, *args: Tensor | None) -> tuple[Tensor, ...]:
         if not self.usable(args):
             return self.fn(*args)
         present = [i for i, a in enumerate(args) if a is not None]
+        tensors = tuple(args[i] for i in present)
 
-        def dense(*tensors: Tensor) -> tuple[Tensor, ...]:
+        def dense(*xs: Tensor) -> tuple[Tensor, ...]:
             full: list[Tensor | None] = [None] * len(args)
-            for i, t in zip(present, tensors):
+            for i, t in zip(present, xs):
                 full[i] = t
             return tuple(self.fn(*full))
 
         key = graph_signature(args)
         graphed = self.graphs.get(key)
-        if key in self.failed:
+        if graphed is None and key not in self.failed:
+            if len(self.graphs) >= self.max_graphs:
+                self._warn_once("cap", "cuda_graphs: %s has %d graphs (engine.cuda_graphs_max); "
+                                "batches of new shapes run eagerly (raise "
+                                "engine.pad_to_multiple or engine.cuda_graphs_max)", self.name,
+                                self.max_graphs)
+            elif self._room_for_another(tensors[0].device):  # type: ignore[union-attr]
+                graphed = self._capture(key, tensors, dense)  # type: ignore[arg-type]
+        if graphed is None:
             self.eager_calls += 1
             return self.fn(*args)
-        if graphed is None:
-            if len(self.graphs) >= self.max_graphs:
-                if not self._full_warned:
-                    get_logger().warning(
-                        "cuda_graphs: %s has %d graphs (engine.cuda_graphs_max); batches of "
-                        "new shapes run eagerly (raise engine.pad_to_multiple or "
-                        "engine.cuda_graphs_max)", self.name, self.max_graphs)
-                    self._full_warned = True
-                self.eager_calls += 1
-                return self.fn(*args)
-            tensors = tuple(args[i] for i in present)
-            t0 = time.perf_counter()
-            try:
-                graphed = self.capture(_Bound(self.owner, dense), tensors)  # type: ignore[arg-type]
-            except Exception as e:  # an op that cannot be captured: this shape runs eagerly
-                self.failed[key] = repr(e)
-                get_logger().warning("cuda_graphs: %s could not be captured for %s (%r); "
-                                     "batches of this shape run eagerly", self.name,
-                                     tuple(tensors[0].shape), e)
-            else:
-                self.graphs[key] = graphed
-                get_logger().info("cuda_graphs: captured %s #%d for %s in %.1f s", self.name,
-                                  len(self.graphs), tuple(tensors[0].shape),
-                                  time.perf_counter() - t0)
-            self.capture_seconds += time.perf_counter() - t0
-            if key in self.failed:
-                self.eager_calls += 1
-                return self.fn(*args)
         self.graphed_calls += 1
-        out = graphed(*(args[i] for i in present))
-        return tuple(out)
+        return tuple(graphed(*tensors))
 
     def stats(self) -> dict[str, float]:
         return {"graphs": len(self.graphs), "graphed_calls": self.graphed_calls,

@@ -214,6 +214,26 @@ def test_a_failed_capture_leaves_that_shape_eager():
     assert dense.graphed_calls == 1 and len(capture.captures) == 1  # tried once, not again
 
 
+def test_no_new_graph_without_room_for_it():
+    """Each capture's memory is measured; a new shape is captured only while at least twice
+    the largest so far is available."""
+    lin = nn.Linear(4, 3)
+    state = {"reserved": 0, "available": 1000}
+
+    def capture(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., Any]:
+        state["reserved"] += 100 * args[0].shape[0]  # the graph's pool
+        state["available"] -= 100 * args[0].shape[0]
+        return EmulatedCapture()(module, args)
+
+    dense = GraphedDense(lin, lambda x: (lin(x),), max_graphs=8, capture=capture,
+                         memory=lambda device: (state["available"], state["reserved"]))
+    for rows in (2, 3, 1, 3):
+        dense(torch.randn(rows, 4))
+    # 2 rows: +200 (800 left); 3 rows: +300 (500 left); 1 row: 500 < 2 x 300, eager
+    assert dense.graph_bytes == 300 and len(dense.graphs) == 2
+    assert dense.graphed_calls == 3 and dense.eager_calls == 1
+
+
 def _stream(batches: list[Any]) -> Callable[[int], Iterator[Any]]:
     return lambda position: iter(batches[position:])
 
