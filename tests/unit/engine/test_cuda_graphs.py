@@ -117,6 +117,7 @@ def test_dense_part_neither_reads_nor_uploads_after_its_first_call(variant, kind
         sum(o.float().sum() for o in out if o.requires_grad).backward()
     assert c.syncs == 0, dict(c.sync_sites)
     assert c.uploads == 0, dict(c.upload_sites)
+    assert c.op_names["lift_fresh"] + c.op_names["lift_fresh_copy"] == 0  # from_numpy etc.
     assert c.ops > 100  # the counter saw the step
 
 
