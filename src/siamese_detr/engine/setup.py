@@ -85,7 +85,7 @@ def prepare_training(task: nn.Module, cfg: RunConfig, dist_info: DistInfo, datas
         get_logger().info("torch.compile: %s", ", ".join(compile_transformers(task)))
     if cfg.engine.cuda_graphs:
         _enable_cuda_graphs(task, cfg, dist_info)
-    elif cfg.engine.pad_to_multiple > 1:
+    if cfg.engine.pad_to_multiple > 1:  # explicit: applies with or without graphs
         padded = [m for m in task.modules() if hasattr(m, "pad_multiple")]
         for m in padded:
             m.pad_multiple = cfg.engine.pad_to_multiple

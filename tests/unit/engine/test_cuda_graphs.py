@@ -395,8 +395,12 @@ def test_setup_ignores_graphs_on_the_cpu_and_applies_the_padding(tmp_path, caplo
     cfg = replace(base, engine=EngineConfig(cuda_graphs=True, progress=False))
     with caplog.at_level("WARNING"):
         prepare_training(task, cfg, hs.CPU, dataset_len=4, per_process_batch=2)
-    assert task._dense is None and task.pad_multiple == 1
+    assert task._dense is None and task.pad_multiple == 1  # the automatic 128 needs graphs
     assert "ignored on cpu" in caplog.text
+    cfg = replace(base, engine=EngineConfig(cuda_graphs=True, pad_to_multiple=32,
+                                            progress=False))
+    prepare_training(task, cfg, hs.CPU, dataset_len=4, per_process_batch=2)
+    assert task._dense is None and task.pad_multiple == 32  # explicit padding applies
     cfg = replace(base, engine=EngineConfig(pad_to_multiple=64, progress=False))
     prepare_training(task, cfg, hs.CPU, dataset_len=4, per_process_batch=2)
     assert task._dense is None and task.pad_multiple == 64
