@@ -15,8 +15,9 @@ launch each. The step is split where the host must look at the data:
 Shapes: DETR's images change size every batch. ``engine.pad_to_multiple`` pads each batch's
 height and width up to a multiple (128 by default with graphs), so a few shapes recur; each
 gets its own graph (its own memory pool, holding that shape's activations) on first sight, up
-to ``engine.cuda_graphs_max`` graphs; batches of other shapes run eagerly. Padding is what
-DETR's batching already does (masked positions), so the losses keep their meaning.
+to ``engine.cuda_graphs_max`` graphs and while the GPU has twice the largest graph's memory
+free; batches of other shapes run eagerly. Padding is what DETR's batching already does
+(masked positions), so the losses keep their meaning.
 
 Where graphs are not used: on the CPU (the option is ignored, like ``engine.amp``), in eval
 mode or without gradients (evaluation, ``predict``), for shapes past the cap, and for a shape
