@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from siamese_detr.data.collate import pad_to_multiple, padded_size
 from siamese_detr.engine.logging import get_logger
 
-__all__ = ["Capture", "GraphedDense", "cuda_memory", "pad_to_multiple", "padded_size",
-           "enable_cuda_graphs", "graph_signature", "DEFAULT_PAD_MULTIPLE"]
+__all__ = ["Capture", "GraphableTask", "GraphedDense", "cuda_memory", "pad_to_multiple",
+           "padded_size", "enable_cuda_graphs", "graph_signature", "DEFAULT_PAD_MULTIPLE"]
 
 DEFAULT_PAD_MULTIPLE = 128  # with cuda_graphs and engine.pad_to_multiple=0
 
@@ -209,6 +209,36 @@ class GraphedDense:
         return {"graphs": len(self.graphs), "graphed_calls": self.graphed_calls,
                 "eager_calls": self.eager_calls, "capture_seconds": self.capture_seconds,
                 "failed_captures": len(self.failed)}
+
+
+class GraphableTask:
+    """Mixin of a task whose step has a dense part (``dense(*tensors) -> tuple``; see the
+    module docstring): ``enable_cuda_graphs`` and the padding it implies. The task's forward
+    pads its images with ``pad_to_multiple(images, self.pad_multiple)`` and calls
+    :meth:`run_dense`."""
+
+    pad_multiple: int = 1  # engine.pad_to_multiple (1: no extra padding)
+    _dense: GraphedDense | None = None
+    graph_name: str = "dense"  # for the log
+
+    dense: Callable[..., tuple[Tensor, ...]]
+
+    def graph_owner(self) -> nn.Module:
+        """The module whose parameters the dense part uses and trains (default: the task)."""
+        assert isinstance(self, nn.Module)
+        return self
+
+    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
+                           capture: Capture | None = None) -> None:
+        """Pad batches to ``pad_multiple`` and run :meth:`dense` (forward and backward) from
+        CUDA graphs; the rest of the step stays eager."""
+        self.pad_multiple = pad_multiple
+        self._dense = GraphedDense(self.graph_owner(), self.dense, max_graphs=max_graphs,
+                                   capture=capture, name=self.graph_name)
+
+    def run_dense(self, *args: Tensor | None) -> tuple[Tensor, ...]:
+        """:meth:`dense`, from its graphs when they are enabled."""
+        return (self._dense or self.dense)(*args)
 
 
 def enable_cuda_graphs(task: nn.Module, max_graphs: int, pad_multiple: int,

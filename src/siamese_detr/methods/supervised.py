@@ -16,37 +16,31 @@ from torch import Tensor, nn
 
 from siamese_detr.config import RunConfig
 from siamese_detr.data.collate import pad_to_multiple
+from siamese_detr.engine.graphs import GraphableTask
 from siamese_detr.errors import ConfigError
 from siamese_detr.structures import BoxTargets, DetectorOutput, ImageBatch, LossOutput
 
 if TYPE_CHECKING:
     from siamese_detr.engine.distributed import DistInfo
-    from siamese_detr.engine.graphs import Capture, GraphedDense
     from siamese_detr.engine.loop import TrainResult
     from siamese_detr.engine.setup import Prepared
 
 __all__ = ["DetectionTask", "SupervisedTask", "build_datasets"]
 
 
-class DetectionTask(nn.Module):
+class DetectionTask(GraphableTask, nn.Module):
     """Supervised detection as a task for the engine: ``forward((images, targets))``."""
+
+    graph_name = "detector"
 
     def __init__(self, detector: nn.Module, criterion: nn.Module) -> None:
         super().__init__()
         self.detector = detector
         self.criterion = criterion
-        self.pad_multiple = 1
-        self._dense: GraphedDense | None = None
 
-    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
-                           capture: Capture | None = None) -> None:
-        """Pad batches to ``pad_multiple`` and run the detector (forward and backward) from
-        CUDA graphs (:mod:`siamese_detr.engine.graphs`); the criterion stays eager."""
-        from siamese_detr.engine.graphs import GraphedDense
-
-        self.pad_multiple = pad_multiple
-        self._dense = GraphedDense(self.detector, self.dense, max_graphs=max_graphs,
-                                   capture=capture, name="detector")
+    def graph_owner(self) -> nn.Module:
+        """The graphs train the detector (the criterion has no parameters)."""
+        return self.detector
 
     def dense(self, images: Tensor, mask: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
         """The detector's ``(logits, boxes)`` from tensors only (what a CUDA graph captures)."""
@@ -59,7 +53,7 @@ class DetectionTask(nn.Module):
         if self._dense is None:
             out = self.detector(images)
         else:
-            logits, boxes = self._dense(images.images, images.mask, images.sizes)
+            logits, boxes = self.run_dense(images.images, images.mask, images.sizes)
             out = DetectorOutput(logits=logits, boxes=boxes, hidden=logits[..., :0])
         loss, _ = self.criterion(out, targets)
         return loss

@@ -27,6 +27,7 @@ from torchvision.ops import roi_align
 
 from siamese_detr.config import DETRegOptions, RunConfig
 from siamese_detr.data.collate import pad_to_multiple
+from siamese_detr.engine.graphs import GraphableTask
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.base import PretextTaskBase
 from siamese_detr.methods.siamese.colour import colour_normalise
@@ -35,7 +36,6 @@ from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, Encoded, ImageBatch, LossOutput
 
 if TYPE_CHECKING:
-    from siamese_detr.engine.graphs import Capture, GraphedDense
     from siamese_detr.engine.setup import Prepared
     from siamese_detr.methods.detreg.data import DETRegBatch
     from siamese_detr.models.detector import Detector
@@ -50,7 +50,7 @@ def crop_embedding_dim(depth: int) -> int:
     return _C3_CHANNELS[depth]
 
 
-class DETReg(nn.Module):
+class DETReg(GraphableTask, nn.Module):
     """The pretext task: ``forward(batch) -> LossOutput``.
 
     Args:
@@ -59,13 +59,13 @@ class DETReg(nn.Module):
         criterion: a ``SetCriterion`` with ``num_classes=1`` (aux loss on).
     """
 
+    graph_name = "detreg"
+
     def __init__(self, detector: Detector, opts: DETRegOptions, criterion: nn.Module) -> None:
         super().__init__()
         self.detector = detector
         self.opts = opts
         self.criterion = criterion
-        self.pad_multiple = 1
-        self._dense: GraphedDense | None = None  # engine.cuda_graphs
         self.feature_embed: MLP | None = None
         if opts.object_embedding_loss:
             D = detector.hidden_dim
@@ -85,9 +85,9 @@ class DETReg(nn.Module):
 
     def forward(self, batch: DETRegBatch) -> LossOutput:
         images = pad_to_multiple(batch.images, self.pad_multiple)  # engine.pad_to_multiple
-        dense = self._dense or self.dense
         # uint8 from the loader: normalised in the detector
-        logits, boxes, hidden, *features = dense(images.images, images.mask, images.sizes)
+        logits, boxes, hidden, *features = self.run_dense(images.images, images.mask,
+                                                          images.sizes)
         out = DetectorOutput(logits=logits, boxes=boxes, hidden=hidden)
         det, indices = self.criterion(out, batch.targets)
         if self.feature_embed is None:
@@ -118,16 +118,6 @@ class DETReg(nn.Module):
         if self.feature_embed is not None and self.opts.embedding_source != "crops":
             result.extend(enc.features)
         return tuple(result)
-
-    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
-                           capture: Capture | None = None) -> None:
-        """Pad batches to ``pad_multiple`` and run :meth:`dense` (forward and backward) from
-        CUDA graphs (:mod:`siamese_detr.engine.graphs`)."""
-        from siamese_detr.engine.graphs import GraphedDense
-
-        self.pad_multiple = pad_multiple
-        self._dense = GraphedDense(self, self.dense, max_graphs=max_graphs, capture=capture,
-                                   name="detreg")
 
     # ----------------------------------------------------------------- embeddings
     def crop_embeddings(self, crops: list[Tensor], colour: list[Tensor] | None = None

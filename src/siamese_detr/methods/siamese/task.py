@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.data.collate import pad_to_multiple
+from siamese_detr.engine.graphs import GraphableTask
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
 from siamese_detr.matcher import Matching
 from siamese_detr.methods.base import (
@@ -47,7 +48,6 @@ from siamese_detr.structures import (
 )
 
 if TYPE_CHECKING:
-    from siamese_detr.engine.graphs import Capture, GraphedDense
     from siamese_detr.engine.setup import Prepared
     from siamese_detr.losses.set_criterion import SetCriterion
     from siamese_detr.methods.siamese.data import SiameseBatch
@@ -57,7 +57,7 @@ __all__ = ["SiameseDETR", "SiameseTask", "build_pretext_criterion", "build_siame
            "check_regions"]
 
 
-class SiameseDETR(nn.Module):
+class SiameseDETR(GraphableTask, nn.Module):
     """The pretext task: ``forward(batch) -> LossOutput``.
 
     Args:
@@ -70,6 +70,8 @@ class SiameseDETR(nn.Module):
             padded map.
         head_dim: hidden/output width of the global projector and predictor (256 in the paper).
     """
+
+    graph_name = "siamese"
 
     def __init__(
         self, detector: Detector, opts: SiameseOptions, criterion: nn.Module,
@@ -93,8 +95,6 @@ class SiameseDETR(nn.Module):
         check_regions(detector.num_queries, opts.num_regions)
         # the backbone never trains during pretraining (method.md 3.1)
         detector.backbone.requires_grad_(False)
-        self.pad_multiple = 1
-        self._dense: GraphedDense | None = None  # engine.cuda_graphs
 
     # ----------------------------------------------------------------- public API
     def detector_state_dict(self) -> dict[str, Tensor]:
@@ -119,9 +119,8 @@ class SiameseDETR(nn.Module):
         views, crops = batch.joint_inputs(crops=self.feature_align is not None)
         boxes = torch.cat([batch.boxes1, batch.boxes2])  # [2B, M, 4], view 1 then view 2
         views = pad_to_multiple(views, self.pad_multiple)  # engine.pad_to_multiple
-        dense = self._dense or self.dense
-        logits, pred_boxes, hidden, *rest = dense(views.images, views.mask, views.sizes,
-                                                  boxes, crops)
+        logits, pred_boxes, hidden, *rest = self.run_dense(views.images, views.mask,
+                                                           views.sizes, boxes, crops)
         out = DetectorOutput(logits=logits, boxes=pred_boxes, hidden=hidden)
         emb = rest.pop(0) if crops is not None else None
         pooled = rest.pop(0) if self.projector is not None else None
@@ -158,17 +157,6 @@ class SiameseDETR(nn.Module):
         if self.projector is not None:
             result.append(self.pooled_memory(enc))
         return tuple(result)
-
-    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
-                           capture: Capture | None = None) -> None:
-        """Pad the joint views to ``pad_multiple`` and run :meth:`dense` (forward and
-        backward) from CUDA graphs (:mod:`siamese_detr.engine.graphs`); the matching and the
-        losses stay eager."""
-        from siamese_detr.engine.graphs import GraphedDense
-
-        self.pad_multiple = pad_multiple
-        self._dense = GraphedDense(self, self.dense, max_graphs=max_graphs, capture=capture,
-                                   name="siamese")
 
     def forward_per_direction(self, batch: SiameseBatch) -> LossOutput:
         """:meth:`forward` with each view encoded and each direction decoded and scored on

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from siamese_detr.config import RunConfig, UPDETROptions
 from siamese_detr.data.collate import pad_to_multiple
+from siamese_detr.engine.graphs import GraphableTask
 from siamese_detr.errors import ConfigError
 from siamese_detr.losses.discrimination import region_discrimination_loss
 from siamese_detr.methods.base import PretextTaskBase, global_pool_features, pixel_box_targets
@@ -43,7 +44,6 @@ from siamese_detr.structures import (
 )
 
 if TYPE_CHECKING:
-    from siamese_detr.engine.graphs import Capture, GraphedDense
     from siamese_detr.engine.setup import Prepared
     from siamese_detr.methods.updetr.data import UPDETRBatch
     from siamese_detr.models.detector import Detector
@@ -71,7 +71,7 @@ def patch_targets(boxes: Tensor, sizes: Tensor) -> list[BoxTargets]:
     return pixel_box_targets(boxes, sizes)
 
 
-class UPDETR(nn.Module):
+class UPDETR(GraphableTask, nn.Module):
     """The pretext task: ``forward(batch) -> LossOutput``.
 
     Args:
@@ -85,6 +85,8 @@ class UPDETR(nn.Module):
     conversion drops both.
     """
 
+    graph_name = "updetr"
+
     attn_mask: Tensor
 
     def __init__(self, detector: Detector, opts: UPDETROptions, criterion: nn.Module) -> None:
@@ -94,8 +96,6 @@ class UPDETR(nn.Module):
                 f"model.num_queries={detector.num_queries} must be a multiple of "
                 f"pretrain.updetr.num_patches={opts.num_patches}"
             )
-        self.pad_multiple = 1
-        self._dense: GraphedDense | None = None  # engine.cuda_graphs
         self.detector = detector
         self.opts = opts
         self.criterion = criterion
@@ -121,8 +121,8 @@ class UPDETR(nn.Module):
         patches = batch.patches
         if batch.patch_colour is not None:  # augment_on=device: colour and normalise here
             patches = colour_normalise(patches, batch.patch_colour)
-        dense = self._dense or self.dense
-        logits, boxes, hidden, feats = dense(images.images, images.mask, images.sizes, patches)
+        logits, boxes, hidden, feats = self.run_dense(images.images, images.mask, images.sizes,
+                                                      patches)
         out = DetectorOutput(logits=logits, boxes=boxes, hidden=hidden)
         return self.losses(out, patch_targets(batch.boxes, batch.images.sizes), feats)
 
@@ -135,16 +135,6 @@ class UPDETR(nn.Module):
         feats = self.patch_features(patches)
         out = self.detector.decode(enc, self.patch_queries(feats))
         return out.logits, out.boxes, out.hidden, feats
-
-    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
-                           capture: Capture | None = None) -> None:
-        """Pad batches to ``pad_multiple`` and run :meth:`dense` (forward and backward) from
-        CUDA graphs (:mod:`siamese_detr.engine.graphs`)."""
-        from siamese_detr.engine.graphs import GraphedDense
-
-        self.pad_multiple = pad_multiple
-        self._dense = GraphedDense(self, self.dense, max_graphs=max_graphs, capture=capture,
-                                   name="updetr")
 
     # ----------------------------------------------------------------- queries
     def patch_features(self, patches: Tensor) -> Tensor:
