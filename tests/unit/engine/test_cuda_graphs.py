@@ -404,3 +404,38 @@ def test_setup_ignores_graphs_on_the_cpu_and_applies_the_padding(tmp_path, caplo
     cfg = replace(base, engine=EngineConfig(pad_to_multiple=64, progress=False))
     prepare_training(task, cfg, hs.CPU, dataset_len=4, per_process_batch=2)
     assert task._dense is None and task.pad_multiple == 64
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_graphs_under_ddp_train_like_eager_ddp(kind, tmp_path):
+    """Two CPU processes (gloo) under DistributedDataParallel, the task given its graphs
+    before the wrap as ``prepare_training`` does: with the graph-shaped stand-in the losses
+    and weights equal eager DDP training (the gradient hooks fire on the graph node's
+    parameter gradients); the real ``make_graphed_callables`` (CUDA primitives stubbed) runs
+    its warm-up and capture inside DDP's forward without upsetting DDP's reducer."""
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("ddp_graphs_worker.py")
+    results = {}
+    for mode in ("eager", "emulated", "stubbed"):
+        out = tmp_path / mode
+        out.mkdir()
+        proc = subprocess.run([sys.executable, str(worker), str(out), kind, "vanilla", mode,
+                               _free_port()], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = torch.load(out / "result.pt", weights_only=True)
+    eager, emulated, stubbed = results["eager"], results["emulated"], results["stubbed"]
+    assert emulated["graphed_calls"] == stubbed["graphed_calls"] == 2
+    torch.testing.assert_close(emulated["losses"], eager["losses"], rtol=1e-5, atol=0)
+    for a, b in zip(emulated["weights"], eager["weights"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert stubbed["losses"][0] == pytest.approx(eager["losses"][0], rel=1e-5)
