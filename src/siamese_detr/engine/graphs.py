@@ -31,6 +31,7 @@ parameter gradients live in the graph's buffers), autocast without its weight ca
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -75,10 +76,12 @@ class _Bound(nn.Module):
 
 
 def _capture_cuda(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., Any]:
-    # thread_local: the DataLoader's pin-memory thread may allocate page-locked memory while
-    # the training thread captures; only the capturing thread's calls are checked
-    return torch.cuda.make_graphed_callables(module, args, allow_unused_input=True,
-                                             capture_error_mode="thread_local")
+    options: dict[str, Any] = {"allow_unused_input": True}
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        # thread_local: the DataLoader's pin-memory thread may allocate page-locked memory
+        # while the training thread captures; only the capturing thread's calls are checked
+        options["capture_error_mode"] = "thread_local"
+    return torch.cuda.make_graphed_callables(module, args, **options)
 
 
 def cuda_memory(device: torch.device) -> tuple[int, int]:
