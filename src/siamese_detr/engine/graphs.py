@@ -13,7 +13,9 @@ launch each. The step is split where the host must look at the data:
   the optimiser.
 
 Shapes: DETR's images change size every batch. ``engine.pad_to_multiple`` pads each batch's
-height and width up to a multiple (128 by default with graphs), so a few shapes recur; each
+height and width up to a multiple, so a few shapes recur (by default with graphs: 128 for
+fine-tuning, whose images reach 1333 px; 64 for pretraining, whose views stay under about
+600 px: docs/benchmarks.md has the shape counts and padding costs behind both); each
 gets its own graph (its own memory pool, holding that shape's activations) on first sight, up
 to ``engine.cuda_graphs_max`` graphs and while the GPU has twice the largest graph's memory
 free; batches of other shapes run eagerly. Padding is what DETR's batching already does
@@ -43,9 +45,7 @@ from siamese_detr.data.collate import pad_to_multiple, padded_size
 from siamese_detr.engine.logging import get_logger
 
 __all__ = ["Capture", "GraphableTask", "GraphedDense", "cuda_memory", "pad_to_multiple",
-           "padded_size", "enable_cuda_graphs", "graph_signature", "DEFAULT_PAD_MULTIPLE"]
-
-DEFAULT_PAD_MULTIPLE = 128  # with cuda_graphs and engine.pad_to_multiple=0
+           "padded_size", "enable_cuda_graphs", "graph_signature"]
 
 Capture = Callable[[nn.Module, tuple[Tensor, ...]], Callable[..., Any]]
 
@@ -221,6 +221,7 @@ class GraphableTask:
     :meth:`run_dense`."""
 
     pad_multiple: int = 1  # engine.pad_to_multiple (1: no extra padding)
+    default_pad_multiple: int = 64  # with graphs and engine.pad_to_multiple=0
     _dense: GraphedDense | None = None
     graph_name: str = "dense"  # for the log
 
@@ -233,9 +234,10 @@ class GraphableTask:
 
     def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
                            capture: Capture | None = None) -> None:
-        """Pad batches to ``pad_multiple`` and run :meth:`dense` (forward and backward) from
-        CUDA graphs; the rest of the step stays eager."""
-        self.pad_multiple = pad_multiple
+        """Pad batches to ``pad_multiple`` (0: :attr:`default_pad_multiple`) and run
+        :meth:`dense` (forward and backward) from CUDA graphs; the rest of the step stays
+        eager."""
+        self.pad_multiple = pad_multiple or self.default_pad_multiple
         self._dense = GraphedDense(self.graph_owner(), self.dense, max_graphs=max_graphs,
                                    capture=capture, name=self.graph_name)
 

@@ -46,17 +46,17 @@ def tidy_resumed_run(run_dir: Path, step: int) -> None:
 def _enable_cuda_graphs(task: nn.Module, cfg: RunConfig, dist_info: DistInfo) -> None:
     """``engine.cuda_graphs``: on CUDA, the task's dense part from CUDA graphs
     (:mod:`siamese_detr.engine.graphs`); ignored on the CPU, like ``engine.amp``."""
-    from siamese_detr.engine.graphs import DEFAULT_PAD_MULTIPLE, enable_cuda_graphs
+    from siamese_detr.engine.graphs import enable_cuda_graphs
 
     log = get_logger()
     if dist_info.device.type != "cuda":
         log.warning("engine.cuda_graphs=true is ignored on %s (CUDA only)", dist_info.device)
         return
-    pad = cfg.engine.pad_to_multiple or DEFAULT_PAD_MULTIPLE
-    names = enable_cuda_graphs(task, cfg.engine.cuda_graphs_max, pad)
+    names = enable_cuda_graphs(task, cfg.engine.cuda_graphs_max, cfg.engine.pad_to_multiple)
     if names:
-        log.info("cuda_graphs: %s (batches padded to multiples of %d, at most %d graphs)",
-                 ", ".join(names), pad, cfg.engine.cuda_graphs_max)
+        pads = sorted({m.pad_multiple for m in task.modules() if hasattr(m, "pad_multiple")})
+        log.info("cuda_graphs: %s (batches padded to multiples of %s, at most %d graphs)",
+                 ", ".join(names), "/".join(map(str, pads)), cfg.engine.cuda_graphs_max)
     else:
         log.warning("engine.cuda_graphs=true: this task (%s) has no graphed part yet; it "
                     "runs eagerly", type(task).__name__)

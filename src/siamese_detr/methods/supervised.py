@@ -32,6 +32,7 @@ class DetectionTask(GraphableTask, nn.Module):
     """Supervised detection as a task for the engine: ``forward((images, targets))``."""
 
     graph_name = "detector"
+    default_pad_multiple = 128  # images up to 1333 px: docs/benchmarks.md, cuda_graphs
 
     def __init__(self, detector: nn.Module, criterion: nn.Module) -> None:
         super().__init__()

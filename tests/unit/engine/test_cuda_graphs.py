@@ -439,3 +439,12 @@ def test_graphs_under_ddp_train_like_eager_ddp(kind, tmp_path):
     for a, b in zip(emulated["weights"], eager["weights"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert stubbed["losses"][0] == pytest.approx(eager["losses"][0], rel=1e-5)
+
+
+def test_automatic_padding_follows_the_task():
+    """``engine.pad_to_multiple=0`` with graphs: 128 for fine-tuning (images up to 1333 px),
+    64 for the pretraining tasks (views under about 600 px); docs/benchmarks.md."""
+    for kind, pad in (("finetune", 128), ("pretrain", 64), ("detreg", 64), ("updetr", 64)):
+        task = make_task(kind, "vanilla")
+        enable_cuda_graphs(task, max_graphs=2, pad_multiple=0, capture=EmulatedCapture())
+        assert task.pad_multiple == pad, kind
