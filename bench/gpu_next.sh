@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # engine.cuda_graphs on a GPU, what issue 13 most needs measured (bench/GPU_RUN.md, "Still to
-# measure"): one device call of at most 8 minutes (usually about 5). Carry .gpu/whl.
+# measure"): one device call of at most 9 minutes (usually about 5). Carry .gpu/whl.
 # bench/gpu_next2.sh has the rest. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next.sh
 source bench/gpu_env.sh
@@ -19,4 +19,6 @@ GS="python bench/bench_graph_shapes.py ${EXTRA:+--device cpu --small}"
     | tail -25; echo "2 rc=$?"
   timeout 60 $GS --variant deformable --dtype bf16 --steps 40 --warm 16 \
     --out "$OUT/shapes_deform.json" | tail -25; echo "2b rc=$?"
+  timeout 60 $GS --task pretrain --variant detr --dtype bf16 --batch 8 --steps 40 --warm 16 \
+    --out "$OUT/shapes_pretrain.json" | tail -25; echo "2c rc=$?"
 } 2>&1 | tee "$OUT/next.log"
