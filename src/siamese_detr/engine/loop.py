@@ -352,6 +352,24 @@ class NonFinitePolicy:
         return len(self.skipped) > self.limit
 
 
+class _GraphCounts:
+    """``engine.cuda_graphs`` in the log: graphs held and the share of the steps since the
+    last log that ran from a graph (nothing when the task has no graphs)."""
+
+    def __init__(self, dense: Any) -> None:
+        self.dense = dense
+        self.last = (0, 0)
+
+    def read(self) -> dict[str, float]:
+        if self.dense is None:
+            return {}
+        graphed, eager = self.dense.graphed_calls, self.dense.eager_calls
+        g, e = graphed - self.last[0], eager - self.last[1]
+        self.last = (graphed, eager)
+        return {"cuda_graphs": float(len(self.dense.graphs)),
+                "graphed_share": g / (g + e) if g + e else 0.0}
+
+
 def train(
     *,
     task: nn.Module,
@@ -421,6 +439,7 @@ def train(
                 nonfinite.observe(False, bad_step, terms, ids)
         return nonfinite.exhausted
 
+    graph_counts = _GraphCounts(getattr(raw, "_dense", None))
     task.train()
     with _StopFlag() as stop:
         for step in range(start.step, schedule.total_steps):
@@ -489,6 +508,7 @@ def train(
                 last_logged = done
                 if device.type == "cuda":
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                record.update(graph_counts.read())
                 metrics.write(record)
                 result.last_metrics = record
                 if pbar is not None:

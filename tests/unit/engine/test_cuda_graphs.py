@@ -269,6 +269,10 @@ def test_graphed_training_equals_eager_training(variant, kind, tmp_path):
         if graphed:
             assert len(capture.captures) == 1  # all three batches pad to one shape
             assert capture.captures[0][0][-2:] == (64, 96)
+            from siamese_detr.engine.logging import read_jsonl
+
+            last = read_jsonl(tmp_path / "True" / "metrics.jsonl")[-1]
+            assert last["cuda_graphs"] == 1 and last["graphed_share"] == 1.0
     changed = 0
     for eager, graphed in zip(*results):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
