@@ -161,10 +161,14 @@ class GraphedDense:
         capture raises."""
         device = tensors[0].device
         before = self.memory(device)[1] if self.memory is not None else 0
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         t0 = time.perf_counter()
         try:
             graphed = self.capture(_Bound(self.owner, dense), tensors)  # type: ignore[arg-type]
         except Exception as e:  # an op that cannot be captured, or out of memory
+            if stream is not None:  # a failed capture_end leaves its side stream current
+                torch.cuda.set_stream(stream)
+                torch.cuda.synchronize(device)
             self.failed[key] = repr(e)
             get_logger().warning("cuda_graphs: %s could not be captured for %s (%r); batches "
                                  "of this shape run eagerly", self.name,
