@@ -4,8 +4,10 @@ On the CPU: the padding to shape buckets, the capture-safety of the dense parts 
 no tensor made from host data after the first call), the capture cache (one graph per
 signature, a cap, eager in eval mode and without gradients) and the gradients, checked with a
 CPU stand-in for ``torch.cuda.make_graphed_callables`` that has its interface and its autograd
-structure (static inputs, one autograd node, the module's parameters as extra inputs). On a
-GPU: the real graphs against eager training.
+structure (static inputs, one autograd node, the module's parameters as extra inputs); the
+real ``make_graphed_callables`` with its CUDA primitives stubbed; the memory rule and failed
+captures; DistributedDataParallel over two CPU processes. On a GPU: the real graphs against
+eager training. Tasks: fine-tuning, Siamese DETR, DETReg and UP-DETR, each detector.
 """
 
 from __future__ import annotations
