@@ -288,9 +288,10 @@ def build_transforms(cfg: DataConfig, train: bool) -> Compose:
     * train, ``none``: no geometric change.
     * eval (any ``augment``): resize to ``val_size`` (max ``max_size``).
 
-    All end with ToTensor + Normalize (ImageNet mean/std; boxes -> normalised cxcywh).
+    All end with ToUint8Tensor + NormalizeBoxes (boxes -> normalised cxcywh): the image
+    leaves the worker as uint8 and the detector normalises it (``ImageBatch.normalised``),
+    the same bits as ToTensor + Normalize in the worker.
     """
-    # uint8 out of the worker, normalised by the detector (ImageBatch.normalised): same bits
     final: list[Transform] = [ToUint8Tensor(), NormalizeBoxes()]
     if not train:
         return Compose([RandomResize([cfg.val_size], cfg.max_size), *final])

@@ -189,13 +189,6 @@ class GraphedDense:
             return self.fn(*args)
         present = [i for i, a in enumerate(args) if a is not None]
         tensors = tuple(args[i] for i in present)
-
-        def dense(*xs: Tensor) -> tuple[Tensor, ...]:
-            full: list[Tensor | None] = [None] * len(args)
-            for i, t in zip(present, xs):
-                full[i] = t
-            return tuple(self.fn(*full))
-
         key = graph_signature(args)
         graphed = self.graphs.get(key)
         if graphed is None and key not in self.failed:
@@ -205,12 +198,22 @@ class GraphedDense:
                                 "engine.pad_to_multiple or engine.cuda_graphs_max)", self.name,
                                 self.max_graphs)
             elif self._room_for_another(tensors[0].device):  # type: ignore[union-attr]
+                dense = self._tensors_only(len(args), present)
                 graphed = self._capture(key, tensors, dense)  # type: ignore[arg-type]
         if graphed is None:
             self.eager_calls += 1
             return self.fn(*args)
         self.graphed_calls += 1
         return tuple(graphed(*tensors))
+
+    def _tensors_only(self, n: int, present: list[int]) -> Callable[..., tuple[Tensor, ...]]:
+        """``fn`` of the ``present`` arguments only (a graph takes tensors, not ``None``)."""
+        def dense(*xs: Tensor) -> tuple[Tensor, ...]:
+            full: list[Tensor | None] = [None] * n
+            for i, t in zip(present, xs):
+                full[i] = t
+            return tuple(self.fn(*full))
+        return dense
 
     def stats(self) -> dict[str, float]:
         return {"graphs": len(self.graphs), "graphed_calls": self.graphed_calls,
@@ -257,8 +260,7 @@ def enable_cuda_graphs(task: nn.Module, max_graphs: int, pad_multiple: int,
     graph)."""
     done = []
     for name, module in task.named_modules():
-        hook = getattr(module, "enable_cuda_graphs", None)
-        if callable(hook):
-            hook(max_graphs=max_graphs, pad_multiple=pad_multiple, capture=capture)
+        if isinstance(module, GraphableTask):
+            module.enable_cuda_graphs(max_graphs, pad_multiple, capture)
             done.append(name or type(module).__name__)
     return done

@@ -46,7 +46,7 @@ def tidy_resumed_run(run_dir: Path, step: int) -> None:
 def _enable_cuda_graphs(task: nn.Module, cfg: RunConfig, dist_info: DistInfo) -> None:
     """``engine.cuda_graphs``: on CUDA, the task's dense part from CUDA graphs
     (:mod:`siamese_detr.engine.graphs`); ignored on the CPU, like ``engine.amp``."""
-    from siamese_detr.engine.graphs import enable_cuda_graphs
+    from siamese_detr.engine.graphs import GraphableTask, enable_cuda_graphs
 
     log = get_logger()
     if dist_info.device.type != "cuda":
@@ -54,7 +54,7 @@ def _enable_cuda_graphs(task: nn.Module, cfg: RunConfig, dist_info: DistInfo) ->
         return
     names = enable_cuda_graphs(task, cfg.engine.cuda_graphs_max, cfg.engine.pad_to_multiple)
     if names:
-        pads = sorted({m.pad_multiple for m in task.modules() if hasattr(m, "pad_multiple")})
+        pads = sorted({m.pad_multiple for m in task.modules() if isinstance(m, GraphableTask)})
         log.info("cuda_graphs: %s (batches padded to multiples of %s, at most %d graphs)",
                  ", ".join(names), "/".join(map(str, pads)), cfg.engine.cuda_graphs_max)
     else:
@@ -86,7 +86,9 @@ def prepare_training(task: nn.Module, cfg: RunConfig, dist_info: DistInfo, datas
     if cfg.engine.cuda_graphs:
         _enable_cuda_graphs(task, cfg, dist_info)
     if cfg.engine.pad_to_multiple > 1:  # explicit: applies with or without graphs
-        padded = [m for m in task.modules() if hasattr(m, "pad_multiple")]
+        from siamese_detr.engine.graphs import GraphableTask
+
+        padded = [m for m in task.modules() if isinstance(m, GraphableTask)]
         for m in padded:
             m.pad_multiple = cfg.engine.pad_to_multiple
         if not padded:

@@ -51,11 +51,9 @@ class DetectionTask(GraphableTask, nn.Module):
     def forward(self, batch: tuple[ImageBatch, list[BoxTargets]]) -> LossOutput:
         images, targets = batch
         images = pad_to_multiple(images, self.pad_multiple)
-        if self._dense is None:
-            out = self.detector(images)
-        else:
-            logits, boxes = self.run_dense(images.images, images.mask, images.sizes)
-            out = DetectorOutput(logits=logits, boxes=boxes, hidden=logits[..., :0])
+        logits, boxes = self.run_dense(images.images, images.mask, images.sizes)
+        # the criterion reads no decoder states
+        out = DetectorOutput(logits=logits, boxes=boxes, hidden=logits[..., :0])
         loss, _ = self.criterion(out, targets)
         return loss
 

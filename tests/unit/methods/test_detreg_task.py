@@ -98,7 +98,7 @@ def test_roi_embeddings_equal_roi_align_per_level() -> None:
     batch = make_batch()
     with torch.no_grad():
         enc = task.detector.encode(batch.images)
-        emb = task.roi_embeddings(enc, batch.targets)
+        emb = task.roi_embeddings(enc.features, batch.targets)
     assert [e.shape for e in emb] == [(3, 768), (2, 768)]
     t = batch.targets[1]
     h, w = t.size.tolist()

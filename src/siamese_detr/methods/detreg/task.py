@@ -33,7 +33,7 @@ from siamese_detr.methods.base import PretextTaskBase
 from siamese_detr.methods.siamese.colour import colour_normalise
 from siamese_detr.models.heads import MLP
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
-from siamese_detr.structures import BoxTargets, DetectorOutput, Encoded, ImageBatch, LossOutput
+from siamese_detr.structures import BoxTargets, DetectorOutput, ImageBatch, LossOutput
 
 if TYPE_CHECKING:
     from siamese_detr.engine.setup import Prepared
@@ -137,13 +137,11 @@ class DETReg(GraphableTask, nn.Module):
                     break
             return list(x.mean(dim=(-2, -1)).detach().split(sizes))
 
-    def roi_embeddings(self, features: Encoded | list[Tensor], targets: list[BoxTargets]
+    def roi_embeddings(self, features: list[Tensor], targets: list[BoxTargets]
                        ) -> list[Tensor]:
         """Per image ``[K_i, sum C_l]``: RoIAlign (7x7) + GAP of each frozen backbone level
-        (``features``: the maps, or an ``Encoded`` holding them) at the target boxes (pixels of
-        the unpadded image), concatenated over levels."""
-        if isinstance(features, Encoded):
-            features = features.features
+        (``features``: ``Encoded.features``) at the target boxes (pixels of the unpadded
+        image), concatenated over levels."""
         strides = self.detector.backbone.strides
         boxes = []
         for t in targets:

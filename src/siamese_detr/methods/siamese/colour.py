@@ -65,13 +65,14 @@ def apply_colour_pil(img: Image.Image, params: np.ndarray) -> Image.Image:
     """The pipeline on one PIL RGB image with the parameters of :func:`sample_colour_params`."""
     p = np.asarray(params, dtype=np.float64)
     if p[0]:
+        brightness, contrast, saturation = (float(v) for v in p[_FACTORS])
         for op in p[_ORDER].astype(int):
             if op == 0:
-                img = TF.adjust_brightness(img, float(p[5]))
+                img = TF.adjust_brightness(img, brightness)
             elif op == 1:
-                img = TF.adjust_contrast(img, float(p[6]))
+                img = TF.adjust_contrast(img, contrast)
             elif op == 2:
-                img = TF.adjust_saturation(img, float(p[7]))
+                img = TF.adjust_saturation(img, saturation)
             else:
                 img = TF.adjust_hue(img, float(p[_HUE]))
     if p[_GRAY]:
