@@ -298,6 +298,31 @@ def _no_randomness(task: nn.Module) -> nn.Module:
     return task
 
 
+def stub_cuda_graph_primitives(setattr: Callable[[Any, str, Any], None]) -> None:
+    """Replace the CUDA primitives ``make_graphed_callables`` uses (stream, synchronize, graph
+    capture, replay, memory pool) by no-ops, through ``setattr`` (pytest's
+    ``monkeypatch.setattr``, or the builtin in a subprocess), so that the real function runs on
+    the CPU. The capture then computes eagerly once and a replay does nothing. Its static
+    gradient buffers come from ``torch.empty_like``, which is made ``zeros_like``: without a
+    real replay nothing ever fills them, and uninitialised memory can hold NaNs (the backward
+    of a stubbed graph is meaningless, but it must be deterministic)."""
+    import contextlib
+
+    import torch.cuda.graphs as tcg
+
+    class NoGraph:
+        def replay(self) -> None:
+            pass
+
+    setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    setattr(torch.cuda, "Stream", lambda *a, **k: None)
+    setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    setattr(torch.cuda, "CUDAGraph", NoGraph)
+    setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
+    setattr(tcg, "graph_pool_handle", lambda: None)
+    setattr(torch, "empty_like", torch.zeros_like)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_real_make_graphed_callables_accepts_the_dense_parts(variant, kind, monkeypatch):
@@ -308,22 +333,9 @@ def test_real_make_graphed_callables_accepts_the_dense_parts(variant, kind, monk
     the part does not use). A no-op replay returns what the capture computed from the first
     batch, so the first step's loss must equal the eager loss (nothing random), and every
     trainable parameter must receive a gradient of its shape."""
-    import contextlib
-
-    import torch.cuda.graphs as tcg
-
     from siamese_detr.engine import graphs
 
-    class NoGraph:
-        def replay(self) -> None:
-            pass
-
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: None)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", NoGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
-    monkeypatch.setattr(tcg, "graph_pool_handle", lambda: None)
+    stub_cuda_graph_primitives(monkeypatch.setattr)
     batch = make_batches(kind, 1)[0]
     eager = _no_randomness(make_task(kind, variant).train())
     task = _no_randomness(make_task(kind, variant).train())
