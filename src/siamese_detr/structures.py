@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -21,15 +21,23 @@ from torch import Tensor
 from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
-@lru_cache(maxsize=64)
+@cache  # never evicted: a captured CUDA graph reads the constant's address at every replay
 def device_constant(values: tuple[float, ...], device: torch.device,
                     dtype: torch.dtype = torch.float32) -> Tensor:
-    """A small constant vector on ``device``, made once per (values, device, dtype) and
-    reused: creating it per call on a GPU would copy it from pageable host memory, a copy that
-    waits for the device's queue, in the training step. Made outside inference mode, so a
-    constant first asked for by ``predict`` still serves training."""
+    """A small constant vector on ``device``, made once per (values, device, dtype) and kept
+    for the process (do not modify it): creating it per call in the training step would be a
+    host upload per step, which a CUDA graph cannot replay, and freeing it would leave a graph
+    reading reused memory. On a GPU the one upload goes through page-locked memory without
+    blocking (a copy from pageable memory waits for the device's queue). Made outside
+    inference mode, so a constant first asked for by ``predict`` still serves training. The
+    keys are few: fixed constants, and the level sizes of each padded image size (thousands
+    at most; 512 bytes of GPU memory each)."""
+    device = torch.device(device)
     with torch.inference_mode(False):
-        return torch.tensor(values, dtype=dtype, device=device)
+        t = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
 
 
 def imagenet_normalise(x: Tensor) -> Tensor:

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 import os
-from functools import cache, lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from siamese_detr.structures import device_constant
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn", "shapes_tensor",
            "level_sizes", "near_integer_pixels", "triton_enabled"]
@@ -44,15 +46,12 @@ def shapes_tensor(shapes: list[tuple[int, int]], device: torch.device) -> Tensor
     return _shapes_tensor(tuple((int(h), int(w)) for h, w in shapes), torch.device(device))
 
 
-@lru_cache(maxsize=256)
+@cache  # never evicted, as device_constant: graphs read these tensors at every replay
 def _shapes_tensor(shapes: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
+    flat = tuple(v for hw in shapes for v in hw)
     with torch.inference_mode(False):
-        t = torch.tensor(shapes, dtype=torch.long).reshape(-1, 2)
-        if device.type == "cuda":
-            t = t.pin_memory().to(device, non_blocking=True)
-        else:
-            t = t.to(device)
-    setattr(t, _SHAPES_ATTR, list(shapes))
+        t = device_constant(flat, device, torch.long).view(-1, 2)  # type: ignore[arg-type]
+    setattr(t, _SHAPES_ATTR, list(shapes))  # on this view, which this cache keeps
     return t
 
 

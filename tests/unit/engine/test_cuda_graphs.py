@@ -124,14 +124,39 @@ def test_dense_part_neither_reads_nor_uploads_after_its_first_call(variant, kind
 
 
 def test_op_counter_sees_uploads():
-    from siamese_detr.ops import deform_attn
+    """The control of the test above: a batch of an image size not seen before makes the
+    deformable attention's level sizes new, and their one upload (``device_constant``) is
+    counted; the same size again uploads nothing."""
+    import torch.nn.functional as F
 
-    deform_attn._shapes_tensor.cache_clear()
     task = make_task("finetune", "deformable").train()
-    args = dense_args("finetune", make_batches("finetune", 1)[0])
-    with OpCounter() as c:
-        task.dense(*args)
-    assert any("deform_attn.py" in site for site in c.upload_sites), dict(c.upload_sites)
+    images, mask, sizes = dense_args("finetune", make_batches("finetune", 1)[0])
+    task.dense(images, mask, sizes)  # constants of this size made
+    wider = (F.pad(images, (0, 97)), F.pad(mask, (0, 97), value=True), sizes)
+    for expected in (1, 0):
+        with OpCounter() as c:
+            task.dense(*wider)
+        sites = [site for site in c.upload_sites if "structures.py" in site]
+        assert c.uploads == expected and len(sites) == expected, dict(c.upload_sites)
+
+
+def test_constants_a_graph_reads_are_never_evicted():
+    """A captured graph reads the level sizes and the normalisation constants from their
+    addresses at every replay, so the caches that made them must keep them for the process:
+    after 1000 other padded sizes (the automatic 32-pixel padding alone makes 277 shapes,
+    docs/benchmarks.md), the first ones are the same tensors, at the same addresses."""
+    from siamese_detr.ops.deform_attn import shapes_tensor
+    from siamese_detr.structures import device_constant
+
+    cpu = torch.device("cpu")
+    first = shapes_tensor([(25, 34), (13, 17)], cpu)
+    mean = device_constant((0.485, 0.456, 0.406), cpu)
+    ptrs = first.data_ptr(), mean.data_ptr()
+    for i in range(1000):
+        shapes_tensor([(30 + i, 40), (15 + i, 20)], cpu)
+    assert shapes_tensor([(25, 34), (13, 17)], cpu) is first
+    assert device_constant((0.485, 0.456, 0.406), cpu) is mean
+    assert (first.data_ptr(), mean.data_ptr()) == ptrs
 
 
 # --------------------------------------------------------------------------- capture cache

@@ -44,6 +44,7 @@ def _fwd_bwd(fn, value, shapes, starts, loc, w, grad):
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
@@ -92,15 +93,16 @@ def compare_bf16(kernel) -> dict[str, float]:
 
 
 def compare_on_integer_pixels(kernel) -> dict[str, float]:
-    """Every x sampling coordinate on an integer pixel coordinate, where bilinear
-    interpolation's x-derivative jumps: the outputs and the y-gradients still agree, the
-    x-gradients agree away from those points (``near_integer_pixels``), and there the two
-    paths may take either one-sided derivative."""
+    """The x sampling coordinates of every other query on an integer pixel coordinate, where
+    bilinear interpolation's x-derivative jumps: the outputs and the y-gradients still agree,
+    the x-gradients agree away from those points (``near_integer_pixels``: the other queries'
+    x coordinates), and there the two paths may take either one-sided derivative."""
     levels = [(5, 7), (3, 4)]
     value, shapes, starts, loc, w = _inputs(levels, B=1, Q=16, H=2, Dh=4, P=2)
-    widths = shapes[:, 1].to(loc).view(1, 1, 1, -1, 1)
-    pixel = (loc[..., 0] * widths - 0.5).round().clamp(min=0.0)
-    loc[..., 0] = (torch.minimum(pixel, widths - 1) + 0.5) / widths
+    widths = shapes[:, 1].to(loc).view(1, 1, -1, 1)
+    even = loc[:, ::2, ..., 0]  # [B, Q/2, H, L, P]
+    pixel = (even * widths - 0.5).round().clamp(min=0.0)
+    loc[:, ::2, ..., 0] = (torch.minimum(pixel, widths - 1) + 0.5) / widths
     grad = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(3))
     ref, ref_grads = _fwd_bwd(ms_deform_attn, value, shapes, starts, loc, w, grad)
     out, grads = _fwd_bwd(kernel, value, shapes, starts, loc, w, grad)
@@ -109,7 +111,8 @@ def compare_on_integer_pixels(kernel) -> dict[str, float]:
     diff = (grads[1] - ref_grads[1]).abs()
     return {"out": _rel(out, ref), "y": float(diff[..., 1].max()) / scale,
             "x_away": float(diff.masked_fill(near, 0.0).max()) / scale,
-            "near_fraction": float(near[..., 0].float().mean())}
+            "near_fraction": float(near[..., 0].float().mean()),
+            "x_away_count": float((~near[..., 0]).sum())}
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +147,9 @@ def test_interpreted_kernels_bf16_value_fp32_accumulation(interpreted) -> None:
 def test_interpreted_location_gradient_at_integer_pixels(interpreted) -> None:
     """The premise of ``bench/gpu_checks``' masked location-gradient comparison."""
     errs = interpreted["integer"]
-    assert errs["near_fraction"] == 1.0  # every x coordinate was put on an integer pixel
+    # half of the x coordinates were put on an integer pixel (a random one lands within
+    # 1e-3 of one with probability 2e-3), so the x comparison away from them has 64 entries
+    assert 0.5 <= errs["near_fraction"] < 0.6 and errs["x_away_count"] >= 60, errs
     assert errs["out"] < 1e-5 and errs["y"] < 1e-5 and errs["x_away"] < 1e-5, errs
 
 
