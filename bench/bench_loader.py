@@ -14,6 +14,8 @@ collation, in this process, so the figure is per worker) for:
 * ``pretrain/paper, augment on device``: ``augment_on=device``, the colour pipelines and the
   region crops left to the training device (what ``auto`` picks on a GPU): the worker sends
   un-coloured views and the parameters it drew; the other rows use ``augment_on=worker``.
+  ``..., batch copied to shm`` is the same with the padded batch built in private memory and
+  copied into shared memory when sent, as before the collate built it there directly.
 
 A worker's work includes handing the batch to the main process: collation plus the pickling
 that moves its tensors into shared memory (``ForkingPickler``), so the bytes a sample weighs
@@ -142,23 +144,33 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def per_worker_rate(dataset: Any, collate: Callable, batch: int, start: int = 0
-                    ) -> tuple[float, float]:
+def per_worker_rate(dataset: Any, collate: Callable, batch: int, start: int = 0,
+                    in_worker: bool = True) -> tuple[float, float]:
     """(samples/s, MB per sample) of one worker: every sample of ``dataset`` once, collated
-    in batches and pickled as a worker hands a batch over (tensors into shared memory)."""
+    in batches and pickled as a worker hands a batch over (tensors into shared memory).
+    ``in_worker``: the collate functions believe they run in a loader worker, as they do
+    there (they then build the batch in shared memory); False gives the former behaviour,
+    a batch copied into shared memory when it is sent."""
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401  (registers the shared-memory reducers)
 
-    n = len(dataset)
-    size = 0
-    t0 = time.perf_counter()
-    for i in range(0, n - batch + 1, batch):
-        collated = collate([dataset[(start + j) % n] for j in range(i, i + batch)])
-        ForkingPickler.dumps(collated)
-        size += _tensor_bytes(collated)
-    done = n - n % batch
-    return done / (time.perf_counter() - t0), size / done / 1e6
+    import siamese_detr.data.collate as collate_module
+
+    real = collate_module.get_worker_info
+    collate_module.get_worker_info = (lambda: "bench") if in_worker else (lambda: None)
+    try:
+        n = len(dataset)
+        size = 0
+        t0 = time.perf_counter()
+        for i in range(0, n - batch + 1, batch):
+            collated = collate([dataset[(start + j) % n] for j in range(i, i + batch)])
+            ForkingPickler.dumps(collated)
+            size += _tensor_bytes(collated)
+        done = n - n % batch
+        return done / (time.perf_counter() - t0), size / done / 1e6
+    finally:
+        collate_module.get_worker_info = real
 
 
 def loader_rate(dataset: Any, collate: Callable, batch: int, workers: int, steps: int) -> float:
@@ -170,6 +182,9 @@ def loader_rate(dataset: Any, collate: Callable, batch: int, workers: int, steps
     for _ in range(steps):
         next(it)
     return steps * batch / (time.perf_counter() - t0)
+
+
+COPIED = "pretrain/paper, augment on device, batch copied to shm"
 
 
 def main() -> None:
@@ -203,6 +218,8 @@ def main() -> None:
                                           collate_siamese),
                 "pretrain/paper, augment on device": (
                     pretrain_set(data, replace(paper, augment_on="device")), collate_siamese),
+                COPIED: (pretrain_set(data, replace(paper, augment_on="device")),
+                         collate_siamese),
                 **{f"{m}/paper{label}": baseline_set(data, m, where)
                    for m in ("detreg", "updetr")
                    for label, where in (("", "worker"), (", augment on device", "device"))}}
@@ -212,7 +229,8 @@ def main() -> None:
         measured: dict[str, list[tuple[float, float]]] = {name: [] for name in sets}
         for r in range(args.rounds):
             for name, (ds, collate) in sets.items():
-                measured[name].append(per_worker_rate(ds, collate, 4, start=r))
+                measured[name].append(per_worker_rate(ds, collate, 4, start=r,
+                                                      in_worker=name != COPIED))
         for name, (ds, collate) in sets.items():
             rate = float(np.median([m[0] for m in measured[name]]))
             line = (f"{name:38s} {rate:8.1f} samples/s per worker, "

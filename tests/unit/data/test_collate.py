@@ -55,3 +55,42 @@ def test_collate_detection_keeps_targets_in_order():
     assert [t.image_id for t in targets] == [7, 9]
     assert targets[0] is t1
     assert batch.mask[0, 4:].all() and not batch.mask[0, :4].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_pad_images_in_a_worker_builds_the_batch_in_shared_memory(monkeypatch, dtype):
+    """In a DataLoader worker the batch is built in shared memory (no copy into it when the
+    worker sends it), with the same values as in the main process; padding and mask are
+    written explicitly, so memory that does not start zeroed gives the same batch."""
+    import siamese_detr.data.collate as collate
+
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(3, h, w, generator=g) * 255).to(dtype)
+              for h, w in ((5, 7), (6, 3), (2, 8))]
+    ref = pad_images(images)
+    assert not ref.images.is_shared()
+    monkeypatch.setattr(collate, "get_worker_info", lambda: object())
+    real = collate._shared_empty
+
+    def dirty(shape, dt):  # shared memory holding garbage
+        t = real(shape, dt)
+        t.fill_(True if dt == torch.bool else 77)
+        return t
+
+    for make in (real, dirty):
+        monkeypatch.setattr(collate, "_shared_empty", make)
+        out = pad_images(images)
+        assert out.images.is_shared() and out.mask.is_shared()
+        assert out.images.dtype == dtype and out.images.shape == ref.images.shape
+        assert torch.equal(out.images, ref.images) and torch.equal(out.mask, ref.mask)
+        assert torch.equal(out.sizes, ref.sizes)
+
+
+def test_stack_batch_in_a_worker_stacks_into_shared_memory(monkeypatch):
+    import siamese_detr.data.collate as collate
+
+    xs = [torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8) for _ in range(3)]
+    assert not collate.stack_batch(xs).is_shared()
+    monkeypatch.setattr(collate, "get_worker_info", lambda: object())
+    out = collate.stack_batch(xs)
+    assert out.is_shared() and torch.equal(out, torch.stack(xs))

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from siamese_detr.config import RunConfig, UPDETROptions
-from siamese_detr.data.collate import pad_images
+from siamese_detr.data.collate import pad_images, stack_batch
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.data.transforms import get_size
 from siamese_detr.errors import ConfigError
@@ -219,7 +219,7 @@ def collate_updetr(samples: Sequence[UPDETRSample | None]) -> UPDETRBatch:
     return UPDETRBatch(
         images=pad_images([s.image for s in kept]),
         boxes=torch.stack([s.boxes for s in kept]).float(),
-        patches=torch.stack([s.patches for s in kept]),
+        patches=stack_batch([s.patches for s in kept]),
         image_ids=[s.image_id for s in kept], skipped=skipped,
         patch_colour=torch.stack([s.patch_colour for s in kept])  # type: ignore[misc]
         if all(s.patch_colour is not None for s in kept) else None,
