@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # engine.cuda_graphs on a GPU, what issue 13 most needs measured (bench/GPU_RUN.md, "Still to
-# measure"): one device call of at most 9 minutes (usually about 5). Carry .gpu/whl.
+# measure"): one device call of at most 9.5 minutes (usually about 5). Carry .gpu/whl.
 # bench/gpu_next2.sh has the rest. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next.sh
 source bench/gpu_env.sh
 GS="python bench/bench_graph_shapes.py ${EXTRA:+--device cpu --small}"
 {
   echo "== 0: engine.cuda_graphs against eager training (GPU tests), then pinned batches, Triton"
-  timeout 150 python -m pytest -q -x -p no:cacheprovider -m gpu \
+  timeout 170 python -m pytest -q -x -p no:cacheprovider -m gpu \
     tests/unit/engine/test_cuda_graphs.py; echo "0 rc=$?"
   timeout 60 python -m pytest -q -p no:cacheprovider tests/unit/data/test_pinned_batches.py \
     tests/unit/ops/test_deform_attn_triton.py; echo "0b rc=$?"

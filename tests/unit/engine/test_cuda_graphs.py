@@ -308,6 +308,70 @@ def test_graphed_training_equals_eager_training(variant, kind, tmp_path):
     assert changed > 10  # the steps did train
 
 
+def _widen(batch: Any, extra: int) -> Any:
+    """The batch with its images padded by ``extra`` columns on the right (mask True): a
+    second padded shape with the same losses' meaning (fine-tuning and Siamese batches)."""
+    from dataclasses import replace
+
+    from siamese_detr.structures import ImageBatch
+
+    def wide(b: ImageBatch) -> ImageBatch:
+        pad = (0, extra)
+        return ImageBatch(torch.nn.functional.pad(b.images, pad),
+                          torch.nn.functional.pad(b.mask, pad, value=True), b.sizes)
+
+    if isinstance(batch, tuple):
+        return (wide(batch[0]), batch[1])
+    return replace(batch, view1=wide(batch.view1), view2=wide(batch.view2))
+
+
+def _alternating_shapes_run(kind: str, variant: str, device: torch.device, capture: Any,
+                            tmp_path: Path, amp: str = "none") -> None:
+    """Four steps whose batches alternate between two padded shapes (A, B, A, B), with two
+    graphs, against eager steps: each graph's saved activations, static inputs and the
+    level-size constants it reads must survive the other graph's replays."""
+    from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.engine.logging import read_jsonl
+
+    base = make_batches(kind, 4)
+    batches = [b if i % 2 == 0 else _widen(b, 64) for i, b in enumerate(base)]
+    results, losses = [], []
+    for graphed in (False, True):
+        task = _no_randomness(make_task(kind, variant)).to(device)
+        if graphed:
+            assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32, capture=capture)
+        else:
+            task.pad_multiple = 32
+        opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.05)
+        eng = EngineConfig(log_every=1, ckpt_every=0, progress=False, keep_checkpoints=0,
+                           amp=amp, cuda_graphs=graphed and device.type == "cuda")
+        torch.manual_seed(1)
+        run = tmp_path / str(graphed)
+        train(task=task, batches=_stream(batches), optimizer=opt,
+              schedule=Schedule(4, (), 0.1, 0, 0.1), engine=eng, run_dir=run,
+              dist_info=DistInfo(rank=0, world_size=1, local_rank=0, device=device),
+              checkpoint_meta={"kind": "test", "config": {}})
+        losses.append([r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r])
+        results.append([p.detach().float().cpu() for p in task.parameters()])
+        if graphed:
+            assert len(task._dense.graphs) == 2 and task._dense.graphed_calls == 4
+    cpu = device.type == "cpu"
+    tol = (dict(rtol=1e-5, atol=1e-6) if cpu else dict(rtol=1e-3, atol=1e-5) if amp == "none"
+           else dict(rtol=3e-2, atol=1e-3))
+    assert len(losses[0]) == 4
+    torch.testing.assert_close(losses[1], losses[0], **tol)
+    for eager, graphed in zip(*results):
+        torch.testing.assert_close(graphed, eager, **tol)
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "deformable"])
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_two_shapes_alternating_train_like_eager(kind, variant, tmp_path):
+    """The alternating-shapes run with the CPU stand-in (its GPU twin below uses real
+    graphs)."""
+    _alternating_shapes_run(kind, variant, torch.device("cpu"), EmulatedCapture(), tmp_path)
+
+
 def _no_randomness(task: nn.Module) -> nn.Module:
     from dataclasses import replace
 
@@ -425,6 +489,16 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
     torch.testing.assert_close(losses[1], losses[0], **tol)
     for eager, graphed in zip(*results):
         torch.testing.assert_close(graphed, eager, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["vanilla", "deformable"])
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_real_cuda_graphs_two_shapes_alternating(kind, variant, tmp_path):
+    """Two real graphs replayed in turn (their memory pools are separate) train like eager,
+    in bf16 as the fast configuration runs."""
+    _alternating_shapes_run(kind, variant, torch.device("cuda"), None, tmp_path, "bf16")
 
 
 def test_setup_ignores_graphs_on_the_cpu_and_applies_the_padding(tmp_path, caplog):
