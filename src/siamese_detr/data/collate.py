@@ -34,22 +34,19 @@ def pad_images(images: Sequence[Tensor]) -> ImageBatch:
     sizes = torch.tensor([[img.shape[1], img.shape[2]] for img in images], dtype=torch.int64)
     H, W = (int(v) for v in sizes.max(dim=0).values)
     ref = images[0]
+    shape = (len(images), channels, H, W)
     if ref.device.type == "cpu" and get_worker_info() is not None:
-        batch = _shared_empty((len(images), channels, H, W), ref.dtype)
-        mask = _shared_empty((len(images), H, W), torch.bool)
-        for i, img in enumerate(images):
-            h, w = img.shape[1], img.shape[2]
-            batch[i, :, :h, :w].copy_(img)
-            batch[i, :, h:].zero_()
-            batch[i, :, :h, w:].zero_()
-            mask[i].fill_(True)
-            mask[i, :h, :w] = False
-        return ImageBatch(images=batch, mask=mask, sizes=sizes)
-    batch = ref.new_zeros((len(images), channels, H, W))
-    mask = torch.ones((len(images), H, W), dtype=torch.bool, device=ref.device)
-    for i, img in enumerate(images):
+        batch, mask = _shared_empty(shape, ref.dtype), _shared_empty(shape[:1] + shape[2:],
+                                                                     torch.bool)
+    else:
+        batch = torch.empty(shape, dtype=ref.dtype, device=ref.device)
+        mask = torch.empty(shape[:1] + shape[2:], dtype=torch.bool, device=ref.device)
+    for i, img in enumerate(images):  # every element written: the buffers start uninitialised
         h, w = img.shape[1], img.shape[2]
         batch[i, :, :h, :w].copy_(img)
+        batch[i, :, h:].zero_()
+        batch[i, :, :h, w:].zero_()
+        mask[i].fill_(True)
         mask[i, :h, :w] = False
     return ImageBatch(images=batch, mask=mask, sizes=sizes.to(ref.device))
 
