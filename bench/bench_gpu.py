@@ -253,8 +253,11 @@ def build_hf(variant: str, ours_cfg: Any, device: torch.device, backbone: str
 # ---------------------------------------------------------------- steps
 
 
-def autocast(device: torch.device, dtype: str) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+def autocast(device: torch.device, dtype: str, weight_cache: bool = True) -> Any:
+    """bf16 autocast for ``dtype == "bf16"``; ``weight_cache=False`` as the training loop sets
+    it with ``engine.cuda_graphs`` (a capture cannot use the cache of cast weights)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16",
+                          cache_enabled=weight_cache)
 
 
 class Step:
@@ -295,16 +298,10 @@ def graphed_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
     task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
 
     def fwd_bwd() -> None:
-        with graph_autocast(device, dtype):
+        with autocast(device, dtype, weight_cache=False):
             loss = task((images, targets)).total
         loss.backward()
     return Step(fwd_bwd, opt)
-
-
-def graph_autocast(device: torch.device, dtype: str) -> Any:
-    """Autocast as the training loop sets it with ``engine.cuda_graphs`` (no weight cache)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16",
-                          cache_enabled=False)
 
 
 def pretrain_graphed_step(task: Any, opt: Any, batch: Any, device: torch.device,
@@ -315,7 +312,7 @@ def pretrain_graphed_step(task: Any, opt: Any, batch: Any, device: torch.device,
         task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
 
     def fwd_bwd() -> None:
-        with graph_autocast(device, dtype):
+        with autocast(device, dtype, weight_cache=False):
             loss = task(batch).total
         loss.backward()
     return Step(fwd_bwd, opt)

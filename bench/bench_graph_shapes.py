@@ -146,7 +146,7 @@ def main() -> None:
         order = [("eager", eager, opt), ("graphed", graphed, gopt)]
         for name, task, o in order if i % 2 == 0 else order[::-1]:
             def step(task: Any = task, o: Any = o, batch: Any = batch) -> None:
-                with bg.graph_autocast(device, args.dtype):
+                with bg.autocast(device, args.dtype, weight_cache=False):
                     loss = task(batch).total
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(

@@ -41,11 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from siamese_detr.data.collate import pad_to_multiple, padded_size
 from siamese_detr.engine.logging import get_logger
 
-__all__ = ["Capture", "GraphableTask", "GraphedDense", "cuda_memory", "pad_to_multiple",
-           "padded_size", "enable_cuda_graphs", "graph_signature"]
+__all__ = ["Capture", "GraphableTask", "GraphedDense", "cuda_memory", "enable_cuda_graphs",
+           "graph_signature"]
 
 Capture = Callable[[nn.Module, tuple[Tensor, ...]], Callable[..., Any]]
 

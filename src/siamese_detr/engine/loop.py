@@ -363,10 +363,11 @@ class _GraphCounts:
     def read(self) -> dict[str, float]:
         if self.dense is None:
             return {}
-        graphed, eager = self.dense.graphed_calls, self.dense.eager_calls
+        stats = self.dense.stats()
+        graphed, eager = stats["graphed_calls"], stats["eager_calls"]
         g, e = graphed - self.last[0], eager - self.last[1]
         self.last = (graphed, eager)
-        return {"cuda_graphs": float(len(self.dense.graphs)),
+        return {"cuda_graphs": float(stats["graphs"]),
                 "graphed_share": g / (g + e) if g + e else 0.0}
 
 

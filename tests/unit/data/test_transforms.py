@@ -163,6 +163,7 @@ def test_uint8_handover_equals_normalising_in_the_worker():
     import numpy as np
 
     from siamese_detr.data.collate import pad_images
+
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
               for h, w in ((20, 30), (26, 18))]

@@ -325,17 +325,16 @@ def _widen(batch: Any, extra: int) -> Any:
     return replace(batch, view1=wide(batch.view1), view2=wide(batch.view2))
 
 
-def _alternating_shapes_run(kind: str, variant: str, device: torch.device, capture: Any,
-                            tmp_path: Path, amp: str = "none") -> None:
-    """Four steps whose batches alternate between two padded shapes (A, B, A, B), with two
-    graphs, against eager steps: each graph's saved activations, static inputs and the
-    level-size constants it reads must survive the other graph's replays."""
+def _eager_then_graphed(kind: str, variant: str, batches: list[Any], device: torch.device,
+                        capture: Any, tmp_path: Path, amp: str
+                        ) -> tuple[list[list[float]], list[list[Tensor]], GraphedDense]:
+    """The same steps through the real loop twice, eager then with graphs (``capture``:
+    ``None`` for the real one on CUDA), randomness off, padding to 32 in both: the logged
+    losses and the weights after the steps of each run, and the graphed run's dense part."""
     from siamese_detr.engine.distributed import DistInfo
     from siamese_detr.engine.logging import read_jsonl
 
-    base = make_batches(kind, 4)
-    batches = [b if i % 2 == 0 else _widen(b, 64) for i, b in enumerate(base)]
-    results, losses = [], []
+    losses, weights = [], []
     for graphed in (False, True):
         task = _no_randomness(make_task(kind, variant)).to(device)
         if graphed:
@@ -348,19 +347,34 @@ def _alternating_shapes_run(kind: str, variant: str, device: torch.device, captu
         torch.manual_seed(1)
         run = tmp_path / str(graphed)
         train(task=task, batches=_stream(batches), optimizer=opt,
-              schedule=Schedule(4, (), 0.1, 0, 0.1), engine=eng, run_dir=run,
+              schedule=Schedule(len(batches), (), 0.1, 0, 0.1), engine=eng, run_dir=run,
               dist_info=DistInfo(rank=0, world_size=1, local_rank=0, device=device),
               checkpoint_meta={"kind": "test", "config": {}})
         losses.append([r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r])
-        results.append([p.detach().float().cpu() for p in task.parameters()])
-        if graphed:
-            assert len(task._dense.graphs) == 2 and task._dense.graphed_calls == 4
-    cpu = device.type == "cpu"
-    tol = (dict(rtol=1e-5, atol=1e-6) if cpu else dict(rtol=1e-3, atol=1e-5) if amp == "none"
-           else dict(rtol=3e-2, atol=1e-3))
+        weights.append([p.detach().float().cpu() for p in task.parameters()])
+    return losses, weights, task._dense
+
+
+def _tolerance(device: torch.device, amp: str) -> dict[str, float]:
+    if device.type == "cpu":
+        return dict(rtol=1e-5, atol=1e-6)
+    return dict(rtol=1e-3, atol=1e-5) if amp == "none" else dict(rtol=3e-2, atol=1e-3)
+
+
+def _alternating_shapes_run(kind: str, variant: str, device: torch.device, capture: Any,
+                            tmp_path: Path, amp: str = "none") -> None:
+    """Four steps whose batches alternate between two padded shapes (A, B, A, B), with two
+    graphs, against eager steps: each graph's saved activations, static inputs and the
+    level-size constants it reads must survive the other graph's replays."""
+    base = make_batches(kind, 4)
+    batches = [b if i % 2 == 0 else _widen(b, 64) for i, b in enumerate(base)]
+    losses, weights, dense = _eager_then_graphed(kind, variant, batches, device, capture,
+                                                 tmp_path, amp)
+    assert len(dense.graphs) == 2 and dense.graphed_calls == 4
+    tol = _tolerance(device, amp)
     assert len(losses[0]) == 4
     torch.testing.assert_close(losses[1], losses[0], **tol)
-    for eager, graphed in zip(*results):
+    for eager, graphed in zip(*weights):
         torch.testing.assert_close(graphed, eager, **tol)
 
 
@@ -458,36 +472,13 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
     """Real ``make_graphed_callables`` against eager, dropout and box jitter off (the capture's
     warm-up draws random numbers, so only deterministic steps can be compared): the losses of
     three steps and the weights after them agree."""
-    from siamese_detr.engine.distributed import DistInfo
-
     dev = torch.device("cuda")
-    batches = make_batches(kind, 3)
-    results, losses = [], []
-    for graphed in (False, True):
-        task = _no_randomness(make_task(kind, variant)).to(dev)
-        if graphed:
-            assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32)
-        else:
-            task.pad_multiple = 32
-        opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.05)
-        eng = EngineConfig(log_every=1, ckpt_every=0, progress=False, keep_checkpoints=0,
-                           amp=amp, cuda_graphs=graphed)
-        dist = DistInfo(rank=0, world_size=1, local_rank=0, device=dev)
-        torch.manual_seed(1)
-        train(task=task, batches=_stream(batches), optimizer=opt,
-              schedule=Schedule(3, (), 0.1, 0, 0.1), engine=eng, run_dir=tmp_path / str(graphed),
-              dist_info=dist, checkpoint_meta={"kind": "test", "config": {}})
-        from siamese_detr.engine.logging import read_jsonl
-
-        losses.append([r["loss"] for r in read_jsonl(tmp_path / str(graphed) / "metrics.jsonl")
-                       if "loss" in r])
-        results.append([p.detach().float().cpu() for p in task.parameters()])
-        if graphed:
-            dense = task._dense
-            assert dense.graphed_calls == 3 and len(dense.graphs) == 1
-    tol = dict(rtol=1e-3, atol=1e-5) if amp == "none" else dict(rtol=3e-2, atol=1e-3)
+    losses, weights, dense = _eager_then_graphed(kind, variant, make_batches(kind, 3), dev,
+                                                 None, tmp_path, amp)
+    assert dense.graphed_calls == 3 and len(dense.graphs) == 1
+    tol = _tolerance(dev, amp)
     torch.testing.assert_close(losses[1], losses[0], **tol)
-    for eager, graphed in zip(*results):
+    for eager, graphed in zip(*weights):
         torch.testing.assert_close(graphed, eager, **tol)
 
 
