@@ -9,8 +9,10 @@ sequence of batches runs through two copies of the same model, eager and graphed
 (``enable_cuda_graphs``), step after step interleaved. Printed and written to ``--out``
 (JSON): the distinct padded shapes seen, the graphs captured and their capture seconds,
 median ms/step of each side over the steps after the first ``--warm`` (captures happen in
-those), the share of graphed steps, and the memory held (allocated and reserved) after the
-run, both models together.
+those), the share of graphed steps, the memory the captures added (``graph_mib``, summed
+over the graphs), and the memory held (allocated and reserved) after the run, both models
+together. ``--pool per_graph`` gives each graph its own memory pool (the default shares one,
+``engine.cuda_graphs_pool``): the two runs' ``graph_mib`` compare the two.
 
     PYTHONPATH=src python bench/bench_graph_shapes.py --variant detr --dtype bf16 --steps 60
     PYTHONPATH=src python bench/bench_graph_shapes.py --task pretrain --batch 8 --dtype bf16
@@ -94,6 +96,8 @@ def main() -> None:
     ap.add_argument("--pad", type=int, default=0,
                     help="0: the task's automatic value (128 fine-tuning, 64 pretraining)")
     ap.add_argument("--max-graphs", type=int, default=16)
+    ap.add_argument("--pool", default="shared", choices=["shared", "per_graph"],
+                    help="engine.cuda_graphs_pool")
     ap.add_argument("--small", action="store_true", help="CPU sizes: scales 48-80, max 96")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -115,7 +119,7 @@ def main() -> None:
         _, graphed, gopt = bg.build_pretrain(args.variant, device, None)
         graphed.load_state_dict(eager.state_dict())
     graphed.enable_cuda_graphs(max_graphs=args.max_graphs, pad_multiple=args.pad,
-                               capture=capture)
+                               capture=capture, shared_pool=args.pool == "shared")
     pad = eager.pad_multiple = graphed.pad_multiple
     if args.task == "finetune":
         scales, max_size = cfg.data.train_scales, cfg.data.max_size
@@ -167,7 +171,7 @@ def main() -> None:
                "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}
     result = {
         "task": args.task, "variant": args.variant, "dtype": args.dtype, "batch": args.batch,
-        "pad": pad,
+        "pad": pad, "pool": args.pool,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": args.steps, "distinct_shapes": len(set(shapes)),
         "shape_counts": {f"{h}x{w}": shapes.count((h, w)) for h, w in sorted(set(shapes))},

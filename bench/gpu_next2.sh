@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The rest of what issue 13 has not measured on a GPU (after bench/gpu_next.sh): one device
-# call of at most 4 minutes. Carry .gpu/loaderdata and .gpu/whl. Dry run on a CPU:
+# call of at most 5 minutes. Carry .gpu/loaderdata and .gpu/whl. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next2.sh
 source bench/gpu_env.sh
 {
@@ -13,4 +13,8 @@ source bench/gpu_env.sh
   timeout 45 $B --no-hf --no-pretrain-2x --augment-on-device --graphed --batch 8 \
     --size 480x480 --warmup 3 --steps 5 --variants detr,conditional --out "$OUT/pre8aug.json"
   echo "5 rc=$?"
+  echo "== 6: graph memory with one pool per graph (gpu_next.sh step 2 shares one pool)"
+  timeout 60 python bench/bench_graph_shapes.py ${EXTRA:+--device cpu --small} --variant detr \
+    --dtype bf16 --steps 60 --pool per_graph --out "$OUT/shapes_detr_per_graph.json" \
+    | tail -25; echo "6 rc=$?"
 } 2>&1 | tee "$OUT/next2.log"

@@ -177,6 +177,9 @@ class EngineConfig:
     # Fine-tuning and all pretraining methods; needs accum_steps=1
     cuda_graphs: bool = False
     cuda_graphs_max: int = 16  # graphs kept (one per shape); batches of other shapes: eager
+    # shared: all graphs of a task allocate from one memory pool (about the largest shape's
+    # activations in all); per_graph: one pool per graph (every shape's activations held)
+    cuda_graphs_pool: Literal["shared", "per_graph"] = "shared"
     # pad each batch's height and width up to a multiple of this (fewer distinct shapes for
     # cuda_graphs and compile); 0 = with cuda_graphs 128 for fine-tuning and 64 for
     # pretraining, else no extra padding

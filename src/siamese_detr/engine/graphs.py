@@ -21,6 +21,17 @@ to ``engine.cuda_graphs_max`` graphs and while the GPU has twice the largest gra
 free; batches of other shapes run eagerly. Padding is what DETR's batching already does
 (masked positions), so the losses keep their meaning.
 
+Memory: by default (``engine.cuda_graphs_pool=shared``) all the graphs of one dense part
+allocate from one memory pool. A graph's temporaries and the activations its forward saves
+for its backward are dead once its backward has replayed, so the next shape's capture may
+reuse them; what must survive between replays (static inputs, outputs, output gradients and
+parameter gradients) stays allocated for the graph's life and is never handed out again. This
+is safe because a dense part's forward and backward replay back to back within one step, with
+no other graph of the same pool in between (one call per step, below), and each dense part has
+its own pool. The graphs then hold about the largest shape's activations plus each graph's
+small static buffers, instead of every shape's activations
+(``engine.cuda_graphs_pool=per_graph``: one pool per graph, as before).
+
 Where graphs are not used: on the CPU (the option is ignored, like ``engine.amp``), in eval
 mode or without gradients (evaluation, ``predict``), for shapes past the cap, and for a shape
 whose capture raised (warned once, then eager).
@@ -46,7 +57,9 @@ from siamese_detr.engine.logging import get_logger
 __all__ = ["Capture", "GraphableTask", "GraphedDense", "cuda_memory", "enable_cuda_graphs",
            "graph_signature"]
 
-Capture = Callable[[nn.Module, tuple[Tensor, ...]], Callable[..., Any]]
+# capture(module, sample_args, pool) -> graphed callable; pool: a graph_pool_handle() the
+# capture shares with the other graphs of the same dense part, or None for a pool of its own
+Capture = Callable[[nn.Module, tuple[Tensor, ...], Any], Callable[..., Any]]
 
 
 def graph_signature(args: tuple[Tensor | None, ...]) -> tuple[Any, ...]:
@@ -74,8 +87,9 @@ class _Bound(nn.Module):
         return self.fn(*args)
 
 
-def _capture_cuda(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., Any]:
-    options: dict[str, Any] = {"allow_unused_input": True}
+def _capture_cuda(module: nn.Module, args: tuple[Tensor, ...], pool: Any = None
+                  ) -> Callable[..., Any]:
+    options: dict[str, Any] = {"allow_unused_input": True, "pool": pool}
     if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
         # thread_local: the DataLoader's pin-memory thread may allocate page-locked memory
         # while the training thread captures; only the capturing thread's calls are checked
@@ -103,19 +117,24 @@ class GraphedDense:
         fn: the dense part of a step (no host reads, no host-to-device copies; ``None`` inputs
             are passed through to it but not to the graph).
         max_graphs: at most this many captured signatures; others run eagerly.
-        capture: ``capture(module, sample_args) -> callable`` (default
+        capture: ``capture(module, sample_args, pool) -> callable`` (default
             :func:`torch.cuda.make_graphed_callables`); tests pass a stand-in.
+        shared_pool: every capture gets this dense part's one pool handle (see the module
+            docstring); False: each capture gets ``None``, a pool of its own.
         memory: ``memory(device) -> (available, reserved)`` bytes (default
             :func:`cuda_memory` with real captures; none with a stand-in). A graph keeps its
             shape's activations, so a new shape is captured only while the memory available
             is at least ``headroom`` times the most a capture has added so far.
         name: for the log.
+
+    ``stats()["graph_mib"]`` is the memory the captures added, summed (reserved bytes, the
+    warm-up's eager allocations included; 0 without a memory probe).
     """
 
     def __init__(self, owner: nn.Module, fn: Callable[..., tuple[Tensor, ...]], *,
                  max_graphs: int = 16, capture: Capture | None = None,
                  memory: MemoryProbe | None = None, headroom: float = 2.0,
-                 name: str = "dense") -> None:
+                 shared_pool: bool = True, name: str = "dense") -> None:
         self.owner = owner
         self.fn = fn
         self.max_graphs = max_graphs
@@ -129,6 +148,9 @@ class GraphedDense:
         self.eager_calls = 0
         self.capture_seconds = 0.0
         self.graph_bytes = 0  # the most memory one capture added (reserved bytes)
+        self.added_bytes = 0  # what all the captures added
+        self.shared_pool = shared_pool
+        self.pool: Any = None  # the shared pool's handle, made at the first capture
         self._warned: set[str] = set()
 
     def usable(self, args: tuple[Tensor | None, ...]) -> bool:
@@ -161,9 +183,12 @@ class GraphedDense:
         device = tensors[0].device
         before = self.memory(device)[1] if self.memory is not None else 0
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        if self.shared_pool and self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()  # an id: no device work, fine on CPU
         t0 = time.perf_counter()
         try:
-            graphed = self.capture(_Bound(self.owner, dense), tensors)  # type: ignore[arg-type]
+            graphed = self.capture(_Bound(self.owner, dense), tensors,  # type: ignore[arg-type]
+                                   self.pool if self.shared_pool else None)
         except Exception as e:  # an op that cannot be captured, or out of memory
             if stream is not None:  # a failed capture_end leaves its side stream current
                 torch.cuda.set_stream(stream)
@@ -175,12 +200,15 @@ class GraphedDense:
             return None
         finally:
             self.capture_seconds += time.perf_counter() - t0
+        added = 0
         if self.memory is not None:
-            self.graph_bytes = max(self.graph_bytes, self.memory(device)[1] - before)
+            added = max(0, self.memory(device)[1] - before)
+            self.graph_bytes = max(self.graph_bytes, added)
+            self.added_bytes += added
         self.graphs[key] = graphed
         get_logger().info("cuda_graphs: captured %s #%d for %s in %.1f s (+%.0f MiB)",
                           self.name, len(self.graphs), tuple(tensors[0].shape),
-                          time.perf_counter() - t0, self.graph_bytes / 2**20)
+                          time.perf_counter() - t0, added / 2**20)
         return graphed
 
     def __call__(self, *args: Tensor | None) -> tuple[Tensor, ...]:
@@ -217,7 +245,7 @@ class GraphedDense:
     def stats(self) -> dict[str, float]:
         return {"graphs": len(self.graphs), "graphed_calls": self.graphed_calls,
                 "eager_calls": self.eager_calls, "capture_seconds": self.capture_seconds,
-                "failed_captures": len(self.failed)}
+                "failed_captures": len(self.failed), "graph_mib": self.added_bytes / 2**20}
 
 
 class GraphableTask:
@@ -239,13 +267,14 @@ class GraphableTask:
         return self
 
     def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
-                           capture: Capture | None = None) -> None:
+                           capture: Capture | None = None, shared_pool: bool = True) -> None:
         """Pad batches to ``pad_multiple`` (0: :attr:`default_pad_multiple`) and run
-        :meth:`dense` (forward and backward) from CUDA graphs; the rest of the step stays
-        eager."""
+        :meth:`dense` (forward and backward) from CUDA graphs, all from one memory pool
+        unless ``shared_pool`` is False; the rest of the step stays eager."""
         self.pad_multiple = pad_multiple or self.default_pad_multiple
         self._dense = GraphedDense(self.graph_owner(), self.dense, max_graphs=max_graphs,
-                                   capture=capture, name=self.graph_name)
+                                   capture=capture, shared_pool=shared_pool,
+                                   name=self.graph_name)
 
     def run_dense(self, *args: Tensor | None) -> tuple[Tensor, ...]:
         """:meth:`dense`, from its graphs when they are enabled."""
@@ -253,13 +282,13 @@ class GraphableTask:
 
 
 def enable_cuda_graphs(task: nn.Module, max_graphs: int, pad_multiple: int,
-                       capture: Capture | None = None) -> list[str]:
-    """Give every module in ``task`` that has a dense part (``enable_cuda_graphs(max_graphs,
-    pad_multiple, capture)`` method) its graphs; return their names (empty: nothing to
+                       capture: Capture | None = None, shared_pool: bool = True) -> list[str]:
+    """Give every module in ``task`` that has a dense part (``enable_cuda_graphs`` method)
+    its graphs, each dense part its own pool; return their names (empty: nothing to
     graph)."""
     done = []
     for name, module in task.named_modules():
         if isinstance(module, GraphableTask):
-            module.enable_cuda_graphs(max_graphs, pad_multiple, capture)
+            module.enable_cuda_graphs(max_graphs, pad_multiple, capture, shared_pool)
             done.append(name or type(module).__name__)
     return done

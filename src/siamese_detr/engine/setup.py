@@ -52,11 +52,13 @@ def _enable_cuda_graphs(task: nn.Module, cfg: RunConfig, dist_info: DistInfo) ->
     if dist_info.device.type != "cuda":
         log.warning("engine.cuda_graphs=true is ignored on %s (CUDA only)", dist_info.device)
         return
-    names = enable_cuda_graphs(task, cfg.engine.cuda_graphs_max, cfg.engine.pad_to_multiple)
+    names = enable_cuda_graphs(task, cfg.engine.cuda_graphs_max, cfg.engine.pad_to_multiple,
+                               shared_pool=cfg.engine.cuda_graphs_pool == "shared")
     if names:
         pads = sorted({m.pad_multiple for m in task.modules() if isinstance(m, GraphableTask)})
-        log.info("cuda_graphs: %s (batches padded to multiples of %s, at most %d graphs)",
-                 ", ".join(names), "/".join(map(str, pads)), cfg.engine.cuda_graphs_max)
+        log.info("cuda_graphs: %s (batches padded to multiples of %s, at most %d graphs, "
+                 "memory pool: %s)", ", ".join(names), "/".join(map(str, pads)),
+                 cfg.engine.cuda_graphs_max, cfg.engine.cuda_graphs_pool)
     else:
         log.warning("engine.cuda_graphs=true: this task (%s) has no graphed part yet; it "
                     "runs eagerly", type(task).__name__)

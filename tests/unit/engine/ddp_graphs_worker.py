@@ -50,7 +50,7 @@ def worker(rank: int, out: str, kind: str, variant: str, mode: str, port: str) -
 
         cg.stub_cuda_graph_primitives(setattr)
         enable_cuda_graphs(task, max_graphs=2, pad_multiple=32,
-                           capture=lambda m, a: graphs._capture_cuda(m, a))
+                           capture=lambda m, a, pool: graphs._capture_cuda(m, a, pool))
     else:
         task.pad_multiple = 32
     model = torch.nn.parallel.DistributedDataParallel(task)

@@ -168,10 +168,13 @@ class EmulatedCapture:
 
     def __init__(self) -> None:
         self.captures: list[list[tuple[int, ...]]] = []
+        self.pools: list[Any] = []  # the pool handle each capture was given
 
-    def __call__(self, module: nn.Module, sample_args: tuple[Tensor, ...]) -> Callable[..., Any]:
+    def __call__(self, module: nn.Module, sample_args: tuple[Tensor, ...],
+                 pool: Any = None) -> Callable[..., Any]:
         assert all(isinstance(a, Tensor) for a in sample_args)
         self.captures.append([tuple(a.shape) for a in sample_args])
+        self.pools.append(pool)
         params = tuple(module.parameters())
         static = [a.detach().clone().requires_grad_(a.requires_grad) for a in sample_args]
         n = len(static)
@@ -208,7 +211,7 @@ def test_one_capture_per_signature_up_to_the_cap():
     assert capture.captures == [[(5, 4)], [(7, 4)]]
     assert dense.stats() == {"graphs": 2, "graphed_calls": 4, "eager_calls": 2,
                              "capture_seconds": pytest.approx(dense.capture_seconds),
-                             "failed_captures": 0}
+                             "failed_captures": 0, "graph_mib": 0.0}
     lin.eval()  # evaluation and inference run eagerly
     dense(torch.randn(11, 4))
     lin.train()
@@ -228,10 +231,10 @@ def test_a_failed_capture_leaves_that_shape_eager():
     lin = nn.Linear(4, 3)
     capture = EmulatedCapture()
 
-    def flaky(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., Any]:
+    def flaky(module: nn.Module, args: tuple[Tensor, ...], pool: Any) -> Callable[..., Any]:
         if args[0].shape[0] == 7:
             raise RuntimeError("operation not permitted when stream is capturing")
-        return capture(module, args)
+        return capture(module, args, pool)
 
     dense = GraphedDense(lin, lambda x: (lin(x),), max_graphs=4, capture=flaky)
     x = torch.randn(7, 4)
@@ -248,10 +251,10 @@ def test_no_new_graph_without_room_for_it():
     lin = nn.Linear(4, 3)
     state = {"reserved": 0, "available": 1000}
 
-    def capture(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., Any]:
+    def capture(module: nn.Module, args: tuple[Tensor, ...], pool: Any) -> Callable[..., Any]:
         state["reserved"] += 100 * args[0].shape[0]  # the graph's pool
         state["available"] -= 100 * args[0].shape[0]
-        return EmulatedCapture()(module, args)
+        return EmulatedCapture()(module, args, pool)
 
     dense = GraphedDense(lin, lambda x: (lin(x),), max_graphs=8, capture=capture,
                          memory=lambda device: (state["available"], state["reserved"]))
@@ -260,6 +263,37 @@ def test_no_new_graph_without_room_for_it():
     # 2 rows: +200 (800 left); 3 rows: +300 (500 left); 1 row: 500 < 2 x 300, eager
     assert dense.graph_bytes == 300 and len(dense.graphs) == 2
     assert dense.graphed_calls == 3 and dense.eager_calls == 1
+    assert dense.stats()["graph_mib"] == 500 / 2**20  # both captures' memory, summed
+
+
+def test_one_pool_per_dense_part_shared_by_its_graphs():
+    """``shared_pool`` (the default): every capture of a dense part is given that part's one
+    pool handle, and another dense part has another; ``shared_pool=False``: each capture gets
+    ``None`` (a pool of its own, made by ``make_graphed_callables``)."""
+    lin = nn.Linear(4, 3)
+    parts = {name: (EmulatedCapture(), shared) for name, shared in
+             (("a", True), ("b", True), ("own", False))}
+    for capture, shared in parts.values():
+        dense = GraphedDense(lin, lambda x: (lin(x),), capture=capture, shared_pool=shared)
+        for rows in (2, 3, 2, 5):
+            dense(torch.randn(rows, 4))
+        assert len(capture.captures) == 3
+    pools = {name: capture.pools for name, (capture, _) in parts.items()}
+    assert pools["a"][0] is not None and pools["a"] == [pools["a"][0]] * 3
+    assert pools["b"] == [pools["b"][0]] * 3 and pools["b"][0] != pools["a"][0]
+    assert pools["own"] == [None] * 3
+
+
+def test_every_task_has_one_dense_part():
+    """The shared pool is safe because one dense part runs one forward and its backward per
+    step with no other graph of its pool in between; a task with two graphed parts (a second
+    forward before the first backward) would need them in separate pools, which
+    ``enable_cuda_graphs`` gives, but is not expected: each task has exactly one."""
+    for kind in KINDS:
+        for variant in VARIANTS:
+            names = enable_cuda_graphs(make_task(kind, variant), max_graphs=2, pad_multiple=0,
+                                       capture=EmulatedCapture())
+            assert len(names) == 1, (kind, variant, names)
 
 
 def _stream(batches: list[Any]) -> Callable[[int], Iterator[Any]]:
@@ -326,11 +360,12 @@ def _widen(batch: Any, extra: int) -> Any:
 
 
 def _eager_then_graphed(kind: str, variant: str, batches: list[Any], device: torch.device,
-                        capture: Any, tmp_path: Path, amp: str
+                        capture: Any, tmp_path: Path, amp: str, shared_pool: bool = True
                         ) -> tuple[list[list[float]], list[list[Tensor]], GraphedDense]:
     """The same steps through the real loop twice, eager then with graphs (``capture``:
-    ``None`` for the real one on CUDA), randomness off, padding to 32 in both: the logged
-    losses and the weights after the steps of each run, and the graphed run's dense part."""
+    ``None`` for the real one on CUDA; ``shared_pool`` as ``engine.cuda_graphs_pool``),
+    randomness off, padding to 32 in both: the logged losses and the weights after the steps
+    of each run, and the graphed run's dense part."""
     from siamese_detr.engine.distributed import DistInfo
     from siamese_detr.engine.logging import read_jsonl
 
@@ -338,7 +373,8 @@ def _eager_then_graphed(kind: str, variant: str, batches: list[Any], device: tor
     for graphed in (False, True):
         task = _no_randomness(make_task(kind, variant)).to(device)
         if graphed:
-            assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32, capture=capture)
+            assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32, capture=capture,
+                                      shared_pool=shared_pool)
         else:
             task.pad_multiple = 32
         opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.05)
@@ -362,14 +398,17 @@ def _tolerance(device: torch.device, amp: str) -> dict[str, float]:
 
 
 def _alternating_shapes_run(kind: str, variant: str, device: torch.device, capture: Any,
-                            tmp_path: Path, amp: str = "none") -> None:
+                            tmp_path: Path, amp: str = "none", shared_pool: bool = True) -> None:
     """Four steps whose batches alternate between two padded shapes (A, B, A, B), with two
-    graphs, against eager steps: each graph's saved activations, static inputs and the
-    level-size constants it reads must survive the other graph's replays."""
+    graphs, against eager steps: each graph's static inputs, outputs and gradients and the
+    level-size constants it reads must survive the other graph's replays; with one pool, the
+    second graph reuses the first one's temporaries and saved activations, which must be dead
+    by then."""
     base = make_batches(kind, 4)
     batches = [b if i % 2 == 0 else _widen(b, 64) for i, b in enumerate(base)]
     losses, weights, dense = _eager_then_graphed(kind, variant, batches, device, capture,
-                                                 tmp_path, amp)
+                                                 tmp_path, amp, shared_pool)
+    assert (dense.pool is not None) == shared_pool
     assert len(dense.graphs) == 2 and dense.graphed_calls == 4
     tol = _tolerance(device, amp)
     assert len(losses[0]) == 4
@@ -442,11 +481,20 @@ def test_real_make_graphed_callables_accepts_the_dense_parts(variant, kind, monk
     batch = make_batches(kind, 1)[0]
     eager = _no_randomness(make_task(kind, variant).train())
     task = _no_randomness(make_task(kind, variant).train())
-    real = graphs._capture_cuda
-    enable_cuda_graphs(task, max_graphs=2, pad_multiple=1, capture=lambda m, a: real(m, a))
+    real, make = graphs._capture_cuda, torch.cuda.make_graphed_callables
+    given: list[Any] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        given.append(kwargs.get("pool"))
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", recording)
+    enable_cuda_graphs(task, max_graphs=2, pad_multiple=1,
+                       capture=lambda m, a, pool: real(m, a, pool))
     loss = task(batch).total
     loss.backward()
     assert task._dense.stats()["graphed_calls"] == 1
+    assert given == [task._dense.pool] and given[0] is not None  # the shared pool, passed on
     torch.testing.assert_close(loss.detach(), eager(batch).total.detach(), rtol=1e-6, atol=0)
     for name, p in task.named_parameters():
         if p.requires_grad:
@@ -484,12 +532,15 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("variant", ["vanilla", "deformable"])
-@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
-def test_real_cuda_graphs_two_shapes_alternating(kind, variant, tmp_path):
-    """Two real graphs replayed in turn (their memory pools are separate) train like eager,
-    in bf16 as the fast configuration runs."""
-    _alternating_shapes_run(kind, variant, torch.device("cuda"), None, tmp_path, "bf16")
+@pytest.mark.parametrize(("kind", "variant", "pool"), [
+    *((k, v, "shared") for k in ("finetune", "pretrain") for v in ("vanilla", "deformable")),
+    ("pretrain", "deformable", "per_graph")])
+def test_real_cuda_graphs_two_shapes_alternating(kind, variant, pool, tmp_path):
+    """Two real graphs replayed in turn train like eager, in bf16 as the fast configuration
+    runs: from one memory pool (the default), and for the largest dense part from one pool
+    each (the former behaviour, ``engine.cuda_graphs_pool=per_graph``)."""
+    _alternating_shapes_run(kind, variant, torch.device("cuda"), None, tmp_path, "bf16",
+                            shared_pool=pool == "shared")
 
 
 def test_setup_ignores_graphs_on_the_cpu_and_applies_the_padding(tmp_path, caplog):
