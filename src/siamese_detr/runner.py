@@ -128,6 +128,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
         engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
         checkpoint_meta={"kind": task.kind, "config": to_dict(cfg), **extras()},
         start=prep.start, scaler=prep.scaler, evaluate=task.make_evaluator(run_dir),
+        loader_hint=f"{'pretrain' if task.kind == 'pretrain' else 'data'}.num_workers="
+                    f"{task.num_workers}",
     )
     if result.stopped_early:  # a signal: the run is not finished, say so (CLI exit 75)
         raise RunStopped(result.step, prep.schedule.total_steps, str(run_dir / "last.pt"),

@@ -27,6 +27,10 @@ Faults (issue 10), each handled in one helper below:
 
 The loop itself reads nothing from the device between logs: loss terms are summed on the
 device (:class:`LossWindow`) and read once per ``log_every`` steps.
+
+A loader that cannot keep up is named once (:class:`LoaderWatch`): from the second logging
+window on, if waiting for batches took over a quarter of the step, the log says so with the
+figures and the setting to raise (``loader_hint``).
 """
 
 from __future__ import annotations
@@ -352,6 +356,42 @@ class NonFinitePolicy:
         return len(self.skipped) > self.limit
 
 
+class LoaderWatch:
+    """Warns once when the training waits for its data: at a log, the mean time per step
+    spent getting the next batch (``data_time``) against the mean step time. The first
+    logging window is left out (worker start-up, first batches, graph captures).
+
+    Args:
+        hint: the setting to raise and its value, e.g. ``"pretrain.num_workers=4"``.
+        share: warn above this share of the step spent waiting.
+    """
+
+    def __init__(self, hint: str = "", share: float = 0.25) -> None:
+        self.hint = hint
+        self.share = share
+        self.windows = 0
+        self.warned = False
+
+    def message(self, data_time: float, step_time: float, steps: str) -> str | None:
+        """The warning for one logging window, or None (first window, below the share,
+        already warned)."""
+        self.windows += 1
+        if self.warned or self.windows == 1 or step_time <= 0 \
+                or data_time <= self.share * step_time:
+            return None
+        self.warned = True
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        what = f"raise {self.hint}" if self.hint else "raise the loader's num_workers"
+        return (f"the loader is the limit: waiting for data took {data_time / step_time:.0%} "
+                f"of each step ({data_time * 1e3:.0f} of {step_time * 1e3:.0f} ms, steps "
+                f"{steps}); {what} (this machine has {per_process} CPU cores per training "
+                "process)")
+
+
 class _GraphCounts:
     """``engine.cuda_graphs`` in the log: graphs held and the share of the steps since the
     last log that ran from a graph (nothing when the task has no graphs)."""
@@ -385,6 +425,7 @@ def train(
     scaler: torch.amp.GradScaler | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     state_dict_of: Callable[[], dict[str, torch.Tensor]] | None = None,
+    loader_hint: str = "",
 ) -> TrainResult:
     """Run ``schedule.total_steps`` optimiser steps of ``task`` (possibly DDP-wrapped).
 
@@ -394,6 +435,8 @@ def train(
             micro-batches (so a resumed run sees exactly the batches it would have seen).
         checkpoint_meta: stored in every checkpoint (``kind``, ``config`` dict, ...).
         state_dict_of: what goes under ``"model"`` (default: the unwrapped task's state dict).
+        loader_hint: the loader setting to raise when the training waits for data
+            (:class:`LoaderWatch`), e.g. ``"pretrain.num_workers=4"``.
     """
     log = get_logger()
     start = start or ResumeState()
@@ -441,6 +484,7 @@ def train(
         return nonfinite.exhausted
 
     graph_counts = _GraphCounts(getattr(raw, "_dense", None))
+    loader_watch = LoaderWatch(loader_hint)
     task.train()
     with _StopFlag() as stop:
         for step in range(start.step, schedule.total_steps):
@@ -510,6 +554,10 @@ def train(
                 if device.type == "cuda":
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 record.update(graph_counts.read())
+                slow = loader_watch.message(record["data_time"], record["step_time"],
+                                            f"{record['step'] - len(data_times) + 1}-{done}")
+                if slow and dist_info.is_main:
+                    log.warning("%s", slow)
                 metrics.write(record)
                 result.last_metrics = record
                 if pbar is not None:

@@ -130,3 +130,54 @@ def test_code_carrying_checkpoint_is_refused(tmp_path):
     assert torch.equal(load_checkpoint(tmp_path / "ok.pt")["a"], torch.ones(1))
     with pytest.raises(ConfigError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_loader_watch_warns_once_after_the_first_window():
+    from siamese_detr.engine.loop import LoaderWatch
+
+    watch = LoaderWatch("pretrain.num_workers=4")
+    assert watch.message(0.09, 0.10, "1-20") is None  # start-up window: left out
+    assert watch.message(0.02, 0.10, "21-40") is None  # 20 %: under a quarter
+    msg = watch.message(0.03, 0.10, "41-60")
+    assert msg is not None
+    assert "30%" in msg and "30 of 100 ms" in msg and "steps 41-60" in msg
+    assert "raise pretrain.num_workers=4" in msg and "CPU cores per training process" in msg
+    assert watch.message(0.09, 0.10, "61-80") is None  # said once
+
+
+class SlowTask(ToyTask):
+    def forward(self, batch):
+        import time
+
+        time.sleep(0.02)
+        return super().forward(batch)
+
+
+def slow_stream(position: int):
+    import time
+
+    for batch in stream(position):
+        time.sleep(0.02)
+        yield batch
+
+
+@pytest.mark.parametrize("slow", ["data", "model"])
+def test_training_that_waits_for_data_says_so(slow, tmp_path, caplog):
+    """A stream slower than the model gets one warning naming the setting to raise (data
+    share about 50 %); a model slower than its stream gets none (share about 0)."""
+    torch.manual_seed(0)
+    task = SlowTask()  # 20 ms a step; the slow stream adds 20 ms a batch
+    opt = build_optimizer(task, OptimConfig(lr=1e-2, lr_backbone=1e-3, unit="iter", length=9,
+                                            lr_drops=()))
+    eng = EngineConfig(log_every=3, ckpt_every=0, progress=False, keep_checkpoints=0)
+    with caplog.at_level("WARNING"):
+        train(task=task, batches=slow_stream if slow == "data" else stream, optimizer=opt,
+              schedule=Schedule(9, (), 0.1, 0, 1.0), engine=eng, run_dir=tmp_path,
+              dist_info=CPU, checkpoint_meta={"kind": "test", "config": {}},
+              loader_hint="data.num_workers=2")
+    warned = [r.getMessage() for r in caplog.records if "loader is the limit" in r.getMessage()]
+    if slow == "data":
+        assert len(warned) == 1 and "raise data.num_workers=2" in warned[0], warned
+        assert "steps 4-6" in warned[0]
+    else:
+        assert warned == []
