@@ -89,8 +89,11 @@ class _Bound(nn.Module):
 
 def _capture_cuda(module: nn.Module, args: tuple[Tensor, ...], pool: Any = None
                   ) -> Callable[..., Any]:
-    options: dict[str, Any] = {"allow_unused_input": True, "pool": pool}
-    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+    options: dict[str, Any] = {"allow_unused_input": True}
+    accepted = inspect.signature(torch.cuda.make_graphed_callables).parameters
+    if pool is not None and "pool" in accepted:  # older torch: a pool per graph
+        options["pool"] = pool
+    if "capture_error_mode" in accepted:
         # thread_local: the DataLoader's pin-memory thread may allocate page-locked memory
         # while the training thread captures; only the capturing thread's calls are checked
         options["capture_error_mode"] = "thread_local"

@@ -12,6 +12,7 @@ eager training. Tasks: fine-tuning, Siamese DETR, DETReg and UP-DETR, each detec
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -484,6 +485,7 @@ def test_real_make_graphed_callables_accepts_the_dense_parts(variant, kind, monk
     real, make = graphs._capture_cuda, torch.cuda.make_graphed_callables
     given: list[Any] = []
 
+    @functools.wraps(make)  # keeps the signature the capture inspects
     def recording(*args: Any, **kwargs: Any) -> Any:
         given.append(kwargs.get("pool"))
         return make(*args, **kwargs)
