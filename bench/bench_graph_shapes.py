@@ -175,7 +175,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": args.steps, "distinct_shapes": len(set(shapes)),
         "shape_counts": {f"{h}x{w}": shapes.count((h, w)) for h, w in sorted(set(shapes))},
-        **stats, "ms_median": med, "graphed_over_eager_ms": med["graphed"] / med["eager"],
+        **stats, "capture_mib": graphed._dense.capture_mib,  # type: ignore[union-attr]
+        "ms_median": med, "graphed_over_eager_ms": med["graphed"] / med["eager"],
         "ms_all": times, "memory_both_models": mem, "time": time.strftime("%Y-%m-%d %H:%M"),
     }
     bg.log(json.dumps({k: v for k, v in result.items() if k != "ms_all"}, indent=1))

@@ -152,6 +152,7 @@ class GraphedDense:
         self.capture_seconds = 0.0
         self.graph_bytes = 0  # the most memory one capture added (reserved bytes)
         self.added_bytes = 0  # what all the captures added
+        self.capture_mib: list[float] = []  # what each capture added, in order
         self.shared_pool = shared_pool
         self.pool: Any = None  # the shared pool's handle, made at the first capture
         self._warned: set[str] = set()
@@ -208,6 +209,7 @@ class GraphedDense:
             added = max(0, self.memory(device)[1] - before)
             self.graph_bytes = max(self.graph_bytes, added)
             self.added_bytes += added
+            self.capture_mib.append(added / 2**20)
         self.graphs[key] = graphed
         get_logger().info("cuda_graphs: captured %s #%d for %s in %.1f s (+%.0f MiB)",
                           self.name, len(self.graphs), tuple(tensors[0].shape),

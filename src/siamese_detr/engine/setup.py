@@ -87,6 +87,10 @@ def prepare_training(task: nn.Module, cfg: RunConfig, dist_info: DistInfo, datas
         get_logger().info("torch.compile: %s", ", ".join(compile_transformers(task)))
     if cfg.engine.cuda_graphs:
         _enable_cuda_graphs(task, cfg, dist_info)
+        if cfg.engine.compile and dist_info.device.type == "cuda":
+            get_logger().warning("engine.compile with engine.cuda_graphs: the compiled "
+                                 "transformer is captured in the graphs; this combination has "
+                                 "not been checked on a GPU yet (docs/benchmarks.md)")
     if cfg.engine.pad_to_multiple > 1:  # explicit: applies with or without graphs
         from siamese_detr.engine.graphs import GraphableTask
 

@@ -265,6 +265,7 @@ def test_no_new_graph_without_room_for_it():
     assert dense.graph_bytes == 300 and len(dense.graphs) == 2
     assert dense.graphed_calls == 3 and dense.eager_calls == 1
     assert dense.stats()["graph_mib"] == 500 / 2**20  # both captures' memory, summed
+    assert dense.capture_mib == [200 / 2**20, 300 / 2**20]
 
 
 def test_one_pool_per_dense_part_shared_by_its_graphs():
