@@ -43,8 +43,9 @@ def worker(rank: int, out: str, kind: str, variant: str, mode: str, port: str) -
 
     cg = _helpers()
     task = cg._no_randomness(cg.make_task(kind, variant))
+    emulated = cg.EmulatedCapture()
     if mode == "emulated":
-        enable_cuda_graphs(task, max_graphs=2, pad_multiple=32, capture=cg.EmulatedCapture())
+        enable_cuda_graphs(task, max_graphs=2, pad_multiple=32, capture=emulated)
     elif mode == "stubbed":
         from siamese_detr.engine import graphs
 
@@ -66,7 +67,8 @@ def worker(rank: int, out: str, kind: str, variant: str, mode: str, port: str) -
     if rank == 0:
         losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
         torch.save({"losses": losses, "weights": [p.detach() for p in task.parameters()],
-                    "graphed_calls": getattr(task._dense, "graphed_calls", 0)},
+                    "graphed_calls": getattr(task._dense, "graphed_calls", 0),
+                    "events": emulated.events},
                    Path(out) / "result.pt")
     dist.barrier()  # neither rank tears gloo down while the other still writes or trains
     dist.destroy_process_group()

@@ -170,12 +170,14 @@ class EmulatedCapture:
     def __init__(self) -> None:
         self.captures: list[list[tuple[int, ...]]] = []
         self.pools: list[Any] = []  # the pool handle each capture was given
+        self.events: list[tuple[str, int]] = []  # ("fwd" | "bwd", capture index), in order
 
     def __call__(self, module: nn.Module, sample_args: tuple[Tensor, ...],
                  pool: Any = None) -> Callable[..., Any]:
         assert all(isinstance(a, Tensor) for a in sample_args)
         self.captures.append([tuple(a.shape) for a in sample_args])
         self.pools.append(pool)
+        index, events = len(self.captures) - 1, self.events
         params = tuple(module.parameters())
         static = [a.detach().clone().requires_grad_(a.requires_grad) for a in sample_args]
         n = len(static)
@@ -183,6 +185,7 @@ class EmulatedCapture:
         class Graphed(torch.autograd.Function):
             @staticmethod
             def forward(ctx: Any, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+                events.append(("fwd", index))
                 for s, x in zip(static, inputs[:n]):
                     assert s.shape == x.shape and s.dtype == x.dtype
                     s.data.copy_(x)
@@ -192,6 +195,7 @@ class EmulatedCapture:
 
             @staticmethod
             def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+                events.append(("bwd", index))
                 surface = [*static, *params]
                 need = [t for t in surface if t.requires_grad]
                 live = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad]
@@ -411,6 +415,10 @@ def _alternating_shapes_run(kind: str, variant: str, device: torch.device, captu
     losses, weights, dense = _eager_then_graphed(kind, variant, batches, device, capture,
                                                  tmp_path, amp, shared_pool)
     assert (dense.pool is not None) == shared_pool
+    if isinstance(capture, EmulatedCapture):
+        # what makes one pool safe: each graph's backward replays right after its forward,
+        # with no other graph in between (the real loop, not the assumption)
+        assert capture.events == [(k, i % 2) for i in range(4) for k in ("fwd", "bwd")]
     assert len(dense.graphs) == 2 and dense.graphed_calls == 4
     tol = _tolerance(device, amp)
     assert len(losses[0]) == 4
@@ -597,6 +605,8 @@ def test_graphs_under_ddp_train_like_eager_ddp(kind, tmp_path):
         results[mode] = torch.load(out / "result.pt", weights_only=True)
     eager, emulated, stubbed = results["eager"], results["emulated"], results["stubbed"]
     assert emulated["graphed_calls"] == stubbed["graphed_calls"] == 2
+    # under DDP too, a graph's backward replays right after its forward (the shared pool)
+    assert emulated["events"] == [("fwd", 0), ("bwd", 0)] * 2
     torch.testing.assert_close(emulated["losses"], eager["losses"], rtol=1e-5, atol=0)
     for a, b in zip(emulated["weights"], eager["weights"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
