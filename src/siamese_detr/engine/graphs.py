@@ -125,9 +125,11 @@ class GraphedDense:
         shared_pool: every capture gets this dense part's one pool handle (see the module
             docstring); False: each capture gets ``None``, a pool of its own.
         memory: ``memory(device) -> (available, reserved)`` bytes (default
-            :func:`cuda_memory` with real captures; none with a stand-in). A graph keeps its
-            shape's activations, so a new shape is captured only while the memory available
-            is at least ``headroom`` times the most a capture has added so far.
+            :func:`cuda_memory` with real captures; none with a stand-in). A capture adds
+            memory (with a pool per graph, its shape's activations; with the shared pool,
+            mostly what exceeds the pool's free blocks), so a new shape is captured only while
+            the memory available is at least ``headroom`` times the most a capture has added
+            so far.
         name: for the log.
 
     ``stats()["graph_mib"]`` is the memory the captures added, summed (reserved bytes, the

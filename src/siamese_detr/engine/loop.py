@@ -36,6 +36,7 @@ figures and the setting to raise (``loader_hint``).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -380,8 +381,6 @@ class LoaderWatch:
                 or data_time <= self.share * step_time:
             return None
         self.warned = True
-        import os
-
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
         per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
