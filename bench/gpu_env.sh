@@ -1,7 +1,8 @@
 # Sourced by the bench/gpu_*.sh device calls: checks OUT, installs the carried wheels, sets
 # PYTHONPATH, and defines B (bench_gpu.py with $EXTRA) and `loader SECONDS WORKERS BATCHES`
-# (bench_loader.py on the carried toy data). EXTRA="--device cpu --small" for a CPU dry run.
-set -u
+# (bench_loader.py on the carried toy data) and `shapes SECONDS ARGS...` (bench_graph_shapes.py).
+# EXTRA="--device cpu --small" for a CPU dry run.
+set -u -o pipefail  # a step's rc is its command's (a timeout: 124), not that of its | tail
 OUT=${OUT:?set OUT}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
@@ -16,6 +17,14 @@ export PYTHONPATH=/tmp/site:$PWD/src
 B="python bench/bench_gpu.py $EXTRA"
 
 loader() {  # loader SECONDS WORKERS BATCHES: one round, per worker and the real loader
+  local batches=$3
+  [ -z "$EXTRA" ] || batches=8  # a CPU dry run: 8 batches
   timeout "$1" python bench/bench_loader.py --data .gpu/loaderdata \
-    --images "${LOADER_IMAGES:-64}" --size 448 --rounds 1 --workers "$2" --loader-batches "$3"
+    --images "${LOADER_IMAGES:-64}" --size 448 --rounds 1 --workers "$2" \
+    --loader-batches "$batches"
+}
+
+shapes() {  # shapes SECONDS ARGS...: bench_graph_shapes.py (a CPU dry run: small and short)
+  timeout "$1" python bench/bench_graph_shapes.py "${@:2}" \
+    ${EXTRA:+--device cpu --small --steps 12 --warm 4}
 }

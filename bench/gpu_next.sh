@@ -4,7 +4,6 @@
 # bench/gpu_next2.sh has the rest. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next.sh
 source bench/gpu_env.sh
-GS="python bench/bench_graph_shapes.py ${EXTRA:+--device cpu --small}"
 {
   echo "== 0: engine.cuda_graphs against eager training (GPU tests), then pinned batches, Triton"
   timeout 170 python -m pytest -q -x -p no:cacheprovider -m gpu \
@@ -15,10 +14,10 @@ GS="python bench/bench_graph_shapes.py ${EXTRA:+--device cpu --small}"
   timeout 150 $B --no-hf --no-pretrain-2x --graphed --warmup 3 --steps 6 \
     --out "$OUT/graphs.json"; echo "1 rc=$?"
   echo "== 2: engine.cuda_graphs on COCO-like multi-scale shapes (pad 128, 16 graphs)"
-  timeout 60 $GS --variant detr --dtype bf16 --steps 60 --out "$OUT/shapes_detr.json" \
+  shapes 60 --variant detr --dtype bf16 --steps 60 --out "$OUT/shapes_detr.json" \
     | tail -25; echo "2 rc=$?"
-  timeout 60 $GS --variant deformable --dtype bf16 --steps 40 --warm 16 \
+  shapes 60 --variant deformable --dtype bf16 --steps 40 --warm 16 \
     --out "$OUT/shapes_deform.json" | tail -25; echo "2b rc=$?"
-  timeout 60 $GS --task pretrain --variant detr --dtype bf16 --batch 8 --steps 40 --warm 16 \
+  shapes 60 --task pretrain --variant detr --dtype bf16 --batch 8 --steps 40 --warm 16 \
     --out "$OUT/shapes_pretrain.json" | tail -25; echo "2c rc=$?"
 } 2>&1 | tee "$OUT/next.log"

@@ -11,10 +11,11 @@ source bench/gpu_env.sh
   loader 40 12 128 | tail -4; echo "4b rc=$?"
   echo "== 5: pretraining step on augment_on=device loader output, per-GPU paper batch"
   timeout 45 $B --no-hf --no-pretrain-2x --augment-on-device --graphed --batch 8 \
-    --size 480x480 --warmup 3 --steps 5 --variants detr,conditional --out "$OUT/pre8aug.json"
+    --size 480x480 --warmup 3 --steps 5 --variants detr,conditional --out "$OUT/pre8aug.json" \
+    ${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: small
   echo "5 rc=$?"
   echo "== 6: graph memory with one pool per graph (gpu_next.sh step 2 shares one pool)"
-  timeout 60 python bench/bench_graph_shapes.py ${EXTRA:+--device cpu --small} --variant detr \
-    --dtype bf16 --steps 60 --pool per_graph --out "$OUT/shapes_detr_per_graph.json" \
+  shapes 60 --variant detr --dtype bf16 --steps 60 --pool per_graph \
+    --out "$OUT/shapes_detr_per_graph.json" \
     | tail -25; echo "6 rc=$?"
 } 2>&1 | tee "$OUT/next2.log"
