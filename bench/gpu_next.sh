@@ -21,3 +21,4 @@ source bench/gpu_env.sh
   shapes 60 --task pretrain --variant detr --dtype bf16 --batch 8 --steps 40 --warm 16 \
     --out "$OUT/shapes_pretrain.json" | tail -25; echo "2c rc=$?"
 } 2>&1 | tee "$OUT/next.log"
+python bench/targets.py "$OUT" | tee "$OUT/targets.txt"  # issue 13's verdicts

@@ -19,3 +19,4 @@ source bench/gpu_env.sh
     --out "$OUT/shapes_detr_per_graph.json" \
     | tail -25; echo "6 rc=$?"
 } 2>&1 | tee "$OUT/next2.log"
+python bench/targets.py "$OUT" | tee "$OUT/targets.txt"  # issue 13's verdicts

@@ -1,0 +1,172 @@
+"""Issue 13's GPU targets, read from what the device scripts wrote: one verdict per target.
+
+    python bench/targets.py OUT [OUT ...]        # folders (or files) of gpu_next*.sh results
+
+Reads every ``bench_gpu.py`` result (``*.json`` with ``rows``) and the loader lines of the logs
+(``*.log``: ``NAME ... | loader with N workers X samples/s``). Step times are compared only
+within one result file: two device calls may land on two machines of the same kind whose
+speeds differ (docs/benchmarks.md section 2). Targets (issue 13, acceptance):
+
+* ``hf``: each detector's fine-tuning step at least 1.3x faster than ``transformers``, fp32 and
+  bf16 (our eager step, and our fastest: eager, compiled or graphed);
+* ``bf16``: bf16 at least 1.3x faster than fp32, per step kind (eager fine-tuning, graphed
+  fine-tuning, ...) and fastest bf16 against fastest fp32;
+* ``pretrain``: the pretraining step at most 1.5x the fine-tuning step of the same detector,
+  batch, size and precision (eager against eager, graphed against graphed);
+* ``loader``: the pretraining loader (``augment on device`` rows) at least 4x the GPU's demand:
+  the fastest pretraining step's images/s at the presets' per-GPU batch (at least 4), graphed
+  steps included, when both are in the inputs.
+
+Each line says PASS or MISS with the figure; a target with no figure says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HF_MIN, BF16_MIN, PRETRAIN_MAX, LOADER_MIN = 1.3, 1.3, 1.5, 4.0
+FINETUNE = ("ours", "ours_compiled", "ours_graphed")
+PRETRAIN = ("pretrain", "pretrain_graphed", "pretrain_aug", "pretrain_aug_graphed")
+LOADER_LINE = re.compile(r"^(?P<name>.+?)\s+[\d.]+ samples/s per worker.*\| loader with "
+                         r"(?P<workers>\d+) workers\s+(?P<rate>[\d.]+) samples/s")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    what: str
+    value: float
+    passed: bool
+
+    def line(self) -> str:
+        verdict = "PASS" if self.passed else "MISS"
+        return f"{verdict}  {self.target:8s} {self.what}: {self.value:.2f}"
+
+
+def _key(r: dict[str, Any]) -> tuple[str, int, tuple[int, ...]]:
+    return r["variant"], int(r.get("batch", 0)), tuple(r.get("size", ()))
+
+
+def _ms(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], float]:
+    """(variant, batch, size, dtype, impl) -> median ms."""
+    return {(*_key(r), r["dtype"], r["impl"]): float(r["ms_median"]) for r in rows}
+
+
+def _where(variant: str, batch: int, size: tuple[int, ...]) -> str:
+    return f"{variant}, batch {batch} at {'x'.join(map(str, size))}"
+
+
+def step_targets(rows: list[dict[str, Any]], source: str) -> list[Verdict]:
+    """The ``hf``, ``bf16`` and ``pretrain`` verdicts of one result file's rows."""
+    ms = _ms(rows)
+    out: list[Verdict] = []
+    places = sorted({k[:3] for k in ms})
+    for variant, batch, size in places:
+        at = (variant, batch, size)
+        where = f"{_where(variant, batch, size)} [{source}]"
+        for dtype in ("fp32", "bf16"):
+            hf = ms.get((*at, dtype, "hf"))
+            ours = ms.get((*at, dtype, "ours"))
+            if hf is not None and ours is not None:
+                out.append(Verdict("hf", f"HF / ours eager, {dtype}, {where}", hf / ours,
+                                   hf / ours >= HF_MIN))
+                best = min(v for k, v in ms.items() if k[:4] == (*at, dtype) and k[4] in FINETUNE)
+                if best < ours:
+                    out.append(Verdict("hf", f"HF / ours fastest, {dtype}, {where}", hf / best,
+                                       hf / best >= HF_MIN))
+        for impl in (*FINETUNE, *PRETRAIN):
+            fp32, bf16 = ms.get((*at, "fp32", impl)), ms.get((*at, "bf16", impl))
+            if fp32 is not None and bf16 is not None:
+                out.append(Verdict("bf16", f"{impl} fp32 / bf16, {where}", fp32 / bf16,
+                                   fp32 / bf16 >= BF16_MIN))
+        fastest = {d: [v for k, v in ms.items() if k[:4] == (*at, d) and k[4] in FINETUNE]
+                   for d in ("fp32", "bf16")}
+        if all(fastest.values()) and len(fastest["fp32"]) + len(fastest["bf16"]) > 2:
+            ratio = min(fastest["fp32"]) / min(fastest["bf16"])
+            out.append(Verdict("bf16", f"fastest fine-tuning fp32 / fastest bf16, {where}", ratio,
+                               ratio >= BF16_MIN))
+        for dtype in ("fp32", "bf16"):
+            for pre, fine in (("pretrain", "ours"), ("pretrain_graphed", "ours_graphed")):
+                p, f = ms.get((*at, dtype, pre)), ms.get((*at, dtype, fine))
+                if p is not None and f is not None:
+                    out.append(Verdict("pretrain", f"{pre} / {fine}, {dtype}, {where}", p / f,
+                                       p / f <= PRETRAIN_MAX))
+    return out
+
+
+def loader_rates(text: str) -> list[tuple[str, int, float]]:
+    """``(row name, workers, samples/s)`` of every loader line in a bench_loader log."""
+    found = []
+    for line in text.splitlines():
+        m = LOADER_LINE.match(line.strip())
+        if m:
+            found.append((m["name"].strip(), int(m["workers"]), float(m["rate"])))
+    return found
+
+
+def loader_targets(rates: list[tuple[str, int, float]], rows: list[dict[str, Any]]
+                   ) -> list[Verdict]:
+    """The ``loader`` verdicts: each ``augment on device`` Siamese loader rate against the
+    fastest Siamese pretraining step's images/s (the GPU's demand)."""
+    demand = [float(r["images_per_s"]) for r in rows
+              if r["impl"] in PRETRAIN and r.get("images_per_s")]
+    if not demand:
+        return []
+    need = max(demand)
+    return [Verdict("loader", f"loader / GPU demand ({need:.0f} img/s), {name}, {w} workers",
+                    rate / need, rate / need >= LOADER_MIN)
+            for name, w, rate in rates
+            if name.startswith("pretrain/paper, augment on device") and "copied" not in name]
+
+
+def collect(paths: list[Path]) -> tuple[list[tuple[str, list[dict[str, Any]]]], str]:
+    """(result files with their rows, all log text) under ``paths``."""
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(p.rglob("*")) if p.is_dir() else [p]
+    results, logs = [], []
+    for f in files:
+        if f.suffix == ".json":
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("rows"):
+                results.append((f.name, data["rows"]))
+        elif f.suffix == ".log":
+            logs.append(f.read_text(errors="replace"))
+    return results, "\n".join(logs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="+", type=Path, help="result folders or files")
+    args = ap.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        print(f"targets: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    results, logs = collect(args.paths)
+    verdicts: list[Verdict] = []
+    for name, rows in results:
+        verdicts += step_targets(rows, name)
+    paper_batch = [r for _, rows in results for r in rows  # the presets' per-GPU 8 (4)
+                   if r["impl"] in PRETRAIN and int(r.get("batch", 0)) >= 4]
+    verdicts += loader_targets(loader_rates(logs), paper_batch)
+    for target in ("hf", "bf16", "pretrain", "loader"):
+        mine = [v for v in verdicts if v.target == target]
+        for v in mine:
+            print(v.line())
+        if not mine:
+            print(f"----  {target:8s} no figure in these results")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

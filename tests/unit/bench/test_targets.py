@@ -1,0 +1,99 @@
+"""bench/targets.py: issue 13's verdicts from bench results, on hand-made rows and on the
+H100 results committed from session 3 (whose figures docs/benchmarks.md quotes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+H100 = ROOT / "bench" / "results" / "2026-11-26-h100"
+
+
+@pytest.fixture(scope="module")
+def targets():
+    spec = importlib.util.spec_from_file_location("bench_targets", ROOT / "bench" / "targets.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_targets"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(impl: str, dtype: str, ms: float, variant: str = "detr", batch: int = 2,
+         images_per_s: float = 0.0) -> dict:
+    return {"variant": variant, "dtype": dtype, "impl": impl, "ms_median": ms, "batch": batch,
+            "size": [800, 1088], "images_per_s": images_per_s}
+
+
+def _by_what(verdicts) -> dict[str, tuple[float, bool]]:
+    return {v.what.split(", detr")[0]: (round(v.value, 4), v.passed) for v in verdicts}
+
+
+def test_step_targets_on_hand_made_rows(targets):
+    rows = [_row("hf", "fp32", 130.0), _row("ours", "fp32", 100.0),
+            _row("hf", "bf16", 120.0), _row("ours", "bf16", 110.0),
+            _row("ours_graphed", "fp32", 50.0), _row("ours_graphed", "bf16", 35.0),
+            _row("pretrain", "fp32", 160.0), _row("pretrain_graphed", "fp32", 80.0)]
+    got = _by_what(targets.step_targets(rows, "x.json"))
+    assert got == {
+        "HF / ours eager, fp32": (1.3, True),  # at the bound: passes
+        "HF / ours fastest, fp32": (2.6, True),  # 130 / 50 (graphed)
+        "HF / ours eager, bf16": (1.0909, False),
+        "HF / ours fastest, bf16": (3.4286, True),
+        "ours fp32 / bf16": (0.9091, False),
+        "ours_graphed fp32 / bf16": (1.4286, True),
+        "fastest fine-tuning fp32 / fastest bf16": (1.4286, True),  # 50 / 35
+        "pretrain / ours, fp32": (1.6, False),
+        "pretrain_graphed / ours_graphed, fp32": (1.6, False),
+    }
+
+
+def test_times_are_compared_within_one_file_only(targets):
+    results = [("a.json", [_row("ours", "fp32", 100.0)]), ("b.json", [_row("hf", "fp32", 200.0)])]
+    assert [v for name, rows in results for v in targets.step_targets(rows, name)] == []
+
+
+def test_loader_lines_and_the_loader_target(targets):
+    log = ("pretrain/paper                             16.4 samples/s per worker,   2.23 MB "
+           "per sample | loader with 4 workers     53.6 samples/s\n"
+           "pretrain/paper, augment on device         95.0 samples/s per worker,   1.24 MB "
+           "per sample | loader with 4 workers    380.0 samples/s\n"
+           "pretrain/paper, augment on device, batch copied to shm    90.0 samples/s per "
+           "worker,   1.24 MB per sample | loader with 4 workers    370.0 samples/s\n"
+           "finetune  142.4 samples/s per worker,   0.85 MB per sample\n")
+    rates = targets.loader_rates(log)
+    assert rates == [("pretrain/paper", 4, 53.6), ("pretrain/paper, augment on device", 4, 380.0),
+                     ("pretrain/paper, augment on device, batch copied to shm", 4, 370.0)]
+    rows = [_row("pretrain_aug", "fp32", 80.0, batch=8, images_per_s=100.0),
+            _row("pretrain_aug_graphed", "fp32", 40.0, batch=8, images_per_s=200.0)]
+    (verdict,) = targets.loader_targets(rates, rows)  # the fastest step is the demand
+    assert verdict.value == pytest.approx(1.9) and not verdict.passed
+
+
+def test_session3_h100_results_give_the_documented_verdicts(targets, capsys):
+    """The committed H100 results reproduce docs/benchmarks.md's ratios: every fine-tuning step
+    faster than transformers by 1.31-2.02x, eager bf16 slower than fp32 at batch 2, graphed
+    bf16 1.35-1.48x graphed fp32, and the one pretraining ratio over 1.5 (Deformable DETR,
+    fp32, batch 2 at 800x1088)."""
+    assert targets.main([str(H100)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    hf = [float(line.rsplit(": ", 1)[1]) for line in lines if " hf " in line]
+    assert len(hf) == 6 and min(hf) == pytest.approx(1.31, abs=0.005)
+    assert max(hf) == pytest.approx(2.02, abs=0.005)
+    assert all(line.startswith("PASS") for line in lines if " hf " in line)
+    graphed = sorted(float(line.rsplit(": ", 1)[1]) for line in lines
+                     if "ours_graphed fp32 / bf16" in line)
+    assert graphed == pytest.approx([1.35, 1.48, 1.48], abs=0.005)
+    misses = [line for line in lines if line.startswith("MISS") and " pretrain " in line[:15]]
+    assert len(misses) == 1 and "deformable, batch 2 at 800x1088" in misses[0]
+    assert "----  loader" in lines[-1]  # no loader log in that folder
+
+
+def test_missing_input_is_one_line_and_exit_2(targets, tmp_path, capsys):
+    assert targets.main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file or folder" in err
