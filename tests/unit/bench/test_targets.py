@@ -3,8 +3,6 @@ H100 results committed from session 3 (whose figures docs/benchmarks.md quotes).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,8 @@ H100 = ROOT / "bench" / "results" / "2026-11-26-h100"
 
 
 @pytest.fixture(scope="module")
-def targets():
-    spec = importlib.util.spec_from_file_location("bench_targets", ROOT / "bench" / "targets.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_targets"] = module
-    spec.loader.exec_module(module)
-    return module
+def targets(load_bench):
+    return load_bench("targets")
 
 
 def _row(impl: str, dtype: str, ms: float, variant: str = "detr", batch: int = 2,

@@ -3,25 +3,16 @@ AP curve reader and the run-time estimate, on hand-computed values."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-
 
 @pytest.fixture(scope="module")
-def transfer():
-    spec = importlib.util.spec_from_file_location("bench_transfer", ROOT / "bench" / "transfer.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_transfer"] = module
-    spec.loader.exec_module(module)
-    return module
+def transfer(load_bench):
+    return load_bench("transfer")
 
 
 def _m(ap: float, ap50: float = 0.5, ap75: float = 0.1) -> dict[str, float]:
