@@ -154,11 +154,10 @@ def per_worker_rate(dataset: Any, collate: Callable, batch: int, start: int = 0,
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401  (registers the shared-memory reducers)
+    import torch.utils.data as tud
 
-    import siamese_detr.data.collate as collate_module
-
-    real = collate_module.get_worker_info
-    collate_module.get_worker_info = (lambda: "bench") if in_worker else (lambda: None)
+    real = tud.get_worker_info  # what our collate functions and default_collate read
+    tud.get_worker_info = (lambda: "bench") if in_worker else (lambda: None)  # type: ignore
     try:
         n = len(dataset)
         size = 0
@@ -170,7 +169,7 @@ def per_worker_rate(dataset: Any, collate: Callable, batch: int, start: int = 0,
         done = n - n % batch
         return done / (time.perf_counter() - t0), size / done / 1e6
     finally:
-        collate_module.get_worker_info = real
+        tud.get_worker_info = real
 
 
 def loader_rate(dataset: Any, collate: Callable, batch: int, workers: int, steps: int) -> float:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 from torch import Tensor
-from torch.utils.data import get_worker_info
 
 from siamese_detr.structures import BoxTargets, ImageBatch
 
@@ -35,7 +35,7 @@ def pad_images(images: Sequence[Tensor]) -> ImageBatch:
     H, W = (int(v) for v in sizes.max(dim=0).values)
     ref = images[0]
     shape = (len(images), channels, H, W)
-    if ref.device.type == "cpu" and get_worker_info() is not None:
+    if ref.device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
         batch, mask = _shared_empty(shape, ref.dtype), _shared_empty(shape[:1] + shape[2:],
                                                                      torch.bool)
     else:
@@ -52,21 +52,19 @@ def pad_images(images: Sequence[Tensor]) -> ImageBatch:
 
 
 def stack_batch(tensors: Sequence[Tensor]) -> Tensor:
-    """``torch.stack`` of a collate function: in a DataLoader worker (CPU tensors), into
-    shared memory, so that sending the batch copies nothing more (see :func:`pad_images`)."""
-    if tensors and tensors[0].device.type == "cpu" and get_worker_info() is not None:
-        out = _shared_empty((len(tensors), *tensors[0].shape), tensors[0].dtype)
-        return torch.stack(list(tensors), out=out)
-    return torch.stack(list(tensors))
+    """``torch.stack`` of a collate function: torch's ``default_collate``, which in a
+    DataLoader worker stacks into shared memory, so that sending the batch copies nothing
+    more (see :func:`pad_images`)."""
+    return torch.utils.data.default_collate(list(tensors))
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialised CPU tensor in shared memory. In a DataLoader worker a batch is handed
     to the main process through shared memory; built there directly (as torch's
     ``default_collate`` builds its stacked tensors), it is not copied into it again when the
-    worker sends it (about 1.3 MB per Siamese sample at the paper's options)."""
-    numel = math.prod(shape)
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    worker sends it (about 1.3 MB per Siamese sample at the paper's options). The worker
+    check is ``torch.utils.data.get_worker_info``, the one ``default_collate`` reads."""
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.tensor([], dtype=dtype).set_(storage).view(shape)
 
 

@@ -152,12 +152,21 @@ class GraphedDense:
         self.graphed_calls = 0
         self.eager_calls = 0
         self.capture_seconds = 0.0
-        self.graph_bytes = 0  # the most memory one capture added (reserved bytes)
-        self.added_bytes = 0  # what all the captures added
-        self.capture_mib: list[float] = []  # what each capture added, in order
-        self.shared_pool = shared_pool
-        self.pool: Any = None  # the shared pool's handle, made at the first capture
+        self.capture_bytes: list[int] = []  # what each capture added (reserved bytes)
+        # the shared pool's handle (an id: no device work, fine on the CPU); None: each
+        # capture makes a pool of its own
+        self.pool: Any = torch.cuda.graph_pool_handle() if shared_pool else None
         self._warned: set[str] = set()
+
+    @property
+    def graph_bytes(self) -> int:
+        """The most memory one capture added (reserved bytes; 0 before any)."""
+        return max(self.capture_bytes, default=0)
+
+    @property
+    def capture_mib(self) -> list[float]:
+        """What each capture added, in order (MiB)."""
+        return [b / 2**20 for b in self.capture_bytes]
 
     def usable(self, args: tuple[Tensor | None, ...]) -> bool:
         first = next(a for a in args if a is not None)
@@ -189,12 +198,10 @@ class GraphedDense:
         device = tensors[0].device
         before = self.memory(device)[1] if self.memory is not None else 0
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        if self.shared_pool and self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()  # an id: no device work, fine on CPU
         t0 = time.perf_counter()
         try:
             graphed = self.capture(_Bound(self.owner, dense), tensors,  # type: ignore[arg-type]
-                                   self.pool if self.shared_pool else None)
+                                   self.pool)
         except Exception as e:  # an op that cannot be captured, or out of memory
             if stream is not None:  # a failed capture_end leaves its side stream current
                 torch.cuda.set_stream(stream)
@@ -209,9 +216,7 @@ class GraphedDense:
         added = 0
         if self.memory is not None:
             added = max(0, self.memory(device)[1] - before)
-            self.graph_bytes = max(self.graph_bytes, added)
-            self.added_bytes += added
-            self.capture_mib.append(added / 2**20)
+            self.capture_bytes.append(added)
         self.graphs[key] = graphed
         get_logger().info("cuda_graphs: captured %s #%d for %s in %.1f s (+%.0f MiB)",
                           self.name, len(self.graphs), tuple(tensors[0].shape),
@@ -252,7 +257,8 @@ class GraphedDense:
     def stats(self) -> dict[str, float]:
         return {"graphs": len(self.graphs), "graphed_calls": self.graphed_calls,
                 "eager_calls": self.eager_calls, "capture_seconds": self.capture_seconds,
-                "failed_captures": len(self.failed), "graph_mib": self.added_bytes / 2**20}
+                "failed_captures": len(self.failed),
+                "graph_mib": sum(self.capture_bytes) / 2**20}
 
 
 class GraphableTask:

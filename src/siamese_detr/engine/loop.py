@@ -554,7 +554,7 @@ def train(
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 record.update(graph_counts.read())
                 slow = loader_watch.message(record["data_time"], record["step_time"],
-                                            f"{record['step'] - len(data_times) + 1}-{done}")
+                                            f"{done - len(data_times) + 1}-{done}")
                 if slow and dist_info.is_main:
                     log.warning("%s", slow)
                 metrics.write(record)

@@ -69,7 +69,7 @@ def test_pad_images_in_a_worker_builds_the_batch_in_shared_memory(monkeypatch, d
               for h, w in ((5, 7), (6, 3), (2, 8))]
     ref = pad_images(images)
     assert not ref.images.is_shared()
-    monkeypatch.setattr(collate, "get_worker_info", lambda: object())
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
     real = collate._shared_empty
 
     def dirty(shape, dt):  # shared memory holding garbage
@@ -91,6 +91,6 @@ def test_stack_batch_in_a_worker_stacks_into_shared_memory(monkeypatch):
 
     xs = [torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8) for _ in range(3)]
     assert not collate.stack_batch(xs).is_shared()
-    monkeypatch.setattr(collate, "get_worker_info", lambda: object())
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
     out = collate.stack_batch(xs)
     assert out.is_shared() and torch.equal(out, torch.stack(xs))
