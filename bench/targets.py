@@ -139,8 +139,10 @@ def collect(paths: list[Path]) -> tuple[list[tuple[str, list[dict[str, Any]]]], 
                 data = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(data, dict) and data.get("rows"):
-                results.append((f.name, data["rows"]))
+            rows = data.get("rows") if isinstance(data, dict) else None
+            # bench_gpu.py's rows are a list; other benches (bench_phases.py) keep a dict
+            if isinstance(rows, list) and rows:
+                results.append((f.name, rows))
         elif f.suffix == ".log":
             logs.append(f.read_text(errors="replace"))
     return results, "\n".join(logs)
