@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
-from siamese_detr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from siamese_detr.ops.boxes import batched_generalized_box_iou, box_cxcywh_to_xyxy
 from siamese_detr.structures import BoxTargets
 
 __all__ = ["HungarianMatcher", "MatchJob", "Matching", "pairwise_cost", "solve_assignments",
@@ -34,14 +35,15 @@ ClsLoss = Literal["ce", "focal"]
 def _class_cost(
     logits: Tensor, labels: Tensor, cls_loss: ClsLoss, alpha: float, gamma: float
 ) -> Tensor:
-    """``logits [N, C]``, ``labels [T]`` -> classification cost ``[N, T]`` (lower is better)."""
+    """``logits [..., N, C]``, ``labels [..., T]`` -> classification cost ``[..., N, T]`` (lower
+    is better)."""
+    index = labels.unsqueeze(-2).expand(*logits.shape[:-1], labels.shape[-1])
     if cls_loss == "ce":
-        prob = logits.softmax(-1)
-        return -prob[:, labels]
+        return -logits.softmax(-1).gather(-1, index)
     prob = logits.sigmoid()
     neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
     pos = alpha * (1 - prob).pow(gamma) * -(prob + 1e-8).log()
-    return pos[:, labels] - neg[:, labels]
+    return pos.gather(-1, index) - neg.gather(-1, index)
 
 
 def pairwise_cost(
@@ -57,24 +59,29 @@ def pairwise_cost(
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
 ) -> Tensor:
-    """Matching cost between ``N`` predictions and ``T`` targets.
+    """Matching cost between ``N`` predictions and ``T`` targets, optionally per batch entry.
 
     Args:
-        logits: ``[N, C]`` class logits.
-        boxes: ``[N, 4]`` predicted normalised cxcywh boxes.
-        labels: ``[T]`` int64 target classes.
-        tgt_boxes: ``[T, 4]`` target normalised cxcywh boxes.
+        logits: ``[..., N, C]`` class logits.
+        boxes: ``[..., N, 4]`` predicted normalised cxcywh boxes.
+        labels: ``[..., T]`` int64 target classes.
+        tgt_boxes: ``[..., T, 4]`` target normalised cxcywh boxes.
+
+    The leading dimensions of the targets broadcast against those of the predictions (e.g.
+    predictions ``[L, B, N, .]`` of ``L`` decoder layers against targets ``[B, T, .]``).
 
     Returns:
-        ``[N, T]`` float32 cost.
+        ``[..., N, T]`` float32 cost.
     """
     logits = logits.float()
     boxes = boxes.float()
     tgt_boxes = tgt_boxes.float().to(boxes.device)
     labels = labels.to(logits.device)
     c_cls = _class_cost(logits, labels, cls_loss, focal_alpha, focal_gamma)
-    c_l1 = torch.cdist(boxes, tgt_boxes, p=1)
-    c_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+    lead = boxes.shape[:-2]
+    c_l1 = torch.cdist(boxes, tgt_boxes.expand(*lead, *tgt_boxes.shape[-2:]), p=1)
+    c_giou = -batched_generalized_box_iou(box_cxcywh_to_xyxy(boxes),
+                                          box_cxcywh_to_xyxy(tgt_boxes))
     return cost_class * c_cls + cost_bbox * c_l1 + cost_giou * c_giou
 
 
@@ -111,31 +118,36 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def cost_matrix(self, logits: Tensor, boxes: Tensor, targets: list[BoxTargets]) -> Tensor:
-        """Cost of every prediction against every target of the batch, on the device.
+        """Cost of every prediction against the targets of its own image, on the device.
 
         Args:
             logits: ``[..., B, Q, C]`` class logits (any leading dims, e.g. decoder layers).
             boxes: ``[..., B, Q, 4]`` predicted normalised cxcywh boxes.
-            targets: ``B`` ground truths; their targets are concatenated in order.
+            targets: ``B`` ground truths.
 
         Returns:
-            ``[..., B, Q, T]`` float32 (``T`` = all targets of the batch), non-finite entries
+            ``[..., B, Q, T]`` float32 with ``T`` the most targets of one image: image ``b``'s
+            costs are in columns ``:len(targets[b])``, the rest is padding. Only these
+            per-image blocks are ever used, so they are all that is computed and copied to
+            the host: ``B`` times less than the cost of every prediction against every
+            target of the batch when the images have equally many (Siamese pretraining's
+            ``2B`` rows of ``M`` regions: 16 times less at batch 8). Non-finite entries are
             replaced by a prohibitive ``1e8`` (scipy refuses them).
         """
-        lead = logits.shape[:-1]
         # a label out of range is reported by the caller after the transfer (SetCriterion)
-        labels = torch.cat([t.labels for t in targets]).clamp(0, logits.shape[-1] - 1)
-        tgt_boxes = torch.cat([t.boxes for t in targets])
+        labels = pad_sequence([t.labels for t in targets], batch_first=True)
+        labels = labels.clamp(0, logits.shape[-1] - 1)
+        # padding boxes are valid boxes (no 0/0 in the GIoU of a column nobody reads)
+        tgt_boxes = pad_sequence([t.boxes for t in targets], batch_first=True, padding_value=0.5)
         # fp32 even inside an autocast region
         with torch.autocast(device_type=logits.device.type, enabled=False):
             cost = pairwise_cost(
-                logits.flatten(0, -2), boxes.flatten(0, -2), labels, tgt_boxes,
+                logits, boxes, labels, tgt_boxes,
                 cost_class=self.cost_class, cost_bbox=self.cost_bbox, cost_giou=self.cost_giou,
                 cls_loss=self.cls_loss, focal_alpha=self.focal_alpha,
                 focal_gamma=self.focal_gamma,
             )
-        cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
-        return cost.view(*lead, -1)
+        return torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
 
     @torch.no_grad()
     def __call__(
@@ -224,15 +236,15 @@ def _solve(jobs: Sequence[MatchJob], extra: Tensor | None
         n = int(np.prod(shape))
         block = host[offset : offset + n].reshape(shape)
         offset += n
-        starts = np.cumsum([0] + [len(t) for t in job.targets])
+        counts = [len(t) for t in job.targets]
         layers = []
         for layer in range(L):
             per_image = []
             for b in range(B):
-                if starts[b + 1] == starts[b]:
+                if counts[b] == 0:
                     per_image.append((none, none))
                     continue
-                rows, cols = linear_sum_assignment(block[layer, b, :, starts[b] : starts[b + 1]])
+                rows, cols = linear_sum_assignment(block[layer, b, :, : counts[b]])
                 per_image.append((rows.astype(np.int64), cols.astype(np.int64)))
             layers.append(per_image)
         out.append(layers)

@@ -95,6 +95,33 @@ def test_batched_equals_per_image(cls_loss: str) -> None:
         assert sorted(c.tolist()) == list(range(len(targets[i])))
 
 
+@pytest.mark.parametrize("cls_loss", ["ce", "focal"])
+def test_cost_blocks_are_the_per_image_blocks_of_the_full_cost(cls_loss: str) -> None:
+    """``cost_matrix`` computes (and the matching copies to the host) only each image's own
+    block, ``[L, B, Q, max T_b]``: equal, bitwise, to the columns of that image in the cost
+    of every prediction against every target of the batch (what it computed before)."""
+    from siamese_detr.matcher import pairwise_cost
+
+    g = torch.Generator().manual_seed(4)
+    matcher = HungarianMatcher(2.0, 5.0, 2.0, cls_loss=cls_loss)
+    L, B, Q, C = 2, 4, 6, 5
+    logits = torch.randn(L, B, Q, C, generator=g)
+    boxes = _random_boxes(L * B * Q, g).view(L, B, Q, 4)
+    targets = _targets([3, 0, 5, 2], C, g)
+    blocks = matcher.cost_matrix(logits, boxes, targets)
+    assert blocks.shape == (L, B, Q, 5)  # 5 = the most targets of one image, not 10
+    labels = torch.cat([t.labels for t in targets])
+    full = pairwise_cost(logits.flatten(0, -2), boxes.flatten(0, -2), labels,
+                         torch.cat([t.boxes for t in targets]), cost_class=2.0, cost_bbox=5.0,
+                         cost_giou=2.0, cls_loss=cls_loss).view(L, B, Q, -1)
+    start = 0
+    for b, t in enumerate(targets):
+        n = len(t)
+        assert torch.equal(blocks[:, b, :, :n], full[:, b, :, start : start + n])
+        start += n
+    assert torch.isfinite(blocks).all()  # the padding columns too
+
+
 def test_empty_targets() -> None:
     matcher = HungarianMatcher(1.0, 5.0, 2.0, cls_loss="ce")
     logits = torch.randn(2, 4, 3)

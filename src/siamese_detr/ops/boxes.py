@@ -14,6 +14,7 @@ __all__ = [
     "box_xyxy_to_cxcywh",
     "box_iou",
     "generalized_box_iou",
+    "batched_generalized_box_iou",
     "normalize_xyxy",
     "denormalize_cxcywh",
     "clip_xyxy",
@@ -27,6 +28,26 @@ def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
 
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return box_convert(boxes, "xyxy", "cxcywh")
+
+
+def batched_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise GIoU of xyxy boxes with leading batch dimensions: ``[..., N, 4]`` and
+    ``[..., M, 4]`` (broadcastable leading dims) -> ``[..., N, M]``.
+
+    ``torchvision.ops.generalized_box_iou`` takes 2-D inputs only; this is the same formula
+    with the same operations in the same order, broadcast over the leading dimensions, so a
+    2-D call gives bitwise the torchvision result (``tests/unit/ops/test_boxes.py``).
+    """
+    a, b = boxes1[..., :, None, :], boxes2[..., None, :, :]
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[..., :, None] + area2[..., None, :] - inter
+    iou = inter / union
+    hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
+    area = hull[..., 0] * hull[..., 1]
+    return iou - (area - union) / area
 
 
 def normalize_xyxy(boxes: Tensor, height: float, width: float) -> Tensor:

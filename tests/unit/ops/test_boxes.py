@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from siamese_detr.ops.boxes import (
+    batched_generalized_box_iou,
     box_cxcywh_to_xyxy,
     box_iou,
     box_xyxy_to_cxcywh,
@@ -61,3 +62,24 @@ def test_giou_bounds_random(seed):
     giou = generalized_box_iou(boxes, boxes)
     assert torch.allclose(torch.diagonal(giou), torch.ones(20))
     assert (giou <= 1 + 1e-6).all() and (giou >= -1 - 1e-6).all()
+
+
+def test_batched_giou_is_torchvisions_bitwise_per_batch_entry():
+    """The matcher's per-image cost blocks use the broadcast GIoU; it must give exactly
+    torchvision's 2-D values, for a plain 2-D call and for every entry of a batched one (the
+    hand-made boxes above included)."""
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [3.0, 0.0, 4.0, 1.0]])
+    assert torch.equal(batched_generalized_box_iou(a, b), generalized_box_iou(a, b))
+    g = torch.Generator().manual_seed(5)
+
+    def boxes(*shape: int) -> torch.Tensor:
+        xy = torch.rand(*shape, 2, generator=g)
+        return torch.cat([xy, xy + torch.rand(*shape, 2, generator=g) * 0.5 + 1e-3], -1)
+
+    preds, tgts = boxes(3, 4, 9), boxes(4, 6)  # [L, B, N, 4] against [B, T, 4]
+    out = batched_generalized_box_iou(preds, tgts)
+    assert out.shape == (3, 4, 9, 6)
+    for layer in range(3):
+        for i in range(4):
+            assert torch.equal(out[layer, i], generalized_box_iou(preds[layer, i], tgts[i]))
