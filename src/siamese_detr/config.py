@@ -29,6 +29,9 @@ class BackboneConfig:
     frozen_bn: bool = True  # FrozenBatchNorm2d everywhere (DETR)
     # "all": nothing trains (pretraining); "stem+layer1": DETR fine-tuning default; "none"
     freeze: Literal["all", "stem+layer1", "none"] = "stem+layer1"
+    # fold each frozen batch norm into the frozen convolution before it (same outputs up to
+    # rounding, same state dict; the whole trunk in pretraining, stem+layer1 in fine-tuning)
+    fold_frozen_bn: bool = True
 
     def __post_init__(self) -> None:
         if self.weights_format == "safetensors" and self.weights and not self.weights.endswith(

@@ -20,8 +20,8 @@ from torchvision.models import resnet18, resnet34, resnet50
 
 from siamese_detr.config import ConfigError
 
-__all__ = ["RANDOM_WEIGHTS", "Backbone", "FrozenBatchNorm2d", "LoadReport",
-           "load_backbone_weights"]
+__all__ = ["RANDOM_WEIGHTS", "Backbone", "FoldedConv2d", "FrozenBatchNorm2d", "LoadReport",
+           "fold_frozen_bn", "load_backbone_weights"]
 
 #: ``model.backbone.weights=random``: a randomly initialised backbone, on purpose (no warning)
 RANDOM_WEIGHTS = "random"
@@ -57,7 +57,16 @@ class FrozenBatchNorm2d(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    folded = False  # set by fold_frozen_bn: the convolution before it applies it
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` per channel, with ``forward(x) = x * scale + shift``."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded:
+            return x
         # inference-mode batch norm: one fused op each way (the statistics are never updated),
         # and a bfloat16 input stays bfloat16 under autocast instead of promoting to float32
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -65,6 +74,81 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A bias-free ``nn.Conv2d`` that applies the :class:`FrozenBatchNorm2d` after it, folded
+    into its weight and bias: ``conv(x, W * scale) + shift`` instead of a convolution and then
+    a pass of the batch norm over the whole activation map (on the H100, the frozen backbone's
+    batch norms were 4.8 ms of a 17.9 ms Siamese pretraining forward at batch 8).
+
+    Made by :func:`fold_frozen_bn`, which changes the class of an existing convolution, so the
+    parameters, buffers and state-dict keys of both modules stay where they were (the batch
+    norm keeps its buffers and becomes the identity). The folded weight and bias are derived
+    from the live tensors: cached while the convolution's weight does not train, and
+    recomputed when any of the five tensors changes (in-place writes such as
+    ``load_state_dict`` included: tensor versions are part of the cache key). While a CUDA
+    graph is captured they are recomputed inside the graph, so every replay reads the current
+    weights, as it does for an unfolded convolution.
+    """
+
+    _folded_bn: list[FrozenBatchNorm2d]  # a list: the batch norm is not a child module here
+    _fold_cache: tuple[tuple, Tensor, Tensor] | None
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """The weight and bias of the convolution with the batch norm folded in."""
+        bn = self._folded_bn[0]
+        tensors = (self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        cacheable = not (torch.is_grad_enabled() and self.weight.requires_grad) and not (
+            _capturing())
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if cacheable and self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1], self._fold_cache[2]
+        scale, shift = bn.scale_shift()
+        weight = self.weight * scale.to(self.weight.dtype)[:, None, None, None]
+        bias = shift.to(self.weight.dtype)
+        self._fold_cache = (key, weight.detach(), bias.detach()) if cacheable else None
+        return weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.folded()
+        return self._conv_forward(x, weight, bias)
+
+
+def _capturing() -> bool:
+    """Is a CUDA graph being captured on the current stream?"""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _conv_bn_pairs(body: nn.Module) -> list[tuple[nn.Conv2d, nn.Module]]:
+    """Every ``(convolution, batch norm)`` pair of a torchvision ResNet trunk, in order."""
+    pairs: list[tuple[nn.Conv2d, nn.Module]] = []
+    if hasattr(body, "conv1") and hasattr(body, "bn1"):
+        pairs.append((body.conv1, body.bn1))
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        for block in getattr(body, name, ()):
+            for i in (1, 2, 3):
+                if hasattr(block, f"conv{i}"):
+                    pairs.append((getattr(block, f"conv{i}"), getattr(block, f"bn{i}")))
+            if block.downsample is not None:
+                pairs.append((block.downsample[0], block.downsample[1]))
+    return pairs
+
+
+def fold_frozen_bn(body: nn.Module) -> int:
+    """Fold each :class:`FrozenBatchNorm2d` that follows a frozen, bias-free convolution into
+    it (:class:`FoldedConv2d`); returns how many were folded. The outputs are the same up to
+    floating-point rounding; the state dict is unchanged."""
+    done = 0
+    for conv, bn in _conv_bn_pairs(body):
+        if (type(conv) is nn.Conv2d and conv.bias is None and not conv.weight.requires_grad
+                and isinstance(bn, FrozenBatchNorm2d)):
+            conv.__class__ = FoldedConv2d
+            conv._folded_bn = [bn]
+            conv._fold_cache = None
+            bn.folded = True
+            done += 1
+    return done
 
 
 class _Body(nn.Module):
@@ -96,6 +180,9 @@ class Backbone(nn.Module):
         frozen_bn: use :class:`FrozenBatchNorm2d` instead of ``nn.BatchNorm2d``.
         freeze: "all" (no parameter trains), "stem+layer1" (DETR fine-tuning: conv1/bn1 and
             layer1 frozen) or "none".
+        fold_bn: fold the frozen batch norms into the frozen convolutions before them
+            (:func:`fold_frozen_bn`): the whole trunk when ``freeze="all"`` (pretraining), the
+            stem and layer1 for DETR fine-tuning.
 
     Attributes:
         strides: stride of each returned level, e.g. ``[8, 16, 32]``.
@@ -108,6 +195,7 @@ class Backbone(nn.Module):
         return_levels: Sequence[int] = (5,),
         frozen_bn: bool = True,
         freeze: Freeze = "stem+layer1",
+        fold_bn: bool = False,
     ) -> None:
         super().__init__()
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
@@ -141,6 +229,15 @@ class Backbone(nn.Module):
                 )
         for name, param in self.body.named_parameters():
             param.requires_grad_(name.split(".")[0] in trainable)
+        self.fold_bn = fold_bn
+        self.folded_bn = fold_frozen_bn(self.body) if fold_bn else 0
+
+    def freeze_all(self) -> None:
+        """No parameter trains from now on (the pretext tasks); with ``fold_frozen_bn``, the
+        batch norms of the stages frozen now are folded too."""
+        self.requires_grad_(False)
+        if self.fold_bn:
+            self.folded_bn += fold_frozen_bn(self.body)
 
     @property
     def fully_frozen(self) -> bool:

@@ -166,3 +166,116 @@ def test_frozen_bn_keeps_bfloat16() -> None:
     expected = (x - bn.running_mean[:, None, None]) / (bn.running_var[:, None, None] + 1e-5
                                                        ).sqrt() * bn.weight[:, None, None]
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------ folded batch norms
+
+
+def _randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random convolution weights and batch-norm statistics (not the identity batch norms of
+    a fresh model), so that folding has something to get wrong."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) * 2.8 + 0.2)
+            elif name.endswith(("running_mean", "bias")) or ".bn" in name or "downsample.1" in name:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1.0 if name.endswith(
+                    "weight") else 0.0))
+    return model
+
+
+def _pair(freeze: str, depth: int = 18) -> tuple[Backbone, Backbone]:
+    plain = _randomised(Backbone(depth, (3, 4, 5), freeze=freeze))  # type: ignore[arg-type]
+    folded = Backbone(depth, (3, 4, 5), freeze=freeze, fold_bn=True)  # type: ignore[arg-type]
+    folded.load_state_dict(plain.state_dict())
+    return plain, folded
+
+
+@pytest.mark.parametrize(("freeze", "count"), [("all", 20), ("stem+layer1", 5), ("none", 0)])
+def test_folded_batchnorm_same_outputs_and_state_dict(freeze: str, count: int) -> None:
+    """Only frozen convolutions are folded (ResNet-18: 20 convolution + batch-norm pairs; the
+    stem and layer1 hold 5); outputs equal the unfolded backbone's up to rounding, and the
+    state dict has the same keys and values."""
+    from siamese_detr.models.backbone import FoldedConv2d
+
+    plain, folded = _pair(freeze)
+    assert folded.folded_bn == count
+    assert sum(isinstance(m, FoldedConv2d) for m in folded.modules()) == count
+    a, b = plain.state_dict(), folded.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for _ in range(2):  # the second call reads the cached folded weights
+            for p, f in zip(plain(x), folded(x)):
+                assert torch.allclose(p, f, rtol=1e-5, atol=1e-5 * p.abs().max().item())
+
+
+def test_folded_batchnorm_gradients_of_the_trained_stages() -> None:
+    """DETR fine-tuning folds the frozen stem and layer1: the gradients of layer2-4 are those
+    of the unfolded backbone."""
+    plain, folded = _pair("stem+layer1")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for model in (plain, folded):
+        sum((f * f).mean() for f in model(x)).backward()
+    for (name, p), (_, f) in zip(plain.named_parameters(), folded.named_parameters()):
+        if p.requires_grad:
+            assert f.grad is not None, name
+            scale = p.grad.abs().max().item()
+            assert (p.grad - f.grad).abs().max().item() <= 1e-5 * scale, name  # 6e-7 here
+
+
+def test_folded_batchnorm_follows_weight_changes_and_copies() -> None:
+    """The cache of the folded weights is keyed on the tensors' versions: ``load_state_dict``
+    (in-place copies) after a forward, a dtype change and a deep copy all give the outputs of
+    an unfolded backbone with the same weights."""
+    import copy
+
+    plain, folded = _pair("all")
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        folded(x)  # fills the cache
+        other = _randomised(Backbone(18, (3, 4, 5), freeze="all"), seed=7)
+        folded.load_state_dict(other.state_dict())
+        for p, f in zip(other(x), folded(x)):
+            assert torch.allclose(p, f, rtol=1e-5, atol=1e-5 * p.abs().max().item())
+        twin = copy.deepcopy(folded)
+        bn = twin.body.layer1[0].bn1
+        bn.running_mean.add_(1.0)  # changes the copy only
+        plain_twin = Backbone(18, (3, 4, 5), freeze="all")
+        plain_twin.load_state_dict(twin.state_dict())
+        for p, f in zip(plain_twin(x), twin(x)):
+            assert torch.allclose(p, f, rtol=1e-5, atol=1e-5 * p.abs().max().item())
+        for p, f in zip(other(x), folded(x)):  # the original did not move
+            assert torch.allclose(p, f, rtol=1e-5, atol=1e-5 * p.abs().max().item())
+        wide, plain64 = folded.double(), other.double()
+        for p, f in zip(plain64(x.double()), wide(x.double())):
+            assert f.dtype == torch.float64
+            assert torch.allclose(p, f, rtol=1e-10, atol=1e-10 * p.abs().max().item())
+
+
+def test_folded_batchnorm_ops_and_graph_capture(monkeypatch) -> None:
+    """Eager: a folded backbone's forward dispatches no batch norm and fewer ops (the folded
+    weights come from the cache). While a CUDA graph is captured the folded weights are
+    recomputed, so that the graph reads the live weights on every replay."""
+    from siamese_detr.engine.profiling import OpCounter
+    from siamese_detr.models import backbone as backbone_module
+
+    plain, folded = _pair("all")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        folded(x)
+        counts = {}
+        for name, model in (("plain", plain), ("folded", folded)):
+            with OpCounter() as c:
+                model(x)
+            counts[name] = c.ops
+        # 20 batch norms gone (2 dispatches each: batch_norm and its inference kernel), the
+        # convolutions take the bias: nothing added
+        assert counts["folded"] == counts["plain"] - 2 * 20
+        monkeypatch.setattr(backbone_module, "_capturing", lambda: True)
+        with OpCounter() as c:
+            folded(x)
+        assert c.ops > counts["folded"] + 20  # recomputed: scale, shift and weight per conv
+        conv = folded.body.layer1[0].conv1
+        assert conv._fold_cache is None  # nothing kept from inside a capture

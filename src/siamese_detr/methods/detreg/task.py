@@ -71,7 +71,7 @@ class DETReg(GraphableTask, nn.Module):
             D = detector.hidden_dim
             self.feature_embed = MLP(D, D, self.embedding_dim(), 2)
         # the backbone never trains during pretraining (lr_backbone 0 in every config)
-        detector.backbone.requires_grad_(False)
+        detector.backbone.freeze_all()
 
     def embedding_dim(self) -> int:
         if self.opts.embedding_source == "crops":

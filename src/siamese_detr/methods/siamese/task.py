@@ -94,7 +94,7 @@ class SiameseDETR(GraphableTask, nn.Module):
             self.projector = self.predictor = None
         check_regions(detector.num_queries, opts.num_regions)
         # the backbone never trains during pretraining (method.md 3.1)
-        detector.backbone.requires_grad_(False)
+        detector.backbone.freeze_all()
 
     # ----------------------------------------------------------------- public API
     def detector_state_dict(self) -> dict[str, Tensor]:

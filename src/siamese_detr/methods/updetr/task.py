@@ -108,7 +108,7 @@ class UPDETR(GraphableTask, nn.Module):
             "attn_mask", group_attention_mask(detector.num_queries, opts.num_patches),
             persistent=False,
         )
-        detector.backbone.requires_grad_(False)  # UP-DETR freezes the CNN (--fre_cnn)
+        detector.backbone.freeze_all()  # UP-DETR freezes the CNN (--fre_cnn)
 
     # ----------------------------------------------------------------- public API
     def detector_state_dict(self) -> dict[str, Tensor]:
