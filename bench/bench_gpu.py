@@ -172,18 +172,27 @@ def trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_ours(variant: str, device: torch.device) -> tuple[Any, Any, Any]:
-    cfg = get_preset(VARIANTS[variant][0])
+def _fold(cfg: Any, fold: bool) -> Any:
+    """``cfg`` with ``model.backbone.fold_frozen_bn=fold`` (where the field exists)."""
+    if not hasattr(cfg.model.backbone, "fold_frozen_bn"):
+        return cfg
+    backbone = replace(cfg.model.backbone, fold_frozen_bn=fold)
+    return replace(cfg, model=replace(cfg.model, backbone=backbone))
+
+
+def build_ours(variant: str, device: torch.device, fold: bool = True) -> tuple[Any, Any, Any]:
+    cfg = _fold(get_preset(VARIANTS[variant][0]), fold)
     model = build_detector(cfg.model, num_logits(cfg.model, cfg.loss)).to(device)
     criterion = build_criterion(cfg.model, cfg.loss).to(device)
     optim_cfg = replace(cfg.optim, lr=LR, lr_backbone=LR_BACKBONE, weight_decay=WD)
     return cfg, (model, criterion), build_optimizer(model, optim_cfg)
 
 
-def build_pretrain(variant: str, device: torch.device, crop: int | None) -> tuple[Any, Any, Any]:
+def build_pretrain(variant: str, device: torch.device, crop: int | None, fold: bool = True
+                   ) -> tuple[Any, Any, Any]:
     from siamese_detr.methods.siamese.task import build_siamese_task
 
-    cfg = get_preset(VARIANTS[variant][1])
+    cfg = _fold(get_preset(VARIANTS[variant][1]), fold)
     model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=""))
     siamese = cfg.pretrain.siamese
     if crop is not None:
@@ -470,6 +479,18 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
             makers["pretrain_graphed"] = lambda dt: pretrain_graphed_step(gtask, gpopt, sb,
                                                                           device, dt)
             params["pretrain_graphed"] = trainable(gtask)
+        if args.fold_ab:  # the same graphed steps with the batch norms left unfolded
+            _, (umodel, ucrit), uopt = build_ours(variant, device, fold=False)
+            umodel.load_state_dict(model.state_dict())
+            makers["ours_graphed_unfolded"] = lambda dt: graphed_step(umodel, ucrit, uopt,
+                                                                      images, targets, device, dt)
+            params["ours_graphed_unfolded"] = trainable(umodel)
+            if not args.no_pretrain:
+                _, utask, upopt = build_pretrain(variant, device, args.crop, fold=False)
+                utask.load_state_dict(task.state_dict())
+                makers["pretrain_graphed_unfolded"] = lambda dt: pretrain_graphed_step(
+                    utask, upopt, sb, device, dt)
+                params["pretrain_graphed_unfolded"] = trainable(utask)
     for dtype in dtypes:
         steps: dict[str, Step] = {}
         for k, make in makers.items():
@@ -538,6 +559,10 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
     for k in ("ours_compiled", "ours_cl", "ours_graphed"):
         if k in rows and "ours" in rows:
             ratios[f"{k}_over_ours_ms"] = rows[k]["ms_median"] / rows["ours"]["ms_median"]
+    for k in ("ours_graphed", "pretrain_graphed"):
+        if k in rows and f"{k}_unfolded" in rows:
+            ratios[f"{k}_over_unfolded_ms"] = (rows[k]["ms_median"]
+                                               / rows[f"{k}_unfolded"]["ms_median"])
     if "pretrain_graphed" in rows and "ours_graphed" in rows:
         ratios["pretrain_graphed_over_ours_graphed_ms"] = (
             rows["pretrain_graphed"]["ms_median"] / rows["ours_graphed"]["ms_median"])
@@ -596,6 +621,9 @@ def main() -> None:
     ap.add_argument("--graphed", action="store_true",
                     help="CUDA: also time our fine-tuning and pretraining steps with "
                          "engine.cuda_graphs (the dense part from CUDA graphs)")
+    ap.add_argument("--fold-ab", action="store_true",
+                    help="with --graphed: also the graphed steps with model.backbone."
+                         "fold_frozen_bn=false (rows *_unfolded)")
     ap.add_argument("--augment-on-device", action="store_true",
                     help="also time the pretraining step on the loader output of "
                          "augment_on=device (crops cut, crops and views coloured in the step)")

@@ -116,7 +116,10 @@ class FoldedConv2d(nn.Conv2d):
 
 
 def _capturing() -> bool:
-    """Is a CUDA graph being captured on the current stream?"""
+    """Is a CUDA graph being captured on the current stream, or is ``torch.compile``
+    tracing (which has no tensor versions to key a cache on)?"""
+    if torch.compiler.is_compiling():
+        return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
