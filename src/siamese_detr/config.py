@@ -101,8 +101,9 @@ class LossConfig:
 def _check_loader(section: str, batch_size: int, num_workers: int) -> None:
     if batch_size < 1:
         raise ConfigError(f"{section}.batch_size={batch_size}: must be >= 1 (images per process)")
-    if num_workers < 0:
-        raise ConfigError(f"{section}.num_workers={num_workers}: must be >= 0")
+    if num_workers < -1:
+        raise ConfigError(f"{section}.num_workers={num_workers}: must be >= 0, or -1 for one "
+                          "worker per CPU core of the process (auto)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +125,7 @@ class DataConfig:
     # images per optimiser step over all processes; 0 = batch_size x world size x
     # engine.accum_steps. When set, engine.accum_steps is derived from it at start-up.
     global_batch: int = 0
-    num_workers: int = 2
+    num_workers: int = 2  # loader worker processes; -1: one per CPU core of the process, max 16
 
     def __post_init__(self) -> None:
         _check_loader("data", self.batch_size, self.num_workers)
@@ -308,7 +309,7 @@ class PretrainConfig:
     # 0 = batch_size x world size x engine.accum_steps. When set, engine.accum_steps is
     # derived from it at start-up.
     global_batch: int = 0
-    num_workers: int = 4
+    num_workers: int = 4  # loader worker processes; -1: one per CPU core of the process, max 16
 
     def __post_init__(self) -> None:
         _check_loader("pretrain", self.batch_size, self.num_workers)

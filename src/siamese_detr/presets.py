@@ -25,6 +25,7 @@ from siamese_detr.config import (
     SiameseOptions,
     UPDETROptions,
 )
+from siamese_detr.engine.env import AUTO_WORKERS
 
 # ---------------------------------------------------------------- model building blocks
 
@@ -163,7 +164,8 @@ def _pretrain(name: str, model: ModelConfig, images: str, store: str, per_gpu: i
               optim: OptimConfig, siamese: SiameseOptions) -> RunConfig:
     global_batch = 256 if images == _IN1K[0] else 64  # 32 x 8 / 64 x 4, or 16 x 4 (COCO)
     pre = PretrainConfig(method="siamese", images=images, siamese=siamese,
-                         batch_size=per_gpu, global_batch=global_batch, num_workers=4)
+                         batch_size=per_gpu, global_batch=global_batch,
+                         num_workers=AUTO_WORKERS)
     pre = replace(pre, proposals=replace(pre.proposals, store=store))
     return RunConfig(
         name=name,
@@ -241,7 +243,8 @@ def official(preset: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
 
 
 def _updetr_pretrain(name: str, model: ModelConfig, images: str, per_gpu: int,
-                     optim: OptimConfig, opts: UPDETROptions, workers: int = 4) -> RunConfig:
+                     optim: OptimConfig, opts: UPDETROptions, workers: int = AUTO_WORKERS
+                     ) -> RunConfig:
     pre = PretrainConfig(method="updetr", images=images, updetr=opts, batch_size=per_gpu,
                          num_workers=workers)
     return RunConfig(
@@ -392,7 +395,7 @@ _SS_COCO = ("data/coco/train2017", "data/proposals/coco-ss")
 
 def _detreg(name: str, model: ModelConfig, images: str, store: str, per_gpu: int,
             optim: OptimConfig, loss: LossConfig, opts: DETRegOptions | None = None,
-            engine: EngineConfig | None = None, workers: int = 8) -> RunConfig:
+            engine: EngineConfig | None = None, workers: int = AUTO_WORKERS) -> RunConfig:
     pre = PretrainConfig(method="detreg", images=images, detreg=opts or DETRegOptions(),
                          batch_size=per_gpu, num_workers=workers)
     pre = replace(pre, proposals=replace(pre.proposals, store=store))

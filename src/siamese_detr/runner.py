@@ -98,6 +98,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
     from siamese_detr.configio import to_dict
     from siamese_detr.data.loaders import build_detection_loader
     from siamese_detr.engine.batching import apply_global_batch
+    from siamese_detr.engine.env import AUTO_WORKERS, resolve_num_workers
     from siamese_detr.engine.logging import get_logger
     from siamese_detr.engine.loop import train
     from siamese_detr.engine.setup import prepare_training
@@ -118,8 +119,13 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
     # optional Task hook: more checkpoint entries (fine-tuning stores its category names)
     extras = getattr(task, "checkpoint_extras", dict)
 
+    section = "pretrain" if task.kind == "pretrain" else "data"
+    workers = resolve_num_workers(task.num_workers)
+    if task.num_workers == AUTO_WORKERS:
+        get_logger().info("%s.num_workers=-1 (auto): %d loader workers", section, workers)
+
     def batches(position: int) -> Iterator[Any]:
-        return build_detection_loader(dataset, task.batch_size, task.num_workers, cfg.seed,
+        return build_detection_loader(dataset, task.batch_size, workers, cfg.seed,
                                       start_step=position,
                                       pin_memory=dist_info.device.type == "cuda", **extra)
 
@@ -128,8 +134,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, resume_path: str | None) -> dict
         engine=cfg.engine, run_dir=run_dir, dist_info=dist_info,
         checkpoint_meta={"kind": task.kind, "config": to_dict(cfg), **extras()},
         start=prep.start, scaler=prep.scaler, evaluate=task.make_evaluator(run_dir),
-        loader_hint=f"{'pretrain' if task.kind == 'pretrain' else 'data'}.num_workers="
-                    f"{task.num_workers}",
+        loader_hint=f"{section}.num_workers={workers}",
     )
     if result.stopped_early:  # a signal: the run is not finished, say so (CLI exit 75)
         raise RunStopped(result.step, prep.schedule.total_steps, str(run_dir / "last.pt"),

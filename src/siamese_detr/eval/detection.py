@@ -43,14 +43,15 @@ def predict(detector: nn.Module, dataset: Any, cfg: RunConfig, device: torch.dev
     """COCO result dicts for every image of ``dataset`` (gathered over ranks); ``progress``
     shows a progress bar (rank 0)."""
     from siamese_detr.data.loaders import build_eval_loader
+    from siamese_detr.engine.env import resolve_num_workers
     from siamese_detr.eval.coco import to_coco_results
 
     was_training = detector.training
     detector.eval()
     results: list[dict[str, Any]] = []
     cuda = torch.device(device).type == "cuda"
-    loader = build_eval_loader(dataset, cfg.data.batch_size, cfg.data.num_workers,
-                               pin_memory=cuda)
+    loader = build_eval_loader(dataset, cfg.data.batch_size,
+                               resolve_num_workers(cfg.data.num_workers), pin_memory=cuda)
     bar = None
     if progress and (not dist.is_initialized() or dist.get_rank() == 0):
         from tqdm import tqdm
