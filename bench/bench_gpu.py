@@ -119,10 +119,12 @@ def make_targets(b: int, num_classes: int, device: torch.device, seed: int = 1
 
 
 def make_siamese_batch(b: int, h: int, w: int, m: int, crop: int, device: torch.device,
-                       augment_on_device: bool = False) -> Any:
+                       augment_on_device: bool = False, render: bool = True) -> Any:
     """Random views, regions and crops (float, as normalised); with ``augment_on_device`` the
-    loader output of ``augment_on=device`` instead: uint8 un-coloured views, no crops, and the
-    colour parameters (the step cuts and colours the crops and colours the views)."""
+    loader output of ``augment_on=device`` instead: no crops, the colour parameters (the step
+    cuts and colours the crops and colours the views), and the views' source rectangles (the
+    step renders the views: ``view_resize_on=device``) or, without ``render``, uint8
+    un-coloured views."""
     try:
         from siamese_detr.methods.siamese.data import SiameseBatch
     except ImportError:  # before the issue-15 layout
@@ -153,10 +155,26 @@ def make_siamese_batch(b: int, h: int, w: int, m: int, crop: int, device: torch.
                               torch.zeros(b, h, w, dtype=torch.bool),
                               torch.tensor([[h, w]] * b)).to(device)
 
-        deferred = DeferredAugment(params(b, 2), params(b, 2, m), crop).to(device)
+        deferred = DeferredAugment(params(b, 2), params(b, 2, m), crop)
+        if render:  # view_resize_on=device (the default): one source rectangle per sample
+            gen = torch.Generator().manual_seed(5)
+            deferred.source = torch.randint(0, 256, (b, 3, h + 2, w + 2), generator=gen,
+                                            dtype=torch.uint8)
+            deferred.source_sizes = torch.tensor([[h + 2, w + 2]] * b)
+            inner = torch.tensor([1.0, 1.0, w + 1.0, h + 1.0])
+            shrink = torch.tensor([0.1 * w, 0.1 * h, 0.0, 0.0])
+            deferred.rects = torch.stack([inner + shrink, inner - shrink.roll(2)])[None].repeat(
+                b, 1, 1)
+            placeholder = ImageBatch(torch.zeros(b, 3, 0, 0, dtype=torch.uint8),
+                                     torch.zeros(b, h, w, dtype=torch.bool),
+                                     torch.tensor([[h, w]] * b)).to(device)
+            return SiameseBatch(view1=placeholder, view2=placeholder, boxes1=boxes.to(device),
+                                boxes2=boxes.clone().to(device), crops1=None, crops2=None,
+                                image_ids=[str(i) for i in range(b)],
+                                deferred=deferred.to(device))
         return SiameseBatch(view1=views(3), view2=views(4), boxes1=boxes.to(device),
                             boxes2=boxes.clone().to(device), crops1=None, crops2=None,
-                            image_ids=[str(i) for i in range(b)], deferred=deferred)
+                            image_ids=[str(i) for i in range(b)], deferred=deferred.to(device))
     crops = torch.randn(b, m, 3, crop, crop, generator=g)
     return SiameseBatch(view1=make_images(b, h, w, device, 3),
                         view2=make_images(b, h, w, device, 4),

@@ -14,8 +14,11 @@ collation, in this process, so the figure is per worker) for:
 * ``pretrain/paper, augment on device``: ``augment_on=device``, the colour pipelines and the
   region crops left to the training device (what ``auto`` picks on a GPU): the worker sends
   un-coloured views and the parameters it drew; the other rows use ``augment_on=worker``.
-  ``..., batch copied to shm`` is the same with the padded batch built in private memory and
-  copied into shared memory when sent, as before the collate built it there directly.
+  Its worker sends the outer view rectangle once and the device renders both views
+  (``view_resize_on=device``, the default); ``..., views resized in the worker`` has PIL
+  resize them in the worker, as before session 7. ``..., batch copied to shm`` is the same
+  with the padded batch built in private memory and copied into shared memory when sent, as
+  before the collate built it there directly.
 
 A worker's work includes handing the batch to the main process: collation plus the pickling
 that moves its tensors into shared memory (``ForkingPickler``), so the bytes a sample weighs
@@ -184,6 +187,7 @@ def loader_rate(dataset: Any, collate: Callable, batch: int, workers: int, steps
 
 
 COPIED = "pretrain/paper, augment on device, batch copied to shm"
+RESIZED = "pretrain/paper, augment on device, views resized in the worker"
 
 
 def main() -> None:
@@ -217,6 +221,9 @@ def main() -> None:
                                           collate_siamese),
                 "pretrain/paper, augment on device": (
                     pretrain_set(data, replace(paper, augment_on="device")), collate_siamese),
+                RESIZED: (pretrain_set(data, replace(paper, augment_on="device",
+                                                     view_resize_on="worker")),
+                          collate_siamese),
                 **{f"{m}/paper{label}": baseline_set(data, m, where)
                    for m in ("detreg", "updetr")
                    for label, where in (("", "worker"), (", augment on device", "device"))}}
@@ -231,7 +238,7 @@ def main() -> None:
                                                       in_worker=name != COPIED))
         for name, (ds, collate) in sets.items():
             rate = float(np.median([m[0] for m in measured[name]]))
-            line = (f"{name:38s} {rate:8.1f} samples/s per worker, "
+            line = (f"{name:62s} {rate:8.1f} samples/s per worker, "
                     f"{measured[name][0][1]:6.2f} MB per sample")
             if args.workers:
                 got = loader_rate(ds, collate, 4, args.workers,

@@ -232,6 +232,10 @@ class SiameseOptions:
     # in the loader workers), "device" (batched on the training device: workers send the
     # un-coloured views and the random parameters they drew), "auto" = device on a GPU
     augment_on: Literal["auto", "worker", "device"] = "auto"
+    # with augment_on=device, where the two views are resized from the base image: "device"
+    # (workers send the views' outer rectangle once and the device renders both views,
+    # bilinear, within 1 level of PIL) or "worker" (PIL in the workers)
+    view_resize_on: Literal["worker", "device"] = "device"
     region_discrimination: bool = True  # L_r (feature reconstruction of region crops)
     global_discrimination: bool = True  # L_g (SimSiam on pooled encoder memory)
     weight_region: float = 5.0  # lambda_r

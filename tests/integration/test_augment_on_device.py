@@ -60,3 +60,23 @@ def test_baselines_colour_their_crops_on_the_device_as_in_the_worker(toy_data, t
     assert main(_baseline(toy_data, worker, method, "worker")) == 0
     a, b = _records(device)[0]["loss"], _records(worker)[0]["loss"]
     assert a == pytest.approx(b, rel=0.01)
+
+
+def test_device_rendered_views_through_loader_workers(toy_data, tmp_path):
+    """``view_resize_on=device`` (the default with ``augment_on=device``) through two loader
+    workers: the sources, rectangles and placeholder views cross the process boundary, and the
+    run logs the losses of the in-process loader, bit for bit; the views resized by PIL in
+    the worker give the same losses up to the resize's rounding."""
+    device = ["pretrain.siamese.augment_on=device"]
+    runs = {}
+    for name, extra in (("inproc", ["pretrain.num_workers=0"]),
+                        ("workers", ["pretrain.num_workers=2"]),
+                        ("pil", ["pretrain.num_workers=0",
+                                 "pretrain.siamese.view_resize_on=worker"])):
+        out = tmp_path / name
+        assert main(["pretrain", *pretrain_overrides(toy_data, out, iters=2), *device,
+                     *extra]) == 0
+        runs[name] = [r["loss"] for r in _records(out)]
+    assert runs["workers"] == runs["inproc"]
+    assert runs["pil"] != runs["inproc"]
+    assert runs["pil"] == pytest.approx(runs["inproc"], rel=0.01)

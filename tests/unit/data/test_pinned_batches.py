@@ -39,9 +39,10 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
-@pytest.mark.parametrize("method", ["detreg", "updetr", "siamese"])
+@pytest.mark.parametrize("method", ["detreg", "updetr", "siamese", "siamese_render"])
 def test_pretext_batches_pin_every_tensor(method):
-    """DETReg, UP-DETR and Siamese DETR batches (the device-augmentation parameters too)."""
+    """DETReg, UP-DETR and Siamese DETR batches (the device-augmentation parameters too, and
+    the view sources of ``view_resize_on=device``)."""
     import importlib
     import sys
     from pathlib import Path
@@ -50,6 +51,12 @@ def test_pretext_batches_pin_every_tensor(method):
     sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
     if method == "siamese":
         batch = importlib.import_module("test_host_syncs")._deferred_siamese_batches(1)[0]
+    elif method == "siamese_render":
+        from siamese_detr.methods.siamese.data import collate_siamese
+
+        pair = importlib.import_module("test_siamese_render")._pair
+        batch = collate_siamese([pair("coffee", 0)[1], pair("rocket", 1)[1]])
+        assert batch.deferred.source is not None
     else:
         batch = importlib.import_module(f"test_{method}_task").make_batch()
         if method == "detreg":

@@ -183,7 +183,8 @@ def test_deferred_sample_carries_the_worker_draws() -> None:
     for seed in range(4):
         worker = sample_views(img, props, replace(opts, augment_on="worker"),
                               np.random.default_rng(seed))
-        device = sample_views(img, props, replace(opts, augment_on="device"),
+        device = sample_views(img, props, replace(opts, augment_on="device",
+                                                  view_resize_on="worker"),
                               np.random.default_rng(seed))
         assert worker is not None and device is not None
         assert worker.deferred is None and device.deferred is not None

@@ -34,6 +34,7 @@ from siamese_detr.methods.siamese.views import (
     DeferredAugment,
     SiameseSample,
     normalise_uint8,
+    render_views,
     sample_views,
 )
 from siamese_detr.structures import ImageBatch, imagenet_normalise
@@ -202,11 +203,28 @@ class SiameseBatch:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def rendered(self) -> SiameseBatch:
+        """The batch with its views made, where ``view_resize_on=device`` left them to the
+        device (:func:`~siamese_detr.methods.siamese.views.render_views`, on the batch's
+        device, in one call for both views of every sample); else itself."""
+        d = self.deferred
+        if d is None or d.source is None:
+            return self
+        assert d.source_sizes is not None and d.rects is not None
+        mask, sizes = self.view1.mask, self.view1.sizes
+        views = render_views(d.source, d.source_sizes, d.rects, sizes,
+                             (int(mask.shape[-2]), int(mask.shape[-1])))
+        return replace(self, view1=ImageBatch(views[:, 0], mask, sizes),
+                       view2=ImageBatch(views[:, 1], self.view2.mask, self.view2.sizes),
+                       deferred=DeferredAugment(d.view_colour, d.crop_colour, d.crop_size))
+
     def joint_inputs(self, crops: bool = True) -> tuple[ImageBatch, Tensor | None]:
         """Both views as one float32 normalised batch of ``2B`` (view 1 then view 2; they must
         share a padded size, as collated) and, with ``crops``, their region crops
         ``[2B, M, 3, c, c]`` normalised (``None`` when the batch has none), computed where the
         batch is, the deferred augmentation included."""
+        if self.deferred is not None and self.deferred.source is not None:
+            return self.rendered().joint_inputs(crops)
         v1, v2 = self.view1, self.view2
         views = ImageBatch(torch.cat([v1.images, v2.images]), torch.cat([v1.mask, v2.mask]),
                            torch.cat([v1.sizes, v2.sizes]))
@@ -243,6 +261,8 @@ class SiameseBatch:
         included; a float batch is returned as it is. Without deferred augmentation: equal
         bits to normalising in the loader worker."""
         d = self.deferred
+        if d is not None and d.source is not None:
+            return self.rendered().normalised()
         if d is not None:
             done = []
             for k, (view, boxes) in enumerate([(self.view1, self.boxes1),
@@ -328,6 +348,15 @@ def _empty_batch(skipped: int, reasons: dict[str, int]) -> SiameseBatch:
     return SiameseBatch(empty, empty, boxes, boxes.clone(), None, None, [], skipped, reasons)
 
 
+def _placeholder_views(sizes: Tensor) -> ImageBatch:
+    """The views of a batch the device renders: their mask (True on padding) and ``(H, W)``
+    ``sizes``, with ``[B, 3, 0, 0]`` images until :meth:`SiameseBatch.rendered`."""
+    H, W = (int(v) for v in sizes.max(dim=0).values)
+    rows = torch.arange(H).view(1, H, 1) >= sizes[:, 0].view(-1, 1, 1)
+    cols = torch.arange(W).view(1, 1, W) >= sizes[:, 1].view(-1, 1, 1)
+    return ImageBatch(torch.zeros(len(sizes), 3, 0, 0, dtype=torch.uint8), rows | cols, sizes)
+
+
 def _split(batch: ImageBatch, n: int) -> tuple[ImageBatch, ImageBatch]:
     return (
         ImageBatch(batch.images[:n], batch.mask[:n], batch.sizes[:n]),
@@ -347,18 +376,25 @@ def collate_siamese(samples: Sequence[SiameseSample | SkippedSample | None]) -> 
     if not kept:
         return _empty_batch(skipped, reasons)
     n = len(kept)
-    padded = pad_images([s.view1 for s in kept] + [s.view2 for s in kept])
-    view1, view2 = _split(padded, n)
+    ds = [s.deferred for s in kept if s.deferred is not None]
+    sources = len(ds) == n and all(d.source is not None for d in ds)
+    if sources:  # view_resize_on=device: the device renders the views (SiameseBatch.rendered)
+        view1 = view2 = _placeholder_views(torch.stack([d.view_size for d in ds]))  # type: ignore[misc]
+    else:
+        view1, view2 = _split(pad_images([s.view1 for s in kept] + [s.view2 for s in kept]), n)
     has_crops = all(s.crops1 is not None and s.crops2 is not None for s in kept)
     deferred = None
-    if all(s.deferred is not None for s in kept):
-        ds = [s.deferred for s in kept]
-        with_crops = all(d.crop_colour is not None for d in ds)  # type: ignore[union-attr]
+    if len(ds) == n:
+        with_crops = all(d.crop_colour is not None for d in ds)
         deferred = DeferredAugment(
-            view_colour=torch.stack([d.view_colour for d in ds]),  # type: ignore[union-attr]
-            crop_colour=torch.stack([d.crop_colour for d in ds])  # type: ignore[misc,union-attr]
+            view_colour=torch.stack([d.view_colour for d in ds]),
+            crop_colour=torch.stack([d.crop_colour for d in ds])  # type: ignore[misc]
             if with_crops else None,
-            crop_size=ds[0].crop_size)  # type: ignore[union-attr]
+            crop_size=ds[0].crop_size)
+        if sources:
+            padded = pad_images([d.source for d in ds])  # type: ignore[misc]
+            deferred.source, deferred.source_sizes = padded.images, padded.sizes
+            deferred.rects = torch.stack([d.rects for d in ds])  # type: ignore[misc]
     return SiameseBatch(
         view1=view1, view2=view2,
         boxes1=torch.stack([s.boxes1 for s in kept]).float(),
@@ -402,6 +438,7 @@ def _region_panel(view: Image.Image, box: Sequence[float], colour: tuple[int, in
 def _region_rows(sample: SiameseSample, width: int, gap: int) -> Image.Image:
     """One row per region ``j``: view 1 and view 2 with only region ``j`` (filled), then the
     two ``L_r`` crops of ``j`` when the sample has them, and the box sizes in pixels."""
+    sample = sample.rendered()
     left, right = _to_pil(sample.view1), _to_pil(sample.view2)
     colours = _palette(len(sample.boxes1))
     h = max(left.height, right.height)
@@ -437,6 +474,7 @@ def draw_views(sample: SiameseSample, path: str | Path, gap: int = 8, scale: int
     outline can hide most of an earlier one (a box then looks like a line). ``per_region``
     adds one row per region below the overview with only that region (filled) in both views
     and its two ``L_r`` crops: exactly the boxes and crops that training uses."""
+    sample = sample.rendered()
     left, right = _to_pil(sample.view1), _to_pil(sample.view2)
     canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)),
                        (255, 255, 255))

@@ -18,7 +18,8 @@ Sizes are always written ``(H, W)``. All randomness comes from the ``rng`` argum
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ from siamese_detr.structures import imagenet_normalise
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DeferredAugment", "SiameseSample", "ViewGeometry",
     "ViewPlan", "colour_augment", "crop_and_colour", "detr_resize_size", "image_to_view",
-    "normalise_uint8", "plan_views", "region_boxes", "sample_outer_rect", "sample_views",
+    "normalise_uint8", "plan_views", "region_boxes", "render_views", "sample_outer_rect",
+    "sample_views",
     "to_normalised_tensor", "to_uint8_tensor", "two_view_boxes", "view_to_image",
 ]
 
@@ -75,6 +77,19 @@ class SiameseSample:
     image_id: str = ""
     deferred: DeferredAugment | None = None
 
+    def rendered(self) -> SiameseSample:
+        """This sample with its views made, where ``view_resize_on=device`` left them to the
+        device (:func:`render_views`, here on the sample's device); else itself."""
+        d = self.deferred
+        if d is None or d.source is None:
+            return self
+        assert d.source_sizes is not None and d.rects is not None and d.view_size is not None
+        hw = (int(d.view_size[0]), int(d.view_size[1]))
+        views = render_views(d.source[None], d.source_sizes[None], d.rects[None],
+                             d.view_size[None], hw)[0]
+        return replace(self, view1=views[0], view2=views[1],
+                       deferred=DeferredAugment(d.view_colour, d.crop_colour, d.crop_size))
+
 
 @dataclass
 class DeferredAugment:
@@ -87,23 +102,37 @@ class DeferredAugment:
         crop_colour: ``[2, M, P]`` (``[B, 2, M, P]``) parameters of each region crop of each
             view, or ``None`` without region discrimination.
         crop_size: side of the square crops cut from the views at their region boxes.
+        source: with ``view_resize_on=device``, ``[3, h, w]`` uint8 (``[B, 3, h, w]`` zero
+            padded): the base image's outer view rectangle with a 1-pixel margin, from which
+            the device renders both views (:func:`render_views`); the sample's views are then
+            empty placeholders. ``None``: the worker resized the views.
+        source_sizes: ``[2]`` (``[B, 2]``) unpadded ``(h, w)`` of ``source``.
+        rects: ``[2, 4]`` (``[B, 2, 4]``) float32 xyxy of view 1 and view 2 in ``source``
+            pixels.
+        view_size: ``[2]`` (``[B, 2]``) int64 ``(H, W)`` of the views.
     """
 
     view_colour: Tensor
     crop_colour: Tensor | None
     crop_size: int
+    source: Tensor | None = None
+    source_sizes: Tensor | None = None
+    rects: Tensor | None = None
+    view_size: Tensor | None = None
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> DeferredAugment:
+        def each(t: Tensor | None) -> Tensor | None:
+            return None if t is None else fn(t)
+
+        return DeferredAugment(fn(self.view_colour), each(self.crop_colour), self.crop_size,
+                               each(self.source), each(self.source_sizes), each(self.rects),
+                               each(self.view_size))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> DeferredAugment:
-        crop = self.crop_colour
-        return DeferredAugment(self.view_colour.to(device, non_blocking=non_blocking),
-                               None if crop is None else crop.to(device,
-                                                                 non_blocking=non_blocking),
-                               self.crop_size)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> DeferredAugment:
-        crop = self.crop_colour
-        return DeferredAugment(self.view_colour.pin_memory(),
-                               None if crop is None else crop.pin_memory(), self.crop_size)
+        return self._map(lambda t: t.pin_memory())
 
 
 @dataclass(frozen=True)
@@ -348,12 +377,14 @@ def _base_resize_and_flip(
 
 def plan_views(
     image: Image.Image, proposals: np.ndarray | None, opts: SiameseOptions,
-    rng: np.random.Generator,
+    rng: np.random.Generator, render: bool = True,
 ) -> ViewPlan | None:
     """Steps 1-5 of section 2.1: geometry, un-augmented views and region boxes, or ``None``.
 
     ``proposals``: ``[K, 4]`` xyxy in *original* pixels, best first (may be ``None`` / empty
-    for ``box_source="random"``).
+    for ``box_source="random"``). Without ``render`` the views are not resized (``view1`` and
+    ``view2`` are the base image: the device renders them, :func:`render_views`); the random
+    draws are the same.
     """
     props = np.zeros((0, 4)) if proposals is None else proposals
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy when already RGB
@@ -365,10 +396,74 @@ def plan_views(
     regions = region_boxes(boxes if proposals is not None else None, geom, opts, rng)
     if regions is None:
         return None
+    if not render:
+        return ViewPlan(img, boxes, flipped, geom, img, img, regions[0], regions[1])
     out_wh = (size[1], size[0])
     view1 = img.resize(out_wh, Image.BILINEAR, box=tuple(float(v) for v in box1))
     view2 = img.resize(out_wh, Image.BILINEAR, box=tuple(float(v) for v in box2))
     return ViewPlan(img, boxes, flipped, geom, view1, view2, regions[0], regions[1])
+
+
+def _view_source(plan: ViewPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """``view_resize_on=device``: the base image's outer rectangle with a 1-pixel margin
+    (clamped to the image: all that the bilinear upscale of either view reads) as ``[3, h, w]``
+    uint8, its ``(h, w)``, and the two view rectangles in its pixels ``[2, 4]`` float32."""
+    img, geom = plan.image, plan.geom
+    x0 = max(0, math.floor(geom.outer[0]) - 1)
+    y0 = max(0, math.floor(geom.outer[1]) - 1)
+    x1 = min(img.width, math.ceil(geom.outer[2]) + 1)
+    y1 = min(img.height, math.ceil(geom.outer[3]) + 1)
+    source = to_uint8_tensor(img.crop((x0, y0, x1, y1)))
+    rects = np.stack([geom.view1, geom.view2]) - np.array([x0, y0, x0, y0], dtype=np.float64)
+    return (source, torch.tensor([y1 - y0, x1 - x0], dtype=torch.int64),
+            torch.from_numpy(rects).float())
+
+
+def render_views(sources: Tensor, source_sizes: Tensor, rects: Tensor, sizes: Tensor,
+                 pad_hw: tuple[int, int]) -> Tensor:
+    """The views PIL's bilinear resize would make, rendered on ``sources``' device.
+
+    Args:
+        sources: ``[B, 3, h, w]`` uint8, zero padded (what :func:`_view_source` cuts).
+        source_sizes: ``[B, 2]`` unpadded ``(h, w)`` of each source.
+        rects: ``[B, K, 4]`` xyxy view rectangles in source pixels.
+        sizes: ``[B, 2]`` ``(H, W)`` of each sample's views.
+        pad_hw: the padded output size (at least every ``sizes`` row).
+
+    Returns:
+        ``[B, K, 3, H_pad, W_pad]`` uint8; pixels outside a sample's ``sizes`` are zero.
+
+    A view is only ever upscaled (its rectangle lies inside the outer rectangle, whose size
+    it takes), where PIL's bilinear filter is plain bilinear interpolation: output pixel ``j``
+    samples the source at ``x0 + (j + 0.5) * (x1 - x0) / W - 0.5`` (pixel-index units).
+    Clamping that position to the source reproduces PIL's renormalised weights at the image
+    border. PIL computes in 8-bit fixed point, this in float32 then rounds: within 1 level,
+    0.15 on average (``tests/unit/methods/test_siamese_render.py``). No host read.
+    """
+    import torch.nn.functional as F
+
+    B, K = int(rects.shape[0]), int(rects.shape[1])
+    H, W = pad_hw
+    hs, ws = int(sources.shape[-2]), int(sources.shape[-1])
+    dev, dt = sources.device, torch.float32
+    r = rects.to(dt)
+    h = sizes[:, 0].to(dt).view(B, 1, 1)
+    w = sizes[:, 1].to(dt).view(B, 1, 1)
+    cols = torch.arange(W, device=dev, dtype=dt).view(1, 1, W)
+    rows = torch.arange(H, device=dev, dtype=dt).view(1, 1, H)
+    x = r[..., 0:1] + (cols + 0.5) * (r[..., 2:3] - r[..., 0:1]) / w - 0.5  # [B, K, W]
+    y = r[..., 1:2] + (rows + 0.5) * (r[..., 3:4] - r[..., 1:2]) / h - 0.5  # [B, K, H]
+    x = torch.minimum(x.clamp(min=0.0), (source_sizes[:, 1].to(dt) - 1.0).view(B, 1, 1))
+    y = torch.minimum(y.clamp(min=0.0), (source_sizes[:, 0].to(dt) - 1.0).view(B, 1, 1))
+    gx = ((2.0 * x + 1.0) / ws - 1.0)[:, :, None, :].expand(B, K, H, W)
+    gy = ((2.0 * y + 1.0) / hs - 1.0)[:, :, :, None].expand(B, K, H, W)
+    grid = torch.stack([gx, gy], dim=-1).flatten(0, 1)  # [B*K, H, W, 2]
+    src = sources.to(dt).repeat_interleave(K, dim=0)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = torch.round(out).clamp(0.0, 255.0).to(torch.uint8).view(B, K, 3, H, W)
+    inside = ((rows.view(1, H, 1) < sizes[:, 0].view(B, 1, 1))
+              & (cols.view(1, 1, W) < sizes[:, 1].view(B, 1, 1)))  # [B, H, W]
+    return out * inside[:, None, None].to(torch.uint8)
 
 
 def to_uint8_tensor(img: Image.Image) -> Tensor:
@@ -417,11 +512,13 @@ def sample_views(
         rng: the only source of randomness.
         image_id: copied into the sample.
     """
-    plan = plan_views(image, proposals, opts, rng)
+    on_device = opts.augment_on == "device"
+    render = not (on_device and opts.view_resize_on == "device")
+    plan = plan_views(image, proposals, opts, rng, render=render)
     if plan is None:
         return None
     boxes1, boxes2 = torch.from_numpy(plan.boxes1), torch.from_numpy(plan.boxes2)
-    if opts.augment_on == "device":  # the same random draws, in the same order; not applied
+    if on_device:  # the same random draws, in the same order; not applied
         crop_colour = None
         if opts.region_discrimination:
             crop_colour = torch.from_numpy(np.stack([
@@ -429,10 +526,18 @@ def sample_views(
                 for b in (plan.boxes1, plan.boxes2)])).float()
         view_colour = torch.from_numpy(np.stack([sample_colour_params(rng),
                                                  sample_colour_params(rng)])).float()
+        deferred = DeferredAugment(view_colour, crop_colour, opts.crop_size)
+        if not render:  # the device renders the views from the outer rectangle
+            deferred.source, deferred.source_sizes, deferred.rects = _view_source(plan)
+            deferred.view_size = torch.tensor(plan.geom.size, dtype=torch.int64)
+            empty = torch.zeros(3, 0, 0, dtype=torch.uint8)
+            return SiameseSample(view1=empty, view2=empty, boxes1=boxes1, boxes2=boxes2,
+                                 crops1=None, crops2=None, image_id=image_id,
+                                 deferred=deferred)
         return SiameseSample(
             view1=to_uint8_tensor(plan.view1), view2=to_uint8_tensor(plan.view2),
             boxes1=boxes1, boxes2=boxes2, crops1=None, crops2=None, image_id=image_id,
-            deferred=DeferredAugment(view_colour, crop_colour, opts.crop_size))
+            deferred=deferred)
     crops1 = crops2 = None
     if opts.region_discrimination:  # from the resized views, before their colour pipeline
         crops1 = _region_crops(plan.view1, plan.boxes1, opts.crop_size, rng)
