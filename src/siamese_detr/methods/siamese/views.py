@@ -457,13 +457,15 @@ def render_views(sources: Tensor, source_sizes: Tensor, rects: Tensor, sizes: Te
     y = torch.minimum(y.clamp(min=0.0), (source_sizes[:, 0].to(dt) - 1.0).view(B, 1, 1))
     gx = ((2.0 * x + 1.0) / ws - 1.0)[:, :, None, :].expand(B, K, H, W)
     gy = ((2.0 * y + 1.0) / hs - 1.0)[:, :, :, None].expand(B, K, H, W)
-    grid = torch.stack([gx, gy], dim=-1).flatten(0, 1)  # [B*K, H, W, 2]
-    src = sources.to(dt).repeat_interleave(K, dim=0)
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = torch.round(out).clamp(0.0, 255.0).to(torch.uint8).view(B, K, 3, H, W)
+    # the K views of a sample stacked along the output's height: one source read per sample
+    grid = torch.stack([gx, gy], dim=-1).view(B, K * H, W, 2)
+    out = F.grid_sample(sources.to(dt), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)  # [B, 3, K*H, W]
+    out = torch.round(out).clamp(0.0, 255.0).to(torch.uint8)
+    out = out.view(B, 3, K, H, W).transpose(1, 2)
     inside = ((rows.view(1, H, 1) < sizes[:, 0].view(B, 1, 1))
               & (cols.view(1, 1, W) < sizes[:, 1].view(B, 1, 1)))  # [B, H, W]
-    return out * inside[:, None, None].to(torch.uint8)
+    return (out * inside[:, None, None].to(torch.uint8)).contiguous()
 
 
 def to_uint8_tensor(img: Image.Image) -> Tensor:
