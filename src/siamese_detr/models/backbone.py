@@ -99,8 +99,10 @@ class FoldedConv2d(nn.Conv2d):
         """The weight and bias of the convolution with the batch norm folded in."""
         bn = self._folded_bn[0]
         tensors = (self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        # nothing cached from inference mode (its tensors cannot enter autograd later), from
+        # a graph capture or a compile trace (a replay must read the live weights)
         cacheable = not (torch.is_grad_enabled() and self.weight.requires_grad) and not (
-            _capturing())
+            torch.is_inference_mode_enabled() or _capturing())
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if cacheable and self._fold_cache is not None and self._fold_cache[0] == key:
             return self._fold_cache[1], self._fold_cache[2]

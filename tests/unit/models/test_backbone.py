@@ -273,9 +273,14 @@ def test_folded_batchnorm_ops_and_graph_capture(monkeypatch) -> None:
         # 20 batch norms gone (2 dispatches each: batch_norm and its inference kernel), the
         # convolutions take the bias: nothing added
         assert counts["folded"] == counts["plain"] - 2 * 20
+        conv = folded.body.layer1[0].conv1
+        assert conv._fold_cache is not None
+        with torch.inference_mode():  # inference tensors must not be cached for later use
+            folded(x)
+        assert conv._fold_cache is None
+        folded(x)
         monkeypatch.setattr(backbone_module, "_capturing", lambda: True)
         with OpCounter() as c:
             folded(x)
         assert c.ops > counts["folded"] + 20  # recomputed: scale, shift and weight per conv
-        conv = folded.body.layer1[0].conv1
         assert conv._fold_cache is None  # nothing kept from inside a capture
