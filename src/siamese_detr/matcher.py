@@ -85,6 +85,18 @@ def pairwise_cost(
     return cost_class * c_cls + cost_bbox * c_l1 + cost_giou * c_giou
 
 
+def _padded_targets(targets: list[BoxTargets]) -> tuple[Tensor, Tensor]:
+    """Labels ``[B, T]`` and boxes ``[B, T, 4]`` of the batch, ``T`` the most targets of one
+    image: stacked when every image has as many (one op each, as the pretext tasks' regions),
+    else padded; padding boxes are valid boxes (no 0/0 in the GIoU of a column nobody
+    reads)."""
+    if len({len(t) for t in targets}) == 1:
+        return (torch.stack([t.labels for t in targets]),
+                torch.stack([t.boxes for t in targets]))
+    return (pad_sequence([t.labels for t in targets], batch_first=True),
+            pad_sequence([t.boxes for t in targets], batch_first=True, padding_value=0.5))
+
+
 class HungarianMatcher:
     """One-to-one assignment of queries to ground-truth boxes, per image.
 
@@ -135,10 +147,8 @@ class HungarianMatcher:
             replaced by a prohibitive ``1e8`` (scipy refuses them).
         """
         # a label out of range is reported by the caller after the transfer (SetCriterion)
-        labels = pad_sequence([t.labels for t in targets], batch_first=True)
+        labels, tgt_boxes = _padded_targets(targets)
         labels = labels.clamp(0, logits.shape[-1] - 1)
-        # padding boxes are valid boxes (no 0/0 in the GIoU of a column nobody reads)
-        tgt_boxes = pad_sequence([t.boxes for t in targets], batch_first=True, padding_value=0.5)
         # fp32 even inside an autocast region
         with torch.autocast(device_type=logits.device.type, enabled=False):
             cost = pairwise_cost(

@@ -95,8 +95,10 @@ def test_batched_equals_per_image(cls_loss: str) -> None:
         assert sorted(c.tolist()) == list(range(len(targets[i])))
 
 
+@pytest.mark.parametrize("sizes", [[3, 0, 5, 2], [4, 4, 4, 4]])  # padded / stacked
 @pytest.mark.parametrize("cls_loss", ["ce", "focal"])
-def test_cost_blocks_are_the_per_image_blocks_of_the_full_cost(cls_loss: str) -> None:
+def test_cost_blocks_are_the_per_image_blocks_of_the_full_cost(cls_loss: str,
+                                                               sizes: list[int]) -> None:
     """``cost_matrix`` computes (and the matching copies to the host) only each image's own
     block, ``[L, B, Q, max T_b]``: equal, bitwise, to the columns of that image in the cost
     of every prediction against every target of the batch (what it computed before)."""
@@ -107,9 +109,9 @@ def test_cost_blocks_are_the_per_image_blocks_of_the_full_cost(cls_loss: str) ->
     L, B, Q, C = 2, 4, 6, 5
     logits = torch.randn(L, B, Q, C, generator=g)
     boxes = _random_boxes(L * B * Q, g).view(L, B, Q, 4)
-    targets = _targets([3, 0, 5, 2], C, g)
+    targets = _targets(sizes, C, g)
     blocks = matcher.cost_matrix(logits, boxes, targets)
-    assert blocks.shape == (L, B, Q, 5)  # 5 = the most targets of one image, not 10
+    assert blocks.shape == (L, B, Q, max(sizes))  # the most targets of one image, not all
     labels = torch.cat([t.labels for t in targets])
     full = pairwise_cost(logits.flatten(0, -2), boxes.flatten(0, -2), labels,
                          torch.cat([t.boxes for t in targets]), cost_class=2.0, cost_bbox=5.0,
