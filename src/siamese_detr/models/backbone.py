@@ -100,9 +100,12 @@ class FoldedConv2d(nn.Conv2d):
         bn = self._folded_bn[0]
         tensors = (self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         # nothing cached from inference mode (its tensors cannot enter autograd later), from
-        # a graph capture or a compile trace (a replay must read the live weights)
+        # a graph capture or a compile trace (a replay must read the live weights), or from a
+        # side stream (make_graphed_callables' warm-up: the cache is read on other streams)
         cacheable = not (torch.is_grad_enabled() and self.weight.requires_grad) and not (
-            torch.is_inference_mode_enabled() or _capturing())
+            torch.is_inference_mode_enabled() or _capturing()
+            or (self.weight.is_cuda and torch.cuda.current_stream(self.weight.device)
+                != torch.cuda.default_stream(self.weight.device)))
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if cacheable and self._fold_cache is not None and self._fold_cache[0] == key:
             return self._fold_cache[1], self._fold_cache[2]
