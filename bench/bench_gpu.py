@@ -190,11 +190,14 @@ def trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _fold(cfg: Any, fold: bool) -> Any:
-    """``cfg`` with ``model.backbone.fold_frozen_bn=fold`` (where the field exists)."""
+def _fold(cfg: Any, fold: bool, channels_last: bool = False) -> Any:
+    """``cfg`` with ``model.backbone.fold_frozen_bn=fold`` and ``.channels_last`` (where the
+    fields exist)."""
     if not hasattr(cfg.model.backbone, "fold_frozen_bn"):
         return cfg
     backbone = replace(cfg.model.backbone, fold_frozen_bn=fold)
+    if channels_last:
+        backbone = replace(backbone, channels_last=True)
     return replace(cfg, model=replace(cfg.model, backbone=backbone))
 
 
@@ -206,11 +209,11 @@ def build_ours(variant: str, device: torch.device, fold: bool = True) -> tuple[A
     return cfg, (model, criterion), build_optimizer(model, optim_cfg)
 
 
-def build_pretrain(variant: str, device: torch.device, crop: int | None, fold: bool = True
-                   ) -> tuple[Any, Any, Any]:
+def build_pretrain(variant: str, device: torch.device, crop: int | None, fold: bool = True,
+                   channels_last: bool = False) -> tuple[Any, Any, Any]:
     from siamese_detr.methods.siamese.task import build_siamese_task
 
-    cfg = _fold(get_preset(VARIANTS[variant][1]), fold)
+    cfg = _fold(get_preset(VARIANTS[variant][1]), fold, channels_last)
     model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=""))
     siamese = cfg.pretrain.siamese
     if crop is not None:
@@ -497,6 +500,12 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
             makers["pretrain_graphed"] = lambda dt: pretrain_graphed_step(gtask, gpopt, sb,
                                                                           device, dt)
             params["pretrain_graphed"] = trainable(gtask)
+        if args.channels_last and not args.no_pretrain:  # model.backbone.channels_last
+            _, ctask, cpopt = build_pretrain(variant, device, args.crop, channels_last=True)
+            ctask.load_state_dict(task.state_dict())
+            makers["pretrain_graphed_cl"] = lambda dt: pretrain_graphed_step(ctask, cpopt, sb,
+                                                                             device, dt)
+            params["pretrain_graphed_cl"] = trainable(ctask)
         if args.fold_ab:  # the same graphed steps with the batch norms left unfolded
             _, (umodel, ucrit), uopt = build_ours(variant, device, fold=False)
             umodel.load_state_dict(model.state_dict())
@@ -577,6 +586,9 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
     for k in ("ours_compiled", "ours_cl", "ours_graphed"):
         if k in rows and "ours" in rows:
             ratios[f"{k}_over_ours_ms"] = rows[k]["ms_median"] / rows["ours"]["ms_median"]
+    if "pretrain_graphed_cl" in rows and "pretrain_graphed" in rows:
+        ratios["pretrain_graphed_cl_over_pretrain_graphed_ms"] = (
+            rows["pretrain_graphed_cl"]["ms_median"] / rows["pretrain_graphed"]["ms_median"])
     for k in ("ours_graphed", "pretrain_graphed"):
         if k in rows and f"{k}_unfolded" in rows:
             ratios[f"{k}_over_unfolded_ms"] = (rows[k]["ms_median"]
@@ -646,7 +658,8 @@ def main() -> None:
                     help="also time the pretraining step on the loader output of "
                          "augment_on=device (crops cut, crops and views coloured in the step)")
     ap.add_argument("--channels-last", action="store_true",
-                    help="also time our step with the backbone in channels_last")
+                    help="also time our step with the backbone in channels_last (and, with "
+                         "--graphed, the graphed pretraining step: pretrain_graphed_cl)")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: profile one step of ours/pretrain/hf (GPU busy share, kernels)")
     ap.add_argument("--compile", action="store_true",

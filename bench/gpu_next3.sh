@@ -2,21 +2,22 @@
 # Session 7's changes for the graphed pretraining step, on a GPU (bench/GPU_RUN.md): folded
 # frozen batch norms (model.backbone.fold_frozen_bn, against *_unfolded rows in the same
 # process), the per-image matching cost blocks and the views rendered on the device. One device
-# call of at most 9.8 minutes (usually about 5); carry .gpu/whl and .gpu/loaderdata. Dry run
+# call of at most 9.7 minutes (usually about 5); carry .gpu/whl and .gpu/loaderdata. Dry run
 # on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next3.sh
 source bench/gpu_env.sh
 SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: small
 {
   echo "== 0: engine.cuda_graphs against eager training (folded batch norms inside captures)"
-  timeout 150 python -m pytest -q -x -p no:cacheprovider -m gpu \
+  timeout 140 python -m pytest -q -x -p no:cacheprovider -m gpu \
     tests/unit/engine/test_cuda_graphs.py; echo "0 rc=$?"
-  echo "== 1: graphed steps, folded and unfolded, per-GPU paper batch (8 at 480x480)"
-  timeout 150 $B --no-hf --no-pretrain-2x --graphed --fold-ab --augment-on-device --batch 8 \
-    --size 480x480 --warmup 3 --steps 5 --variants detr,conditional --out "$OUT/b8.json" $SMALL
+  echo "== 1: graphed steps (folded and unfolded, channels_last), per-GPU paper batch"
+  timeout 170 $B --no-hf --no-pretrain-2x --graphed --fold-ab --augment-on-device \
+    --channels-last --batch 8 --size 480x480 --warmup 3 --steps 5 --variants detr,conditional \
+    --out "$OUT/b8.json" $SMALL
   echo "1 rc=$?"
   echo "== 2: batch 2 at 800x1088, three detectors, transformers alongside"
-  timeout 170 $B --no-pretrain-2x --graphed --fold-ab --quick --out "$OUT/b2.json" $SMALL
+  timeout 150 $B --no-pretrain-2x --graphed --fold-ab --quick --out "$OUT/b2.json" $SMALL
   echo "2 rc=$?"
   echo "== 3: where the time goes (phases), DETR at batch 8"
   timeout 70 python bench/bench_phases.py --variant detr --batch 8 --size 480x480 \

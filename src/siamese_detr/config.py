@@ -32,6 +32,9 @@ class BackboneConfig:
     # fold each frozen batch norm into the frozen convolution before it (same outputs up to
     # rounding, same state dict; the whole trunk in pretraining, stem+layer1 in fine-tuning)
     fold_frozen_bn: bool = True
+    # run the ResNet in the channels-last memory format (cuDNN's bf16 convolutions are NHWC:
+    # saves its layout conversions; not measured to pay yet, see docs/benchmarks.md)
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.weights_format == "safetensors" and self.weights and not self.weights.endswith(

@@ -257,8 +257,19 @@ class Backbone(nn.Module):
         super().train(mode and self.freeze != "all")
         return self
 
+    channels_last = False  # set by use_channels_last
+
+    def use_channels_last(self) -> None:
+        """Run the trunk in the channels-last memory format (``model.backbone.channels_last``):
+        weights converted once, each batch on entry. Same values, other kernels; the features
+        come out channels-last."""
+        self.channels_last = True
+        self.body.to(memory_format=torch.channels_last)
+
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B, 3, H, W]`` -> per level ``[B, C_l, ceil(H/s_l), ceil(W/s_l)]``."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.body(images)
 
 

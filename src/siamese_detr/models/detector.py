@@ -273,6 +273,8 @@ def build_detector(cfg: ModelConfig, num_logits: int,
     b = cfg.backbone
     backbone = Backbone(b.depth, _backbone_levels(cfg), frozen_bn=b.frozen_bn, freeze=b.freeze,
                         fold_bn=b.fold_frozen_bn)
+    if b.channels_last:
+        backbone.use_channels_last()
     if b.weights and b.weights != RANDOM_WEIGHTS:
         report = load_backbone_weights(backbone, b.weights, b.weights_format,
                                        allow_missing=b.allow_missing_keys)

@@ -284,3 +284,19 @@ def test_folded_batchnorm_ops_and_graph_capture(monkeypatch) -> None:
             folded(x)
         assert c.ops > counts["folded"] + 20  # recomputed: scale, shift and weight per conv
         assert conv._fold_cache is None  # nothing kept from inside a capture
+
+
+def test_channels_last_backbone_same_values_and_state_dict() -> None:
+    """``model.backbone.channels_last``: the same features (other kernels, same arithmetic up
+    to rounding), in the channels-last format, and the same state dict (loaded weights go
+    into the converted parameters)."""
+    plain, folded = _pair("stem+layer1")
+    folded.use_channels_last()
+    folded.load_state_dict(plain.state_dict())  # after the conversion: values copied in
+    a, b = plain.state_dict(), folded.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for p, f in zip(plain(x), folded(x)):
+            assert f.is_contiguous(memory_format=torch.channels_last)
+            assert torch.allclose(p, f, rtol=1e-5, atol=1e-5 * p.abs().max().item())
