@@ -93,7 +93,9 @@ def step_targets(rows: list[dict[str, Any]], source: str) -> list[Verdict]:
             out.append(Verdict("bf16", f"fastest fine-tuning fp32 / fastest bf16, {where}", ratio,
                                ratio >= BF16_MIN))
         for dtype in ("fp32", "bf16"):
-            for pre, fine in (("pretrain", "ours"), ("pretrain_graphed", "ours_graphed")):
+            for pre, fine in (("pretrain", "ours"), ("pretrain_graphed", "ours_graphed"),
+                              ("pretrain_aug", "ours"),
+                              ("pretrain_aug_graphed", "ours_graphed")):
                 p, f = ms.get((*at, dtype, pre)), ms.get((*at, dtype, fine))
                 if p is not None and f is not None:
                     out.append(Verdict("pretrain", f"{pre} / {fine}, {dtype}, {where}", p / f,

@@ -43,14 +43,16 @@ dr = _load("detreg_task", _HERE.parent / "methods" / "test_detreg_task.py")
 ud = _load("updetr_task", _HERE.parent / "methods" / "test_updetr_task.py")
 
 VARIANTS = ("vanilla", "conditional", "deformable")
-KINDS = ("finetune", "pretrain", "detreg", "updetr")
+# pretrain_aug: Siamese DETR on augment_on=device batches (the crops cut and coloured, the
+# views coloured inside the dense part)
+KINDS = ("finetune", "pretrain", "pretrain_aug", "detreg", "updetr")
 
 
 def make_task(kind: str, variant: str) -> nn.Module:
     """The task of ``kind`` (fine-tuning, Siamese DETR, DETReg, UP-DETR) at test size."""
     if kind == "finetune":
         return hs.finetune_task(variant)
-    if kind == "pretrain":
+    if kind in ("pretrain", "pretrain_aug"):
         return hs.pretrain_task(variant)
     return (dr if kind == "detreg" else ud).make_task(variant, levels=1 if variant != "deformable"
                                                       else 2)
@@ -61,6 +63,8 @@ def make_batches(kind: str, n: int) -> list[Any]:
         return hs.finetune_batches(n)
     if kind == "pretrain":
         return hs.pretrain_batches(n)
+    if kind == "pretrain_aug":
+        return hs._deferred_siamese_batches(n)
     return [(dr if kind == "detreg" else ud).make_batch(seed=i) for i in range(n)]
 
 
@@ -74,6 +78,9 @@ def dense_args(kind: str, batch: Any) -> tuple[Tensor | None, ...]:
         views, crops = batch.joint_inputs()
         return (views.images, views.mask, views.sizes, torch.cat([batch.boxes1, batch.boxes2]),
                 crops)
+    if kind == "pretrain_aug":
+        views, boxes, view_colour, crop_colour, _ = batch.joint_raw()
+        return views.images, views.mask, views.sizes, boxes, None, view_colour, crop_colour
     images = batch.images
     if kind == "detreg":
         return images.images, images.mask, images.sizes
@@ -620,3 +627,19 @@ def test_automatic_padding_follows_the_task():
         task = make_task(kind, "vanilla")
         enable_cuda_graphs(task, max_graphs=2, pad_multiple=0, capture=EmulatedCapture())
         assert task.pad_multiple == pad, kind
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "deformable"])
+def test_device_augmentation_inside_the_dense_part_equals_finishing_it_before(variant):
+    """``augment_on=device``: finishing the augmentation inside ``dense`` (so that a graph
+    replays it) gives the outputs of finishing it first (``joint_inputs``) and running the
+    dense part on the finished views and crops."""
+    task = _no_randomness(make_task("pretrain_aug", variant).train())
+    batch = make_batches("pretrain_aug", 1)[0]
+    inside = task.dense(*dense_args("pretrain_aug", batch))
+    views, crops = batch.joint_inputs()
+    before = task.dense(views.images, views.mask, views.sizes,
+                        torch.cat([batch.boxes1, batch.boxes2]), crops)
+    assert len(inside) == len(before) == 5  # logits, boxes, hidden, crop embeddings, pooled
+    for a, b in zip(inside, before):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()

@@ -218,6 +218,27 @@ class SiameseBatch:
                        view2=ImageBatch(views[:, 1], self.view2.mask, self.view2.sizes),
                        deferred=DeferredAugment(d.view_colour, d.crop_colour, d.crop_size))
 
+    def joint_raw(self, crops: bool = True
+                  ) -> tuple[ImageBatch, Tensor, Tensor, Tensor | None, int]:
+        """``augment_on=device``: what :meth:`joint_inputs` finishes, unfinished: both views
+        as one uint8 batch of ``2B`` (rendered first where the device renders them), their
+        region boxes ``[2B, M, 4]``, view colour ``[2B, P]``, crop colour ``[2B, M, P]``
+        (``None`` without ``crops`` or crops) and the crop size, for
+        :func:`finish_augmentation` inside the training step's dense part."""
+        batch = self.rendered()
+        d = batch.deferred
+        if d is None:
+            raise ValueError("joint_raw needs a batch with deferred augmentation")
+        v1, v2 = batch.view1, batch.view2
+        views = ImageBatch(torch.cat([v1.images, v2.images]), torch.cat([v1.mask, v2.mask]),
+                           torch.cat([v1.sizes, v2.sizes]))
+        crop_colour = None
+        if crops and d.crop_colour is not None:
+            crop_colour = torch.cat([d.crop_colour[:, 0], d.crop_colour[:, 1]])
+        return (views, torch.cat([batch.boxes1, batch.boxes2]),
+                torch.cat([d.view_colour[:, 0], d.view_colour[:, 1]]), crop_colour,
+                d.crop_size)
+
     def joint_inputs(self, crops: bool = True) -> tuple[ImageBatch, Tensor | None]:
         """Both views as one float32 normalised batch of ``2B`` (view 1 then view 2; they must
         share a padded size, as collated) and, with ``crops``, their region crops

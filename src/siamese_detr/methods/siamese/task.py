@@ -36,6 +36,7 @@ from siamese_detr.methods.base import (
     pixel_box_targets,
     roi_pool_features,
 )
+from siamese_detr.methods.siamese.data import finish_augmentation
 from siamese_detr.methods.siamese.heads import FeatureAlign, build_predictor, build_projector
 from siamese_detr.ops.boxes import jitter_xyxy
 from siamese_detr.structures import (
@@ -114,15 +115,30 @@ class SiameseDETR(GraphableTask, nn.Module):
         if v1.images.shape[-2:] != v2.images.shape[-2:]:
             return self.forward_per_direction(batch)
         B = int(v1.images.shape[0])
-        # joined first, then normalised once (uint8 from the loader -> float, on the device),
-        # the augmentation left to the device (augment_on=device) included
-        views, crops = batch.joint_inputs(crops=self.feature_align is not None)
-        boxes = torch.cat([batch.boxes1, batch.boxes2])  # [2B, M, 4], view 1 then view 2
-        views = pad_to_multiple(views, self.pad_multiple)  # engine.pad_to_multiple
-        logits, pred_boxes, hidden, *rest = self.run_dense(views.images, views.mask,
-                                                           views.sizes, boxes, crops)
+        want_crops = self.feature_align is not None
+        if batch.deferred is not None:
+            # augment_on=device: the views joined as uint8 (rendered first where the device
+            # renders them); cutting and colouring the crops, colouring and normalising the
+            # views happen inside the dense part, so a CUDA graph replays them too
+            views, boxes, view_colour, crop_colour, crop_size = batch.joint_raw(want_crops)
+            if crop_size != self.opts.crop_size:
+                raise ValueError(f"the batch's crops are {crop_size} px, the task's "
+                                 f"pretrain.siamese.crop_size is {self.opts.crop_size}")
+            views = pad_to_multiple(views, self.pad_multiple)  # engine.pad_to_multiple
+            logits, pred_boxes, hidden, *rest = self.run_dense(
+                views.images, views.mask, views.sizes, boxes, None, view_colour, crop_colour)
+            has_crops = crop_colour is not None
+        else:
+            # joined first, then normalised once (uint8 from the loader -> float, on the
+            # device)
+            views, crops = batch.joint_inputs(crops=want_crops)
+            boxes = torch.cat([batch.boxes1, batch.boxes2])  # [2B, M, 4], view 1, view 2
+            views = pad_to_multiple(views, self.pad_multiple)  # engine.pad_to_multiple
+            logits, pred_boxes, hidden, *rest = self.run_dense(views.images, views.mask,
+                                                               views.sizes, boxes, crops)
+            has_crops = crops is not None
         out = DetectorOutput(logits=logits, boxes=pred_boxes, hidden=hidden)
-        emb = rest.pop(0) if crops is not None else None
+        emb = rest.pop(0) if has_crops else None
         pooled = rest.pop(0) if self.projector is not None else None
         # each row's targets are its memory's view: the region boxes of that view
         loc, matching = self.criterion(out, self.region_targets(boxes, views.sizes))
@@ -136,15 +152,25 @@ class SiameseDETR(GraphableTask, nn.Module):
         return self._combine_joint(loc, reg, glob)
 
     def dense(self, images: Tensor, mask: Tensor, sizes: Tensor, boxes: Tensor,
-              crops: Tensor | None) -> tuple[Tensor, ...]:
+              crops: Tensor | None, view_colour: Tensor | None = None,
+              crop_colour: Tensor | None = None) -> tuple[Tensor, ...]:
         """The part of :meth:`forward` before the matching, from tensors only (what a CUDA
         graph captures): the ``2B`` views (view 1 then view 2) encoded once, each view's region
         queries decoded against the other view's memory.
 
+        With ``view_colour`` (``augment_on=device``), ``images`` are the un-coloured uint8
+        views and the device augmentation is finished here first
+        (:func:`~siamese_detr.methods.siamese.data.finish_augmentation`: crops cut at
+        ``boxes`` and coloured with ``crop_colour``, views coloured and normalised).
+
         Returns ``(logits, boxes, hidden)`` of the decoder, then the crop embeddings
-        ``[2B, M, C]`` when ``crops`` is given, then the pooled memories ``[2B, D']`` when the
+        ``[2B, M, C]`` when there are crops, then the pooled memories ``[2B, D']`` when the
         global discrimination is on."""
         B = int(images.shape[0]) // 2
+        if view_colour is not None:
+            done, crops = finish_augmentation(ImageBatch(images, mask, sizes), boxes,
+                                              view_colour, crop_colour, self.opts.crop_size)
+            images = done.images
         views = ImageBatch(images, mask, sizes)
         enc = self.detector.encode(views)
         queries = self.region_queries(enc, boxes, sizes, groups=2)
