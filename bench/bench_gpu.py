@@ -589,25 +589,16 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
             f"({counts['ops_fwd_bwd']} fwd+bwd, {counts['ops_update']} update)  "
             f"{counts['syncs_per_step']:3d} syncs  {params[k]:,} trainable{busy}")
     ratios: dict[str, Any] = {"variant": variant, "dtype": dtype, "batch": b, "size": [h, w]}
-    for k in ("ours_compiled", "ours_cl", "ours_graphed"):
-        if k in rows and "ours" in rows:
-            ratios[f"{k}_over_ours_ms"] = rows[k]["ms_median"] / rows["ours"]["ms_median"]
-    if "pretrain_aug_graphed" in rows and "ours_graphed" in rows:
-        ratios["pretrain_aug_graphed_over_ours_graphed_ms"] = (
-            rows["pretrain_aug_graphed"]["ms_median"] / rows["ours_graphed"]["ms_median"])
-    if "pretrain_graphed_cl" in rows and "pretrain_graphed" in rows:
-        ratios["pretrain_graphed_cl_over_pretrain_graphed_ms"] = (
-            rows["pretrain_graphed_cl"]["ms_median"] / rows["pretrain_graphed"]["ms_median"])
-    for k in ("ours_graphed", "pretrain_graphed"):
-        if k in rows and f"{k}_unfolded" in rows:
-            ratios[f"{k}_over_unfolded_ms"] = (rows[k]["ms_median"]
-                                               / rows[f"{k}_unfolded"]["ms_median"])
-    if "pretrain_graphed" in rows and "ours_graphed" in rows:
-        ratios["pretrain_graphed_over_ours_graphed_ms"] = (
-            rows["pretrain_graphed"]["ms_median"] / rows["ours_graphed"]["ms_median"])
-    if "pretrain_graphed" in rows and "pretrain" in rows:
-        ratios["pretrain_graphed_over_pretrain_ms"] = (
-            rows["pretrain_graphed"]["ms_median"] / rows["pretrain"]["ms_median"])
+    # step time ratios: (numerator, denominator); "_unfolded" rows are named "unfolded"
+    pairs = [(k, "ours") for k in ("ours_compiled", "ours_cl", "ours_graphed")] + [
+        ("pretrain_aug_graphed", "ours_graphed"), ("pretrain_graphed_cl", "pretrain_graphed"),
+        ("ours_graphed", "ours_graphed_unfolded"),
+        ("pretrain_graphed", "pretrain_graphed_unfolded"),
+        ("pretrain_graphed", "ours_graphed"), ("pretrain_graphed", "pretrain")]
+    for a, b in pairs:
+        if a in rows and b in rows:
+            under = "unfolded" if b == f"{a}_unfolded" else b
+            ratios[f"{a}_over_{under}_ms"] = rows[a]["ms_median"] / rows[b]["ms_median"]
     if "hf" in rows and "ours" in rows:
         ratios["ours_over_hf_ms"] = rows["ours"]["ms_median"] / rows["hf"]["ms_median"]
         ratios["ours_over_hf_ops"] = rows["ours"]["ops_per_step"] / rows["hf"]["ops_per_step"]
