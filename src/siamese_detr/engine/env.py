@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["AUTO_WORKERS", "auto_num_workers", "local_world_size", "resolve_num_workers",
-           "world_from_env"]
+__all__ = ["AUTO_WORKERS", "auto_num_workers", "cores_per_process", "local_world_size",
+           "resolve_num_workers", "world_from_env"]
 
 #: ``data.num_workers`` / ``pretrain.num_workers`` value meaning "one per free CPU core"
 AUTO_WORKERS = -1
@@ -39,16 +39,22 @@ def local_world_size() -> int:
     return max(1, n or 1)
 
 
-def auto_num_workers() -> int:
-    """Loader workers for ``num_workers=-1``: the CPU cores this process may run on
-    (``os.sched_getaffinity``, which follows ``taskset`` and SLURM's CPU binding) shared by
-    the node's training processes, one left for the training process itself, at most
-    :data:`MAX_AUTO_WORKERS` (0 on a single core: the batches are then made in-process)."""
+def cores_per_process() -> int:
+    """The CPU cores this process may run on (``os.sched_getaffinity``, which follows
+    ``taskset`` and SLURM's CPU binding) shared by the node's training processes (at least
+    1)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(0, min(MAX_AUTO_WORKERS, cores // local_world_size() - 1))
+    return max(1, cores // local_world_size())
+
+
+def auto_num_workers() -> int:
+    """Loader workers for ``num_workers=-1``: :func:`cores_per_process`, one left for the
+    training process itself, at most :data:`MAX_AUTO_WORKERS` (0 on a single core: the
+    batches are then made in-process)."""
+    return max(0, min(MAX_AUTO_WORKERS, cores_per_process() - 1))
 
 
 def resolve_num_workers(num_workers: int) -> int:

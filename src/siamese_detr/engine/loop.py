@@ -36,7 +36,6 @@ figures and the setting to raise (``loader_hint``).
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -57,6 +56,7 @@ from siamese_detr.engine.checkpoint import (
     save_checkpoint,
 )
 from siamese_detr.engine.distributed import DistInfo, all_reduce_mean
+from siamese_detr.engine.env import cores_per_process
 from siamese_detr.engine.logging import MetricsWriter, get_logger
 from siamese_detr.engine.optim import lr_factor, set_lr
 from siamese_detr.errors import DataError, RunStopped
@@ -381,9 +381,7 @@ class LoaderWatch:
                 or data_time <= self.share * step_time:
             return None
         self.warned = True
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else os.cpu_count() or 1
-        per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        per_process = cores_per_process()
         what = f"raise {self.hint}" if self.hint else "raise the loader's num_workers"
         return (f"the loader is the limit: waiting for data took {data_time / step_time:.0%} "
                 f"of each step ({data_time * 1e3:.0f} of {step_time * 1e3:.0f} ms, steps "

@@ -9,6 +9,7 @@ Parameter names follow torchvision (``body.conv1.weight``, ``body.layer1.0.conv1
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -102,13 +103,10 @@ class FoldedConv2d(nn.Conv2d):
             return self._fold_now
         bn = self._folded_bn[0]
         tensors = (self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        # nothing cached from inference mode (its tensors cannot enter autograd later), from
-        # a graph capture or a compile trace (a replay must read the live weights), or from a
-        # side stream (make_graphed_callables' warm-up: the cache is read on other streams)
-        cacheable = not (torch.is_grad_enabled() and self.weight.requires_grad) and not (
-            torch.is_inference_mode_enabled() or _capturing()
-            or (self.weight.is_cuda and torch.cuda.current_stream(self.weight.device)
-                != torch.cuda.default_stream(self.weight.device)))
+        context = _CACHE_CONTEXT.get()  # decided once per backbone forward
+        if context is None:  # a folded convolution called on its own
+            context = _cache_context_ok(self.weight)
+        cacheable = context and not (torch.is_grad_enabled() and self.weight.requires_grad)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if cacheable and self._fold_cache is not None and self._fold_cache[0] == key:
             return self._fold_cache[1], self._fold_cache[2]
@@ -147,6 +145,21 @@ def fold_all(convs: Sequence[FoldedConv2d]) -> bool:
 def clear_fold_all(convs: Sequence[FoldedConv2d]) -> None:
     for c in convs:
         c._fold_now = None
+
+
+def _cache_context_ok(weight: Tensor) -> bool:
+    """May folded weights be cached here? Not from inference mode (its tensors cannot enter
+    autograd later), a graph capture or a compile trace (a replay must read the live
+    weights), or a side stream (make_graphed_callables' warm-up: the cache is read on other
+    streams)."""
+    return not (torch.is_inference_mode_enabled() or _capturing()
+                or (weight.is_cuda and torch.cuda.current_stream(weight.device)
+                    != torch.cuda.default_stream(weight.device)))
+
+
+#: set by :meth:`Backbone.forward` for its convolutions: the checks of
+#: :func:`_cache_context_ok` once per forward instead of once per convolution
+_CACHE_CONTEXT: ContextVar[bool | None] = ContextVar("fold_cache_context", default=None)
 
 
 def _capturing() -> bool:
@@ -299,14 +312,20 @@ class Backbone(nn.Module):
         """``images [B, 3, H, W]`` -> per level ``[B, C_l, ceil(H/s_l), ceil(W/s_l)]``."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.folded_bn and _capturing():  # a graph recomputes the folds at each replay
+        if not self.folded_bn:
+            return self.body(images)
+        if _capturing():  # a graph recomputes the folds at each replay
             convs = [m for m in self.body.modules() if isinstance(m, FoldedConv2d)]
             if fold_all(convs):
                 try:
                     return self.body(images)
                 finally:
                     clear_fold_all(convs)
-        return self.body(images)
+        token = _CACHE_CONTEXT.set(_cache_context_ok(self.body.conv1.weight))
+        try:
+            return self.body(images)
+        finally:
+            _CACHE_CONTEXT.reset(token)
 
 
 @dataclass

@@ -229,38 +229,30 @@ class SiameseBatch:
         d = batch.deferred
         if d is None:
             raise ValueError("joint_raw needs a batch with deferred augmentation")
-        v1, v2 = batch.view1, batch.view2
-        views = ImageBatch(torch.cat([v1.images, v2.images]), torch.cat([v1.mask, v2.mask]),
-                           torch.cat([v1.sizes, v2.sizes]))
         crop_colour = None
         if crops and d.crop_colour is not None:
             crop_colour = torch.cat([d.crop_colour[:, 0], d.crop_colour[:, 1]])
-        return (views, torch.cat([batch.boxes1, batch.boxes2]),
+        return (batch._joint_views(), torch.cat([batch.boxes1, batch.boxes2]),
                 torch.cat([d.view_colour[:, 0], d.view_colour[:, 1]]), crop_colour,
                 d.crop_size)
+
+    def _joint_views(self) -> ImageBatch:
+        """Both views as one batch of ``2B``, view 1 then view 2, as they are."""
+        v1, v2 = self.view1, self.view2
+        return ImageBatch(torch.cat([v1.images, v2.images]), torch.cat([v1.mask, v2.mask]),
+                          torch.cat([v1.sizes, v2.sizes]))
 
     def joint_inputs(self, crops: bool = True) -> tuple[ImageBatch, Tensor | None]:
         """Both views as one float32 normalised batch of ``2B`` (view 1 then view 2; they must
         share a padded size, as collated) and, with ``crops``, their region crops
         ``[2B, M, 3, c, c]`` normalised (``None`` when the batch has none), computed where the
         batch is, the deferred augmentation included."""
-        if self.deferred is not None and self.deferred.source is not None:
-            return self.rendered().joint_inputs(crops)
-        v1, v2 = self.view1, self.view2
-        views = ImageBatch(torch.cat([v1.images, v2.images]), torch.cat([v1.mask, v2.mask]),
-                           torch.cat([v1.sizes, v2.sizes]))
-        d = self.deferred
-        if d is None:
-            out = None
-            if crops and self.crops1 is not None and self.crops2 is not None:
-                out = normalise_crops(torch.cat([self.crops1, self.crops2]))
-            return views.normalised(), out
-        crop_colour = None
-        if crops and d.crop_colour is not None:
-            crop_colour = torch.cat([d.crop_colour[:, 0], d.crop_colour[:, 1]])
-        return finish_augmentation(
-            views, torch.cat([self.boxes1, self.boxes2]),
-            torch.cat([d.view_colour[:, 0], d.view_colour[:, 1]]), crop_colour, d.crop_size)
+        if self.deferred is not None:
+            return finish_augmentation(*self.joint_raw(crops))
+        out = None
+        if crops and self.crops1 is not None and self.crops2 is not None:
+            out = normalise_crops(torch.cat([self.crops1, self.crops2]))
+        return self._joint_views().normalised(), out
 
     def pin_memory(self) -> SiameseBatch:
         """Page-locked copy (``DataLoader(pin_memory=True)`` calls this)."""

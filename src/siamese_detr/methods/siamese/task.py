@@ -124,19 +124,18 @@ class SiameseDETR(GraphableTask, nn.Module):
             if crop_size != self.opts.crop_size:
                 raise ValueError(f"the batch's crops are {crop_size} px, the task's "
                                  f"pretrain.siamese.crop_size is {self.opts.crop_size}")
-            views = pad_to_multiple(views, self.pad_multiple)  # engine.pad_to_multiple
-            logits, pred_boxes, hidden, *rest = self.run_dense(
-                views.images, views.mask, views.sizes, boxes, None, view_colour, crop_colour)
+            extra: tuple[Tensor | None, ...] = (None, view_colour, crop_colour)
             has_crops = crop_colour is not None
         else:
             # joined first, then normalised once (uint8 from the loader -> float, on the
             # device)
             views, crops = batch.joint_inputs(crops=want_crops)
             boxes = torch.cat([batch.boxes1, batch.boxes2])  # [2B, M, 4], view 1, view 2
-            views = pad_to_multiple(views, self.pad_multiple)  # engine.pad_to_multiple
-            logits, pred_boxes, hidden, *rest = self.run_dense(views.images, views.mask,
-                                                               views.sizes, boxes, crops)
+            extra = (crops,)
             has_crops = crops is not None
+        views = pad_to_multiple(views, self.pad_multiple)  # engine.pad_to_multiple
+        logits, pred_boxes, hidden, *rest = self.run_dense(views.images, views.mask,
+                                                           views.sizes, boxes, *extra)
         out = DetectorOutput(logits=logits, boxes=pred_boxes, hidden=hidden)
         emb = rest.pop(0) if has_crops else None
         pooled = rest.pop(0) if self.projector is not None else None
