@@ -8,9 +8,9 @@
 source bench/gpu_env.sh
 SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: small
 {
-  echo "== 0: engine.cuda_graphs against eager training (folded batch norms inside captures)"
-  timeout 140 python -m pytest -q -x -p no:cacheprovider -m gpu \
-    tests/unit/engine/test_cuda_graphs.py; echo "0 rc=$?"
+  echo "== 0: every GPU test (engine.cuda_graphs against eager training with folded batch norms"
+  echo "   inside captures, device augmentation and rendered views, Triton, pinned batches)"
+  timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests; echo "0 rc=$?"
   echo "== 1: graphed steps (folded and unfolded, channels_last), per-GPU paper batch"
   timeout 170 $B --no-hf --no-pretrain-2x --graphed --fold-ab --augment-on-device \
     --channels-last --batch 8 --size 480x480 --warmup 3 --steps 5 --variants detr,conditional \
