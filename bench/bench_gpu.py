@@ -335,11 +335,13 @@ def graphed_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
 
 
 def pretrain_graphed_step(task: Any, opt: Any, batch: Any, device: torch.device,
-                          dtype: str) -> Step:
-    """Our Siamese pretraining step with ``engine.cuda_graphs`` (``SiameseDETR.dense`` from
-    CUDA graphs)."""
+                          dtype: str, losses_graph: bool = True) -> Step:
+    """Our Siamese pretraining step with ``engine.cuda_graphs`` (``SiameseDETR.dense`` and,
+    unless ``losses_graph`` is False, ``SiameseDETR.losses`` from CUDA graphs)."""
     if task._dense is None:
         task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
+        if not losses_graph and hasattr(task, "_losses"):
+            task._losses = None  # the losses after the matching run eagerly
 
     def fwd_bwd() -> None:
         with autocast(device, dtype, weight_cache=False):
@@ -512,6 +514,12 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
             makers["pretrain_graphed_cl"] = lambda dt: pretrain_graphed_step(ctask, cpopt, sb,
                                                                              device, dt)
             params["pretrain_graphed_cl"] = trainable(ctask)
+        if args.losses_ab and not args.no_pretrain:  # the losses after the matching eager
+            _, etask, epopt = build_pretrain(variant, device, args.crop)
+            etask.load_state_dict(task.state_dict())
+            makers["pretrain_graphed_dense_only"] = lambda dt: pretrain_graphed_step(
+                etask, epopt, sb, device, dt, losses_graph=False)
+            params["pretrain_graphed_dense_only"] = trainable(etask)
         if args.fold_ab:  # the same graphed steps with the batch norms left unfolded
             _, (umodel, ucrit), uopt = build_ours(variant, device, fold=False)
             umodel.load_state_dict(model.state_dict())
@@ -594,6 +602,8 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
         ("pretrain_aug_graphed", "ours_graphed"), ("pretrain_graphed_cl", "pretrain_graphed"),
         ("ours_graphed", "ours_graphed_unfolded"),
         ("pretrain_graphed", "pretrain_graphed_unfolded"),
+        ("pretrain_graphed", "pretrain_graphed_dense_only"),
+        ("pretrain_graphed_dense_only", "ours_graphed"),
         ("pretrain_graphed", "ours_graphed"), ("pretrain_graphed", "pretrain")]
     for a, b in pairs:
         if a in rows and b in rows:
@@ -654,6 +664,9 @@ def main() -> None:
     ap.add_argument("--fold-ab", action="store_true",
                     help="with --graphed: also the graphed steps with model.backbone."
                          "fold_frozen_bn=false (rows *_unfolded)")
+    ap.add_argument("--losses-ab", action="store_true",
+                    help="with --graphed: also the graphed pretraining step with its losses "
+                         "after the matching eager (row pretrain_graphed_dense_only)")
     ap.add_argument("--augment-on-device", action="store_true",
                     help="also time the pretraining step on the loader output of "
                          "augment_on=device (crops cut, crops and views coloured in the step)")

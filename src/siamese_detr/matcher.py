@@ -148,6 +148,15 @@ class HungarianMatcher:
         """
         # a label out of range is reported by the caller after the transfer (SetCriterion)
         labels, tgt_boxes = _padded_targets(targets)
+        return self.padded_cost(logits, boxes, labels, tgt_boxes)
+
+    @torch.no_grad()
+    def padded_cost(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor
+                    ) -> Tensor:
+        """:meth:`cost_matrix` of targets given as tensors: ``labels [B, T]`` and
+        ``tgt_boxes [B, T, 4]`` (normalised cxcywh; every image's ``T`` columns are its own,
+        as when each image has ``T`` targets: the pretext tasks' regions). No host read, so a
+        CUDA graph can compute it (Siamese DETR's dense part does)."""
         labels = labels.clamp(0, logits.shape[-1] - 1)
         # fp32 even inside an autocast region
         with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -188,12 +197,22 @@ class HungarianMatcher:
 @dataclass
 class MatchJob:
     """One set of predictions to match: ``logits [L, B, Q, C]``, ``boxes [L, B, Q, 4]`` (``L``
-    decoder layers, matched independently) against the batch's ``targets``."""
+    decoder layers, matched independently) against the batch's ``targets``.
+
+    ``cost``: the ``[L, B, Q, T]`` cost of :meth:`HungarianMatcher.cost_matrix`, when the
+    caller has it already (computed inside a CUDA graph); ``counts`` then gives each image's
+    number of targets and ``targets`` may be empty."""
 
     matcher: HungarianMatcher
     logits: Tensor
     boxes: Tensor
     targets: list[BoxTargets]
+    cost: Tensor | None = None
+    counts: list[int] | None = None
+
+    def target_counts(self) -> list[int]:
+        """Each image's number of targets."""
+        return self.counts if self.counts is not None else [len(t) for t in self.targets]
 
 
 @dataclass
@@ -226,10 +245,11 @@ def _solve(jobs: Sequence[MatchJob], extra: Tensor | None
     """:func:`solve_assignments` with NumPy index arrays."""
     costs, flat = [], []
     for job in jobs:
-        if sum(len(t) for t in job.targets) == 0:
+        if sum(job.target_counts()) == 0:
             costs.append(None)
             continue
-        cost = job.matcher.cost_matrix(job.logits, job.boxes, job.targets)
+        cost = (job.cost.detach() if job.cost is not None
+                else job.matcher.cost_matrix(job.logits, job.boxes, job.targets))
         costs.append(tuple(cost.shape))
         flat.append(cost.reshape(-1))
     if extra is not None:
@@ -246,7 +266,7 @@ def _solve(jobs: Sequence[MatchJob], extra: Tensor | None
         n = int(np.prod(shape))
         block = host[offset : offset + n].reshape(shape)
         offset += n
-        counts = [len(t) for t in job.targets]
+        counts = job.target_counts()
         layers = []
         for layer in range(L):
             per_image = []
@@ -289,7 +309,7 @@ def match_all(jobs: Sequence[MatchJob], extra: Tensor | None = None
     solved, extra_host = _solve(jobs, extra)
     parts, shapes = [], []
     for job, layers in zip(jobs, solved):
-        starts = np.cumsum([0] + [len(t) for t in job.targets])
+        starts = np.cumsum([0] + job.target_counts())
         rows = []
         for per_image in layers:  # [3, N]: image, prediction, target in the whole batch
             rows.append(np.concatenate(

@@ -75,6 +75,17 @@ def graph_signature(args: tuple[Tensor | None, ...]) -> tuple[Any, ...]:
     return tuple(parts)
 
 
+def _running_stats(module: nn.Module) -> list[Tensor]:
+    """The running statistics a training step updates: those of the BatchNorm layers in
+    training mode."""
+    out: list[Tensor] = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            out += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                    if b is not None]
+    return out
+
+
 class _Bound(nn.Module):
     """``fn`` as a module whose parameters are ``owner``'s (what the graphs train)."""
 
@@ -198,9 +209,18 @@ class GraphedDense:
         device = tensors[0].device
         before = self.memory(device)[1] if self.memory is not None else 0
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        # inputs with a gradient (the outputs of another graphed part) are sampled as leaves
+        # of their own: the capture keeps its sample inputs as its static inputs, which must
+        # be neither another graph's output buffers nor tied to this step's autograd graph
+        samples = tuple(t.detach().clone().requires_grad_() if t.requires_grad else t
+                        for t in tensors)
+        # the capture's eager warm-up runs are not training steps: what they do to the
+        # BatchNorm running statistics is undone
+        stats = _running_stats(self.owner)
+        saved = [b.clone() for b in stats]
         t0 = time.perf_counter()
         try:
-            graphed = self.capture(_Bound(self.owner, dense), tensors,  # type: ignore[arg-type]
+            graphed = self.capture(_Bound(self.owner, dense), samples,  # type: ignore[arg-type]
                                    self.pool)
         except Exception as e:  # an op that cannot be captured, or out of memory
             if stream is not None:  # a failed capture_end leaves its side stream current
@@ -213,6 +233,9 @@ class GraphedDense:
             return None
         finally:
             self.capture_seconds += time.perf_counter() - t0
+            with torch.no_grad():
+                for b, v in zip(stats, saved):
+                    b.copy_(v)
         added = 0
         if self.memory is not None:
             added = max(0, self.memory(device)[1] - before)

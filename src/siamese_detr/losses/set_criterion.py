@@ -24,7 +24,7 @@ from siamese_detr.matcher import HungarianMatcher, Matching, MatchJob, match_all
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
 from siamese_detr.structures import BoxTargets, DetectorOutput, LossOutput
 
-__all__ = ["SetCriterion", "build_criterion", "num_logits", "Indices"]
+__all__ = ["SetCriterion", "build_criterion", "num_boxes_of", "num_logits", "Indices"]
 
 Indices = list[tuple[Tensor, Tensor]]
 NAMES = ("loss_ce", "loss_bbox", "loss_giou")
@@ -33,7 +33,11 @@ NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 def _num_boxes(targets: list[BoxTargets], device: torch.device) -> float | Tensor:
     """Number of target boxes, at least 1: a host float (the sizes are known on the host), or,
     when distributed, the average over processes as a device scalar (no host read)."""
-    n = float(sum(len(t) for t in targets))
+    return num_boxes_of(float(sum(len(t) for t in targets)), device)
+
+
+def num_boxes_of(n: float, device: torch.device) -> float | Tensor:
+    """:func:`_num_boxes` of a batch with ``n`` target boxes in this process."""
     if not (dist.is_available() and dist.is_initialized()):
         return max(n, 1.0)
     t = torch.full((), n, device=device)
@@ -98,6 +102,18 @@ class SetCriterion(nn.Module):
         """Decoder layers that get a matching and a loss, in the order of the returned
         ``indices``: every layer with ``aux_loss``, else only the last one."""
         return list(range(num_layers)) if self.aux_loss else [num_layers - 1]
+
+    def supervised(self, per_layer: Tensor) -> Tensor:
+        """The supervised layers' rows of ``[L, ...]`` (a view; see :meth:`supervised_layers`)."""
+        return per_layer if self.aux_loss else per_layer[-1:]
+
+    def term_names(self, num_layers: int) -> tuple[list[str], list[float]]:
+        """The names and weights of the ``raw`` terms of a :class:`LossOutput` of a detector
+        with ``num_layers`` decoder layers: the sums over layers (``loss_ce``, ...), then each
+        supervised layer's terms (``loss_ce_0``, ...)."""
+        layers = self.supervised_layers(num_layers)
+        names = list(NAMES) + [f"{n}_{l}" for l in layers for n in NAMES]
+        return names, [self.weights[n if n in NAMES else n.rsplit("_", 1)[0]] for n in names]
 
     # ------------------------------------------------------------------ losses of all layers
     def loss_labels(self, logits: Tensor, labels: Tensor, m: Matching,
@@ -182,17 +198,22 @@ class SetCriterion(nn.Module):
         num_boxes = _num_boxes(job.targets, device)
         labels = torch.cat([t.labels for t in job.targets]).to(device).long()
         tgt_boxes = torch.cat([t.boxes for t in job.targets]).to(device)
-        per_layer = torch.stack(  # [L, 3] in NAMES order
-            [self.loss_labels(job.logits, labels, m, num_boxes),
-             *self.loss_boxes(job.boxes, tgt_boxes, m, num_boxes)], dim=1)
+        total, raw = self.loss_terms(job.logits, job.boxes, labels, tgt_boxes, m, num_boxes)
+        names, weights = self.term_names(num_layers)
+        return LossOutput(total=total, names=names, weights=weights, raw=raw)
+
+    def loss_terms(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor,
+                   m: Matching, num_boxes: float | Tensor) -> tuple[Tensor, Tensor]:
+        """The weighted total and the ``raw`` terms (in :meth:`term_names` order) of the
+        supervised layers' ``logits [L', B, Q, C]`` and ``boxes [L', B, Q, 4]`` matched by
+        ``m`` to the batch's concatenated ``labels [T]`` and ``tgt_boxes [T, 4]``: tensors in,
+        tensors out, no host read (Siamese DETR computes it inside a CUDA graph)."""
+        per_layer = torch.stack(  # [L', 3] in NAMES order
+            [self.loss_labels(logits, labels, m, num_boxes),
+             *self.loss_boxes(boxes, tgt_boxes, m, num_boxes)], dim=1)
         sums = per_layer.sum(0)
-        total = (sums * self.loss_weights.to(device)).sum()  # the one place weights apply
-        first = num_layers - int(per_layer.shape[0])
-        names = list(NAMES) + [f"{n}_{first + l}" for l in range(per_layer.shape[0])
-                               for n in NAMES]
-        weights = [self.weights[n.rsplit("_", 1)[0] if n not in NAMES else n] for n in names]
-        return LossOutput(total=total, names=names, weights=weights,
-                          raw=torch.cat([sums, per_layer.reshape(-1)]))
+        total = (sums * self.loss_weights.to(logits.device)).sum()  # the one place weights apply
+        return total, torch.cat([sums, per_layer.reshape(-1)])
 
 
 def _resolve(value: float, default: float, key: str) -> float:

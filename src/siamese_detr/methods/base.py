@@ -141,13 +141,19 @@ def global_pool_features(features: list[Tensor]) -> Tensor:
     return torch.cat([f.mean(dim=(-2, -1)) for f in features], dim=-1)
 
 
+def pixel_boxes_normalised(boxes: Tensor, sizes: Tensor) -> Tensor:
+    """Boxes ``[B, M, 4]`` (pixel xyxy in image b, unpadded ``sizes [B, 2]`` ``(h, w)``) ->
+    ``[B, M, 4]`` float32 normalised cxcywh; no host read."""
+    h, w = sizes[:, 0].to(boxes.dtype), sizes[:, 1].to(boxes.dtype)
+    scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
+    return box_xyxy_to_cxcywh(boxes.float() / scale)
+
+
 def pixel_box_targets(boxes: Tensor, sizes: Tensor) -> list[BoxTargets]:
     """Boxes ``[B, M, 4]`` (pixel xyxy in image b, unpadded ``sizes [B, 2]`` ``(h, w)``) ->
     per image normalised cxcywh targets with label 0 (the single "region"/"patch" class of the
     pretext tasks); no host read."""
-    h, w = sizes[:, 0].to(boxes.dtype), sizes[:, 1].to(boxes.dtype)
-    scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
-    norm = box_xyxy_to_cxcywh(boxes.float() / scale)
+    norm = pixel_boxes_normalised(boxes, sizes)
     labels = torch.zeros(norm.shape[:2], dtype=torch.int64, device=boxes.device)
     return [BoxTargets(boxes=norm[b], labels=labels[b], size=sizes[b])
             for b in range(boxes.shape[0])]

@@ -131,6 +131,34 @@ def test_dense_part_neither_reads_nor_uploads_after_its_first_call(variant, kind
     assert c.ops > 100  # the counter saw the step
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", ["pretrain", "pretrain_aug"])
+def test_siamese_losses_neither_read_nor_upload(variant, kind):
+    """Siamese DETR's second graphed part, its losses after the matching (criterion, region
+    and global discrimination), is capturable too: given the dense part's outputs and the
+    matched pairs, forward and backward read nothing back and upload nothing."""
+    task = make_task(kind, variant).train()
+    seen: list[tuple[Any, ...]] = []
+    inner = task.run_losses
+
+    def record(*args: Any) -> Any:
+        seen.append(args)
+        return inner(*args)
+
+    task.run_losses = record
+    task(make_batches(kind, 1)[0]).total.backward()
+    args = tuple(a.detach().requires_grad_(a.requires_grad) if a is not None else None
+                 for a in seen[0])
+    task.losses(*args)
+    with OpCounter() as c:
+        total, raw = task.losses(*args)
+        total.backward()
+    assert c.syncs == 0, dict(c.sync_sites)
+    assert c.uploads == 0, dict(c.upload_sites)
+    assert c.op_names["lift_fresh"] + c.op_names["lift_fresh_copy"] == 0
+    assert c.ops > 50 and raw.shape[0] > 3 * 3
+
+
 def test_op_counter_sees_uploads():
     """The control of the test above: a batch of an image size not seen before makes the
     deformable attention's level sizes new, and their one upload (``device_constant``) is
@@ -239,6 +267,39 @@ def test_one_capture_per_signature_up_to_the_cap():
     assert inside != graph_signature((x.detach(),))
 
 
+def test_a_capture_samples_leaves_and_undoes_its_warm_up_on_the_running_stats():
+    """A capture runs the part eagerly a few times first (``make_graphed_callables``' warm-up:
+    3 runs); those runs must not count as steps for the BatchNorm running statistics (Siamese
+    DETR's projector runs in its losses' graph). Inputs with a gradient (another graph's
+    outputs) reach the capture as leaves of their own, not as the caller's tensors."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+    eager = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+    eager.load_state_dict(head.state_dict())
+    inner = EmulatedCapture()
+    seen: list[Tensor] = []
+
+    def warm_then_capture(module: nn.Module, args: tuple[Tensor, ...], pool: Any
+                          ) -> Callable[..., Any]:
+        seen.extend(args)
+        for _ in range(3):
+            module(*args)
+        return inner(module, args, pool)
+
+    dense = GraphedDense(head, lambda x: (head(x),), capture=warm_then_capture)
+    x = (torch.randn(5, 4) * 3 + 1).requires_grad_()
+    y = x * 2  # not a leaf: the output of an earlier part
+    dense(y)[0].sum().backward()
+    eager(y.detach())
+    assert seen[0] is not y and seen[0].is_leaf and seen[0].requires_grad
+    assert torch.equal(seen[0], y.detach())
+    bn, ref = head[1], eager[1]
+    assert int(bn.num_batches_tracked) == 1  # one step, not 1 + 3 warm-up runs
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0  # the gradient went through
+
+
 def test_a_failed_capture_leaves_that_shape_eager():
     lin = nn.Linear(4, 3)
     capture = EmulatedCapture()
@@ -341,7 +402,8 @@ def test_graphed_training_equals_eager_training(variant, kind, tmp_path):
         torch.manual_seed(1)
         results.append(_train(task, batches, tmp_path / str(graphed)))
         if graphed:
-            assert len(capture.captures) == 1  # all three batches pad to one shape
+            # all three batches pad to one shape; Siamese DETR's losses are a second graph
+            assert len(capture.captures) == 1 + _has_loss_graph(kind)
             assert capture.captures[0][0][-2:] == (64, 96)
             from siamese_detr.engine.logging import read_jsonl
 
@@ -424,8 +486,14 @@ def _alternating_shapes_run(kind: str, variant: str, device: torch.device, captu
     assert (dense.pool is not None) == shared_pool
     if isinstance(capture, EmulatedCapture):
         # what makes one pool safe: each graph's backward replays right after its forward,
-        # with no other graph in between (the real loop, not the assumption)
-        assert capture.events == [(k, i % 2) for i in range(4) for k in ("fwd", "bwd")]
+        # with no other graph of its pool in between (the real loop, not the assumption).
+        # Siamese DETR's losses (one shape, captured second, their own pool) nest inside
+        if _has_loss_graph(kind):
+            dense_ids = [0, 2]
+            assert capture.events == [e for i in range(4) for e in (
+                ("fwd", dense_ids[i % 2]), ("fwd", 1), ("bwd", 1), ("bwd", dense_ids[i % 2]))]
+        else:
+            assert capture.events == [(k, i % 2) for i in range(4) for k in ("fwd", "bwd")]
     assert len(dense.graphs) == 2 and dense.graphed_calls == 4
     tol = _tolerance(device, amp)
     assert len(losses[0]) == 4
@@ -440,6 +508,11 @@ def test_two_shapes_alternating_train_like_eager(kind, variant, tmp_path):
     """The alternating-shapes run with the CPU stand-in (its GPU twin below uses real
     graphs)."""
     _alternating_shapes_run(kind, variant, torch.device("cpu"), EmulatedCapture(), tmp_path)
+
+
+def _has_loss_graph(kind: str) -> bool:
+    """Siamese DETR's step has a second graphed part after the matching: its losses."""
+    return kind in ("pretrain", "pretrain_aug")
 
 
 def _no_randomness(task: nn.Module) -> nn.Module:
@@ -511,8 +584,11 @@ def test_real_make_graphed_callables_accepts_the_dense_parts(variant, kind, monk
                        capture=lambda m, a, pool: real(m, a, pool))
     loss = task(batch).total
     loss.backward()
-    assert task._dense.stats()["graphed_calls"] == 1
-    assert given == [task._dense.pool] and given[0] is not None  # the shared pool, passed on
+    parts = [task._dense] + ([task._losses] if _has_loss_graph(kind) else [])
+    assert [part.stats()["graphed_calls"] for part in parts] == [1] * len(parts)
+    # each part's shared pool, passed on; Siamese DETR's two parts have one each
+    assert given == [part.pool for part in parts] and None not in given
+    assert len(set(given)) == len(given)
     torch.testing.assert_close(loss.detach(), eager(batch).total.detach(), rtol=1e-6, atol=0)
     for name, p in task.named_parameters():
         if p.requires_grad:
@@ -640,6 +716,7 @@ def test_device_augmentation_inside_the_dense_part_equals_finishing_it_before(va
     views, crops = batch.joint_inputs()
     before = task.dense(views.images, views.mask, views.sizes,
                         torch.cat([batch.boxes1, batch.boxes2]), crops)
-    assert len(inside) == len(before) == 5  # logits, boxes, hidden, crop embeddings, pooled
+    # logits, boxes, hidden, crop embeddings, pooled, matching cost
+    assert len(inside) == len(before) == 6
     for a, b in zip(inside, before):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()

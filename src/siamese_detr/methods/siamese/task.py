@@ -27,13 +27,15 @@ from torch import Tensor, nn
 
 from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.data.collate import pad_to_multiple
-from siamese_detr.engine.graphs import GraphableTask
+from siamese_detr.engine.graphs import Capture, GraphableTask, GraphedDense
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
-from siamese_detr.matcher import Matching
+from siamese_detr.losses.set_criterion import num_boxes_of
+from siamese_detr.matcher import Matching, MatchJob, match_all
 from siamese_detr.methods.base import (
     PretextTaskBase,
     global_pool_features,
     pixel_box_targets,
+    pixel_boxes_normalised,
     roi_pool_features,
 )
 from siamese_detr.methods.siamese.data import finish_augmentation
@@ -96,6 +98,7 @@ class SiameseDETR(GraphableTask, nn.Module):
         check_regions(detector.num_queries, opts.num_regions)
         # the backbone never trains during pretraining (method.md 3.1)
         detector.backbone.freeze_all()
+        self._losses: GraphedDense | None = None  # the losses' graphs (enable_cuda_graphs)
 
     # ----------------------------------------------------------------- public API
     def detector_state_dict(self) -> dict[str, Tensor]:
@@ -136,19 +139,84 @@ class SiameseDETR(GraphableTask, nn.Module):
         views = pad_to_multiple(views, self.pad_multiple)  # engine.pad_to_multiple
         logits, pred_boxes, hidden, *rest = self.run_dense(views.images, views.mask,
                                                            views.sizes, boxes, *extra)
-        out = DetectorOutput(logits=logits, boxes=pred_boxes, hidden=hidden)
+        cost = rest.pop()  # every supervised layer's matching cost, computed by the dense part
         emb = rest.pop(0) if has_crops else None
         pooled = rest.pop(0) if self.projector is not None else None
-        # each row's targets are its memory's view: the region boxes of that view
-        loc, matching = self.criterion(out, self.region_targets(boxes, views.sizes))
-        reg = None
-        if emb is not None:
-            # the crops of each row's query view; normalised by 2BM = the mean of directions
-            reg = self.region_loss(out, matching, emb.roll(B, dims=0))
+        # the step's one host read: the cost to the host, Hungarian, the pairs back
+        matching = self.match_regions(logits, pred_boxes, cost)
+        # each row's targets are its memory's view (its region boxes); a second graph
+        total, raw = self.run_losses(logits, pred_boxes, hidden, emb, pooled, boxes,
+                                     views.sizes, matching.batch_idx, matching.pred_idx,
+                                     matching.tgt_idx)
+        names, weights = self.loss_names(int(logits.shape[0]), emb is not None,
+                                         pooled is not None and self._global_runs(B))
+        return LossOutput(total=total, names=names, weights=weights, raw=raw)
+
+    def match_regions(self, logits: Tensor, pred_boxes: Tensor, cost: Tensor) -> Matching:
+        """The Hungarian matching of the joint batch from the dense part's ``cost [L', 2B, Q,
+        M]``: one device-to-host copy, one host-to-device copy of the pairs."""
+        rows, m = int(cost.shape[1]), int(cost.shape[-1])
+        sup = self.criterion.supervised
+        job = MatchJob(self.criterion.matcher, sup(logits), sup(pred_boxes), [], cost=cost,
+                       counts=[m] * rows)
+        return match_all([job])[0][0]
+
+    def run_losses(self, *args: Tensor | None) -> tuple[Tensor, Tensor]:
+        """:meth:`losses`, from its CUDA graphs when they are enabled (one process only: under
+        DDP the losses hold collectives, SyncBatchNorm and the box count, and run eagerly)."""
+        if self._losses is not None and not _distributed():
+            total, raw = self._losses(*args)
+        else:
+            total, raw = self.losses(*args)
+        return total, raw
+
+    def losses(self, logits: Tensor, pred_boxes: Tensor, hidden: Tensor, emb: Tensor | None,
+               pooled: Tensor | None, boxes: Tensor, sizes: Tensor, batch_idx: Tensor,
+               pred_idx: Tensor, tgt_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The joint batch's loss from the dense part's outputs and the matching's pairs
+        (``[L', N]`` each), tensors only (what a second CUDA graph captures: every image has
+        ``M`` regions, so the shapes are fixed): ``(total, raw)``, ``raw`` in
+        :meth:`loss_names` order. The criterion and the region loss are normalised over both
+        directions' ``2BM`` regions, i.e. the mean of the directions (the class loss too: both
+        directions match all ``BM`` regions, so their no-object weights sum alike)."""
+        rows, m = int(boxes.shape[0]), int(boxes.shape[1])
+        B = rows // 2
+        matching = Matching([], batch_idx, pred_idx, tgt_idx)
+        sup = self.criterion.supervised
+        norm = pixel_boxes_normalised(boxes, sizes).flatten(0, 1)  # [2BM, 4]
+        labels = torch.zeros(rows * m, dtype=torch.int64, device=boxes.device)
+        num_boxes = num_boxes_of(float(rows * m), boxes.device)
+        total, loc_raw = self.criterion.loss_terms(sup(logits), sup(pred_boxes), labels, norm,
+                                                   matching, num_boxes)
+        out = DetectorOutput(logits=logits, boxes=pred_boxes, hidden=hidden)
+        # the crops of each row's query view; normalised by 2BM = the mean of directions
+        reg = self.region_loss(out, matching, emb.roll(B, dims=0)) if emb is not None else None
         glob = None
         if pooled is not None:
             glob = self._global_from_pooled(pooled[:B], pooled[B:])
-        return self._combine_joint(loc, reg, glob)
+        return self._add_extra(total, [loc_raw], reg, glob)
+
+    def loss_names(self, num_layers: int, region: bool, global_: bool
+                   ) -> tuple[list[str], list[float]]:
+        """Names and weights of :meth:`losses`' ``raw`` terms: the criterion's, then
+        ``loss_region`` and ``loss_global`` where they are computed."""
+        names, weights = self.criterion.term_names(num_layers)
+        for on, name, weight in (
+                (region, "loss_region", self.opts.weight_region),
+                (global_, "loss_global", self.opts.weight_global)):
+            if on:
+                names.append(name)
+                weights.append(weight)
+        return names, weights
+
+    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
+                           capture: Capture | None = None, shared_pool: bool = True) -> None:
+        """The dense part's graphs, and the losses' (:meth:`losses`, in a pool of their own):
+        after the matching, the step's eager rest is a few hundred small ops that bound it
+        by the host on a GPU (docs/benchmarks.md)."""
+        super().enable_cuda_graphs(max_graphs, pad_multiple, capture, shared_pool)
+        self._losses = GraphedDense(self, self.losses, max_graphs=max_graphs, capture=capture,
+                                    shared_pool=shared_pool, name="siamese losses")
 
     def dense(self, images: Tensor, mask: Tensor, sizes: Tensor, boxes: Tensor,
               crops: Tensor | None, view_colour: Tensor | None = None,
@@ -164,7 +232,8 @@ class SiameseDETR(GraphableTask, nn.Module):
 
         Returns ``(logits, boxes, hidden)`` of the decoder, then the crop embeddings
         ``[2B, M, C]`` when there are crops, then the pooled memories ``[2B, D']`` when the
-        global discrimination is on."""
+        global discrimination is on, then the matching cost ``[L', 2B, Q, M]`` of the
+        supervised layers (no gradient; :meth:`match_regions`)."""
         B = int(images.shape[0]) // 2
         if view_colour is not None:
             done, crops = finish_augmentation(ImageBatch(images, mask, sizes), boxes,
@@ -181,6 +250,12 @@ class SiameseDETR(GraphableTask, nn.Module):
             result.append(self.crop_embeddings(crops))
         if self.projector is not None:
             result.append(self.pooled_memory(enc))
+        # each row's targets are its memory's view: the region boxes of that view
+        sup = self.criterion.supervised
+        norm = pixel_boxes_normalised(boxes, sizes)
+        labels = torch.zeros(norm.shape[:2], dtype=torch.int64, device=norm.device)
+        result.append(self.criterion.matcher.padded_cost(sup(out.logits), sup(out.boxes),
+                                                         labels, norm))
         return tuple(result)
 
     def forward_per_direction(self, batch: SiameseBatch) -> LossOutput:
@@ -284,10 +359,11 @@ class SiameseDETR(GraphableTask, nn.Module):
         assert self.feature_align is not None
         B, M = int(target.shape[0]), int(target.shape[1])
         layers = self.criterion.supervised_layers(int(out.hidden.shape[0]))
-        if len(layers) != len(matching):
-            raise ValueError(f"{len(matching)} matchings for supervised layers {layers}")
+        if len(layers) != int(matching.batch_idx.shape[0]):
+            raise ValueError(f"{int(matching.batch_idx.shape[0])} matchings for supervised "
+                             f"layers {layers}")
         L = len(layers)
-        hidden = out.hidden[layers]
+        hidden = self.criterion.supervised(out.hidden)  # a view (no index list to upload)
         layer = torch.arange(L, device=hidden.device)[:, None].expand_as(matching.batch_idx)
         states = hidden[layer, matching.batch_idx, matching.pred_idx]  # [L, N, D]
         # every image has M targets, so a target's index in the batch is b * M + j
@@ -316,26 +392,20 @@ class SiameseDETR(GraphableTask, nn.Module):
         training in a single process)."""
         return self._global_from_pooled(self.pooled_memory(enc1), self.pooled_memory(enc2))
 
+    def _global_runs(self, batch: int) -> bool:
+        """Whether ``L_g`` is computed for ``batch`` images: BatchNorm cannot train on one
+        sample in a single process."""
+        return not (self.training and batch < 2 and not _is_sync_bn(self.projector))
+
     def _global_from_pooled(self, g1: Tensor, g2: Tensor) -> Tensor | None:
         """SimSiam ``L_g`` of the two views' pooled memories ``[B, D']`` (projector and
         predictor run per view: their BatchNorm statistics are per view, as in SimSiam)."""
         assert self.projector is not None and self.predictor is not None
-        if self.training and g1.shape[0] < 2 and not _is_sync_bn(self.projector):
+        if not self._global_runs(int(g1.shape[0])):
             return None
         z1, z2 = self.projector(g1), self.projector(g2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         return simsiam_loss(p1, z2, p2, z1)
-
-    def _combine_joint(self, loc: LossOutput, reg: Tensor | None, glob: Tensor | None
-                       ) -> LossOutput:
-        """:meth:`_combine` of the joint ``2B`` batch: its criterion and region loss are already
-        normalised over both directions' ``2BM`` regions, i.e. the mean of the directions
-        (the class loss too: both directions match all ``BM`` regions, so their no-object
-        weights sum alike)."""
-        if loc.raw is None:
-            raise ValueError("the criterion must report device loss terms")
-        return self._with_extra(loc.total, list(loc.names), list(loc.weights), [loc.raw], reg,
-                                glob)
 
     def _combine(
         self, d12: tuple[LossOutput, Tensor | None], d21: tuple[LossOutput, Tensor | None],
@@ -356,22 +426,36 @@ class SiameseDETR(GraphableTask, nn.Module):
                     raw: list[Tensor], reg: Tensor | None, glob: Tensor | None) -> LossOutput:
         """Add ``weight_region * L_r`` and ``weight_global * L_g`` to the localisation loss;
         logged as ``loss_region`` and ``loss_global``."""
-        extra: list[tuple[str, float, Tensor]] = []
-        if reg is not None:
-            extra.append(("loss_region", self.opts.weight_region, reg))
-        if glob is not None:
-            extra.append(("loss_global", self.opts.weight_global, glob))
-        for name, weight, value in extra:
-            total = total + weight * value
-            names.append(name)
-            weights.append(weight)
-        if extra:
-            raw.append(torch.stack([value.detach().float() for _, _, value in extra]))
-        return LossOutput(total=total, names=names, weights=weights, raw=torch.cat(raw))
+        total, raw_all = self._add_extra(total, raw, reg, glob)
+        for on, name, weight in ((reg is not None, "loss_region", self.opts.weight_region),
+                                 (glob is not None, "loss_global", self.opts.weight_global)):
+            if on:
+                names.append(name)
+                weights.append(weight)
+        return LossOutput(total=total, names=names, weights=weights, raw=raw_all)
+
+    def _add_extra(self, total: Tensor, raw: list[Tensor], reg: Tensor | None,
+                   glob: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The tensors of :meth:`_with_extra`: ``total`` plus the weighted ``L_r`` and ``L_g``,
+        and the raw terms with ``L_r`` and ``L_g`` appended (where computed)."""
+        extra = [(self.opts.weight_region, reg), (self.opts.weight_global, glob)]
+        values = []
+        for weight, value in extra:
+            if value is not None:
+                total = total + weight * value
+                values.append(value.detach().float())
+        if values:
+            raw = [*raw, torch.stack(values)]
+        return total, torch.cat(raw)
 
 
-def _is_sync_bn(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+def _is_sync_bn(module: nn.Module | None) -> bool:
+    return module is not None and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+
+
+def _distributed() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
 
 
 def build_siamese_task(cfg: RunConfig) -> SiameseDETR:
