@@ -75,6 +75,19 @@ def graph_signature(args: tuple[Tensor | None, ...]) -> tuple[Any, ...]:
     return tuple(parts)
 
 
+def _reset_capture_state(device: torch.device) -> None:
+    """After a capture that raised: its ``capture_end`` failed before the CUDA random
+    generator left its capture state, so any later random op (dropout) raises "Offset increment
+    outside graph capture". One small capture that ends well resets it."""
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.zeros(1, device=device).add_(1)
+        del graph
+    except Exception as e:  # noqa: BLE001 - the eager fallback goes on either way
+        get_logger().warning("cuda_graphs: could not reset the capture state (%r)", e)
+
+
 def _running_stats(module: nn.Module) -> list[Tensor]:
     """The running statistics a training step updates: those of the BatchNorm layers in
     training mode."""
@@ -226,6 +239,7 @@ class GraphedDense:
             if stream is not None:  # a failed capture_end leaves its side stream current
                 torch.cuda.set_stream(stream)
                 torch.cuda.synchronize(device)
+                _reset_capture_state(device)
             self.failed[key] = repr(e)
             get_logger().warning("cuda_graphs: %s could not be captured for %s (%r); batches "
                                  "of this shape run eagerly", self.name,

@@ -16,12 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
 
 from siamese_detr.config import ConfigError, LossConfig, ModelConfig, resolved_cls_loss
 from siamese_detr.losses.focal import sigmoid_focal_loss
 from siamese_detr.matcher import HungarianMatcher, Matching, MatchJob, match_all
-from siamese_detr.ops.boxes import box_cxcywh_to_xyxy
+from siamese_detr.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou_loss
 from siamese_detr.structures import BoxTargets, DetectorOutput, LossOutput
 
 __all__ = ["SetCriterion", "build_criterion", "num_boxes_of", "num_logits", "Indices"]
@@ -147,8 +146,9 @@ class SetCriterion(nn.Module):
         src = boxes[layer, m.batch_idx, m.pred_idx]  # [L, N, 4]
         tgt = tgt_boxes.float()[m.tgt_idx]
         l1 = (src - tgt).abs().sum((1, 2)) / num_boxes
-        giou_loss = generalized_box_iou_loss(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt),
-                                             reduction="none", eps=0.0)  # 1 - GIoU, [L, N]
+        # 1 - GIoU, [L, N] (torchvision's values, without its host read)
+        giou_loss = paired_generalized_box_iou_loss(box_cxcywh_to_xyxy(src),
+                                                    box_cxcywh_to_xyxy(tgt))
         return l1, giou_loss.sum(1) / num_boxes
 
     # ------------------------------------------------------------------ forward

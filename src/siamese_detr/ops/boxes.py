@@ -10,6 +10,7 @@ from torch import Tensor
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
 __all__ = [
+    "paired_generalized_box_iou_loss",
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
     "box_iou",
@@ -48,6 +49,26 @@ def batched_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
     area = hull[..., 0] * hull[..., 1]
     return iou - (area - union) / area
+
+
+def paired_generalized_box_iou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0
+                                    ) -> Tensor:
+    """``1 - GIoU`` of paired xyxy boxes ``[..., 4]`` -> ``[...]``: the values of
+    ``torchvision.ops.generalized_box_iou_loss(boxes1, boxes2, reduction="none", eps=eps)``.
+
+    torchvision computes the intersection with boolean-mask indexing, which reads the mask's
+    size back to the host on a GPU: a sync per call, and an op a CUDA graph cannot capture
+    (Siamese DETR's losses are captured). Here the intersection's sides are clamped at 0
+    instead: equal where the boxes overlap (the clamp is then a no-op), 0 where they do not.
+    """
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
+    inter = ((torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0)
+             * (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0))
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    hull = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - (hull - union) / (hull + eps))
 
 
 def normalize_xyxy(boxes: Tensor, height: float, width: float) -> Tensor:

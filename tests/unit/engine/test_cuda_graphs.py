@@ -128,6 +128,7 @@ def test_dense_part_neither_reads_nor_uploads_after_its_first_call(variant, kind
     assert c.syncs == 0, dict(c.sync_sites)
     assert c.uploads == 0, dict(c.upload_sites)
     assert c.op_names["lift_fresh"] + c.op_names["lift_fresh_copy"] == 0  # from_numpy etc.
+    assert c.op_names["nonzero"] == 0  # boolean-mask indexing: a host read on a GPU
     assert c.ops > 100  # the counter saw the step
 
 
@@ -156,6 +157,8 @@ def test_siamese_losses_neither_read_nor_upload(variant, kind):
     assert c.syncs == 0, dict(c.sync_sites)
     assert c.uploads == 0, dict(c.upload_sites)
     assert c.op_names["lift_fresh"] + c.op_names["lift_fresh_copy"] == 0
+    # boolean-mask indexing (nonzero) reads a size back on a GPU (torchvision's GIoU loss)
+    assert c.op_names["nonzero"] == 0
     assert c.ops > 50 and raw.shape[0] > 3 * 3
 
 
@@ -463,6 +466,7 @@ def _eager_then_graphed(kind: str, variant: str, batches: list[Any], device: tor
               checkpoint_meta={"kind": "test", "config": {}})
         losses.append([r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r])
         weights.append([p.detach().float().cpu() for p in task.parameters()])
+    task._dense.losses_part = getattr(task, "_losses", None)  # Siamese DETR's second part
     return losses, weights, task._dense
 
 
@@ -618,10 +622,34 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
     losses, weights, dense = _eager_then_graphed(kind, variant, make_batches(kind, 3), dev,
                                                  None, tmp_path, amp)
     assert dense.graphed_calls == 3 and len(dense.graphs) == 1
+    if _has_loss_graph(kind):  # the losses' graph was captured and replayed, not eager
+        assert dense.losses_part is not None
+        assert dense.losses_part.stats()["failed_captures"] == 0, dense.losses_part.failed
+        assert dense.losses_part.graphed_calls == 3
     tol = _tolerance(dev, amp)
     torch.testing.assert_close(losses[1], losses[0], **tol)
     for eager, graphed in zip(*weights):
         torch.testing.assert_close(graphed, eager, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_failed_capture_leaves_random_ops_working():
+    """A part that cannot be captured (boolean-mask indexing reads a size back) runs eagerly,
+    and the process goes on: dropout after it, eager and in a new capture, still works (a
+    failed capture used to leave the CUDA generator in its capture state)."""
+    dev = torch.device("cuda")
+    lin = nn.Linear(4, 4).to(dev).train()
+    bad = GraphedDense(lin, lambda x: (lin(x)[lin(x) > 0].sum().reshape(1),))
+    x = torch.randn(8, 4, device=dev)
+    out = bad(x)[0]
+    assert len(bad.failed) == 1 and bad.eager_calls == 1 and out.requires_grad
+    drop = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).to(dev).train()
+    y = drop(x)
+    assert float((y == 0).float().mean()) > 0.1  # dropout ran
+    good = GraphedDense(drop, lambda x: (drop(x),))
+    good(x)[0].sum().backward()
+    assert good.graphed_calls == 1 and not good.failed
 
 
 @pytest.mark.gpu

@@ -83,3 +83,41 @@ def test_batched_giou_is_torchvisions_bitwise_per_batch_entry():
     for layer in range(3):
         for i in range(4):
             assert torch.equal(out[layer, i], generalized_box_iou(preds[layer, i], tgts[i]))
+
+
+def test_paired_giou_loss_equals_torchvision_without_a_host_read():
+    """``1 - GIoU`` of paired boxes: torchvision's values and gradients (overlapping,
+    disjoint, touching, nested and identical pairs), with no boolean-mask indexing, which syncs
+    on a GPU and breaks a CUDA graph capture."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    from siamese_detr.engine.profiling import OpCounter
+    from siamese_detr.ops.boxes import paired_generalized_box_iou_loss
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(3, 64, 2, generator=g)
+    wh = torch.rand(3, 64, 2, generator=g) * 0.5 + 0.01
+    a = torch.cat([xy, xy + wh], -1)
+    xy2 = torch.rand(3, 64, 2, generator=g)
+    b = torch.cat([xy2, xy2 + torch.rand(3, 64, 2, generator=g) * 0.5 + 0.01], -1)
+    fixed = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 2.0, 1.0],   # touching
+                          [0.0, 0.0, 1.0, 1.0], [0.2, 0.2, 0.4, 0.4],   # nested
+                          [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0],   # identical
+                          [0.0, 0.0, 1.0, 1.0], [3.0, 3.0, 4.0, 5.0]])  # disjoint
+    a = torch.cat([a.reshape(-1, 4), fixed[0::2]])
+    b = torch.cat([b.reshape(-1, 4), fixed[1::2]])
+    for eps in (0.0, 1e-7):
+        a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        with OpCounter() as c:
+            ours = paired_generalized_box_iou_loss(a1, b1, eps=eps)
+        ref = generalized_box_iou_loss(a2, b2, reduction="none", eps=eps)
+        assert torch.equal(ours, ref)
+        assert c.op_names["nonzero"] == 0 and c.op_names["index_put_"] == 0
+        w = torch.rand(ours.shape, generator=g)
+        (ours * w).sum().backward()
+        (ref * w).sum().backward()
+        torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-6, atol=1e-7)
+    assert float(ours[-4]) == pytest.approx(1.0, abs=1e-6)  # touching: IoU 0, hull = union
+    assert float(ours[-2]) == pytest.approx(0.0, abs=1e-6)  # identical
