@@ -10,7 +10,9 @@ launch each. The step is split where the host must look at the data:
   captured with :func:`torch.cuda.make_graphed_callables` (forward and backward graphs, one
   autograd node) once per input signature: shapes, dtypes, autocast state;
 * the **rest** runs eagerly: the Hungarian matching (the step's one host read), the losses,
-  the optimiser.
+  the optimiser. Siamese DETR graphs its losses too, as a second part with a pool of its own
+  (``SiameseDETR.losses``: every image has ``M`` regions, so the shapes after the matching are
+  fixed); its dense part also computes the matching cost, so only the assignment is eager.
 
 Shapes: DETR's images change size every batch. ``engine.pad_to_multiple`` pads each batch's
 height and width up to a multiple, so a few shapes recur (by default with graphs: 128 for

@@ -363,14 +363,19 @@ def test_one_pool_per_dense_part_shared_by_its_graphs():
 
 def test_every_task_has_one_dense_part():
     """The shared pool is safe because one dense part runs one forward and its backward per
-    step with no other graph of its pool in between; a task with two graphed parts (a second
-    forward before the first backward) would need them in separate pools, which
-    ``enable_cuda_graphs`` gives, but is not expected: each task has exactly one."""
+    step with no other graph of its pool in between. Each task has exactly one dense part;
+    Siamese DETR's second graphed part, its losses, is a ``GraphedDense`` with a pool of its
+    own (the nesting is checked in the alternating-shapes test)."""
     for kind in KINDS:
         for variant in VARIANTS:
-            names = enable_cuda_graphs(make_task(kind, variant), max_graphs=2, pad_multiple=0,
+            task = make_task(kind, variant)
+            names = enable_cuda_graphs(task, max_graphs=2, pad_multiple=0,
                                        capture=EmulatedCapture())
             assert len(names) == 1, (kind, variant, names)
+            losses = getattr(task, "_losses", None)
+            assert (losses is not None) == _has_loss_graph(kind)
+            if losses is not None:
+                assert losses.pool is not None and losses.pool != task._dense.pool
 
 
 def _stream(batches: list[Any]) -> Callable[[int], Iterator[Any]]:
