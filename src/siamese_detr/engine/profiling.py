@@ -2,7 +2,9 @@
 
 A host read is any place where Python needs a tensor's values: ``item()``, ``bool(t)``,
 ``int(t)``/``float(t)`` (all reach ``aten::_local_scalar_dense``), ``tolist()``, ``numpy()``,
-``cpu()`` and ``to("cpu")``. On a GPU each one waits for the device to drain its queue, so a
+``cpu()`` and ``to("cpu")``, and the ops whose output size depends on the values, which read
+that size back on a GPU (``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave``
+without ``output_size``, indexing with a boolean mask, ``equal``). On a GPU each one waits for the device to drain its queue, so a
 training step should have at most one. On the CPU they cost nothing, but counting them here
 tells what the same code would do on a GPU, which is what the tests and ``bench/`` use.
 
@@ -31,6 +33,26 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _HOST_READ_METHODS = {"tolist", "numpy", "cpu"}
+# aten ops that read values back on a GPU: the size of their output depends on the data (or,
+# for ``equal``, their result is a host bool); not seen through ``_local_scalar_dense``
+_DATA_DEPENDENT = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+                   "unique_consecutive", "equal"}
+
+
+def _reads_back(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Does this aten op read device values back to the host on a GPU?"""
+    name = func.overloadpacket.__name__
+    if name in _DATA_DEPENDENT:
+        return True
+    if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and len(args) < 2:
+        return kwargs.get("output_size") is None  # repeats given as a tensor
+    if name == "repeat_interleave" and isinstance(args[1] if len(args) > 1 else None,
+                                                  torch.Tensor):
+        return kwargs.get("output_size") is None
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+    return False
 # calls that make a tensor from host data: on a GPU each is a host-to-device copy, which a
 # CUDA graph cannot replay (it would copy from a host buffer that is gone)
 _UPLOAD_FUNCTIONS = {"tensor", "as_tensor", "from_numpy", "pin_memory"}
@@ -63,10 +85,14 @@ class _Dispatch(TorchDispatchMode):
                            kwargs: dict | None = None) -> Any:
         self.owner.ops += 1
         self.owner.op_names[str(func.overloadpacket.__name__)] += 1
+        kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default and not self.owner._is_host(
                 args[0]):
             self.owner._sync("item")
-        return func(*args, **(kwargs or {}))
+        elif _reads_back(func, args, kwargs) and not all(
+                self.owner._is_host(a) for a in args if isinstance(a, torch.Tensor)):
+            self.owner._sync(str(func.overloadpacket.__name__))
+        return func(*args, **kwargs)
 
 
 class _Function(TorchFunctionMode):

@@ -40,3 +40,42 @@ def test_reading_a_host_copy_is_free_and_device_moves_are_not_reads():
         x.to(torch.device("cpu"))  # a move to the training device (the host in a CPU run)
     assert c.syncs == 1
     assert [k.split("@")[0] for k in c.sync_sites] == ["cpu"]
+
+
+def test_ops_whose_output_size_depends_on_the_data_count_as_host_reads():
+    """On a GPU these read a size (or a bool) back: boolean-mask indexing and assignment,
+    nonzero, masked_select, unique, repeat_interleave with tensor repeats, equal. Their static
+    cousins do not count. torchvision's GIoU loss is one (boolean-mask assignment), which is
+    why the criterion has its own."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    x = torch.randn(10)
+    mask = x > 0
+    reads = [
+        lambda: x[mask],
+        lambda: x.clone().__setitem__(mask, 1.0),
+        lambda: x.nonzero(),
+        lambda: x.masked_select(mask),
+        lambda: torch.unique(x),
+        lambda: torch.repeat_interleave(x, torch.full((10,), 2)),
+        lambda: torch.equal(x, x),
+    ]
+    for i, fn in enumerate(reads):
+        with OpCounter() as c:
+            fn()
+        assert c.syncs == 1, (i, dict(c.sync_sites))
+    static = [
+        lambda: x[torch.arange(3)],
+        lambda: x.repeat_interleave(2),
+        lambda: torch.repeat_interleave(x, torch.full((10,), 2), output_size=20),
+        lambda: torch.where(mask, x, 0.0),
+        lambda: x.masked_fill(mask, 0.0),
+    ]
+    for i, fn in enumerate(static):
+        with OpCounter() as c:
+            fn()
+        assert c.syncs == 0, (i, dict(c.sync_sites))
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]])
+    with OpCounter() as c:
+        generalized_box_iou_loss(boxes, boxes.flip(0))
+    assert c.syncs >= 1
