@@ -443,7 +443,8 @@ def _widen(batch: Any, extra: int) -> Any:
 
 
 def _eager_then_graphed(kind: str, variant: str, batches: list[Any], device: torch.device,
-                        capture: Any, tmp_path: Path, amp: str, shared_pool: bool = True
+                        capture: Any, tmp_path: Path, amp: str, shared_pool: bool = True,
+                        setup: Callable[[nn.Module], Any] | None = None
                         ) -> tuple[list[list[float]], list[list[Tensor]], GraphedDense]:
     """The same steps through the real loop twice, eager then with graphs (``capture``:
     ``None`` for the real one on CUDA; ``shared_pool`` as ``engine.cuda_graphs_pool``),
@@ -455,6 +456,8 @@ def _eager_then_graphed(kind: str, variant: str, batches: list[Any], device: tor
     losses, weights = [], []
     for graphed in (False, True):
         task = _no_randomness(make_task(kind, variant)).to(device)
+        if setup is not None:  # e.g. the backbone in channels_last, in both runs
+            setup(task)
         if graphed:
             assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32, capture=capture,
                                       shared_pool=shared_pool)
@@ -635,6 +638,35 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
     torch.testing.assert_close(losses[1], losses[0], **tol)
     for eager, graphed in zip(*weights):
         torch.testing.assert_close(graphed, eager, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["pretrain", "pretrain_aug", "finetune"])
+def test_real_cuda_graphs_with_a_channels_last_backbone(kind, tmp_path):
+    """``model.backbone.channels_last`` (8-11 % off the graphed pretraining step on the H100 in
+    session 8, off by default until this passes on a GPU): graphed training with the trunk in
+    channels-last memory trains like eager training with it, in bf16."""
+    dev = torch.device("cuda")
+    losses, weights, dense = _eager_then_graphed(
+        kind, "vanilla", make_batches(kind, 3), dev, None, tmp_path, "bf16",
+        setup=lambda task: task.detector.backbone.use_channels_last())
+    assert dense.graphed_calls == 3 and not dense.failed
+    tol = _tolerance(dev, "bf16")
+    torch.testing.assert_close(losses[1], losses[0], **tol)
+    for eager, graphed in zip(*weights):
+        torch.testing.assert_close(graphed, eager, **tol)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_graphed_training_with_a_channels_last_backbone_equals_eager(kind, tmp_path):
+    """The CPU twin of the test above, with the graph stand-in."""
+    losses, weights, _ = _eager_then_graphed(
+        kind, "vanilla", make_batches(kind, 3), torch.device("cpu"), EmulatedCapture(),
+        tmp_path, "none", setup=lambda task: task.detector.backbone.use_channels_last())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for eager, graphed in zip(*weights):
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
