@@ -350,6 +350,21 @@ def pretrain_graphed_step(task: Any, opt: Any, batch: Any, device: torch.device,
     return Step(fwd_bwd, opt)
 
 
+def cudnn_benchmarked(step: Step) -> Step:
+    """``step`` with ``torch.backends.cudnn.benchmark`` on while it runs (``engine.
+    cudnn_benchmark``); a graphed step keeps the algorithms chosen at its capture."""
+    inner = step.fwd_bwd
+
+    def fwd_bwd() -> None:
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            inner()
+        finally:
+            torch.backends.cudnn.benchmark = before
+    return Step(fwd_bwd, step.opt)
+
+
 def hf_step(model: Any, opt: Any, images: ImageBatch, labels: list[dict[str, torch.Tensor]],
             device: torch.device, dtype: str) -> Step:
     pixel_mask = (~images.mask).long()
@@ -520,6 +535,18 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
             makers["pretrain_graphed_dense_only"] = lambda dt: pretrain_graphed_step(
                 etask, epopt, sb, device, dt, losses_graph=False)
             params["pretrain_graphed_dense_only"] = trainable(etask)
+        if args.cudnn_benchmark:  # engine.cudnn_benchmark: the graphs captured with it on
+            _, (bmodel, bcrit), bopt = build_ours(variant, device)
+            bmodel.load_state_dict(model.state_dict())
+            makers["ours_graphed_cudnn"] = lambda dt: cudnn_benchmarked(graphed_step(
+                bmodel, bcrit, bopt, images, targets, device, dt))
+            params["ours_graphed_cudnn"] = trainable(bmodel)
+            if not args.no_pretrain:
+                _, btask, bpopt = build_pretrain(variant, device, args.crop)
+                btask.load_state_dict(task.state_dict())
+                makers["pretrain_graphed_cudnn"] = lambda dt: cudnn_benchmarked(
+                    pretrain_graphed_step(btask, bpopt, sb, device, dt))
+                params["pretrain_graphed_cudnn"] = trainable(btask)
         if args.fold_ab:  # the same graphed steps with the batch norms left unfolded
             _, (umodel, ucrit), uopt = build_ours(variant, device, fold=False)
             umodel.load_state_dict(model.state_dict())
@@ -603,6 +630,7 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
         ("ours_graphed", "ours_graphed_unfolded"),
         ("pretrain_graphed", "pretrain_graphed_unfolded"),
         ("pretrain_graphed", "pretrain_graphed_dense_only"),
+        ("ours_graphed_cudnn", "ours_graphed"), ("pretrain_graphed_cudnn", "pretrain_graphed"),
         ("pretrain_graphed_dense_only", "ours_graphed"),
         ("pretrain_graphed", "ours_graphed"), ("pretrain_graphed", "pretrain")]
     for a, b in pairs:
@@ -664,6 +692,9 @@ def main() -> None:
     ap.add_argument("--fold-ab", action="store_true",
                     help="with --graphed: also the graphed steps with model.backbone."
                          "fold_frozen_bn=false (rows *_unfolded)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="with --graphed: also the graphed steps captured with "
+                         "torch.backends.cudnn.benchmark on (rows *_graphed_cudnn)")
     ap.add_argument("--losses-ab", action="store_true",
                     help="with --graphed: also the graphed pretraining step with its losses "
                          "after the matching eager (row pretrain_graphed_dense_only)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 8's changes on a GPU (bench/GPU_RUN.md): Siamese DETR's losses as a second CUDA graph
 # (the matching cost inside the dense graph), the criterion's GIoU loss without torchvision's
-# host read (fine-tuning too), a failed capture's reset. One device call of at most 8.3
+# host read (fine-tuning too), a failed capture's reset. One device call of at most 8.7
 # minutes (usually about 6); carry .gpu/whl. Steps in order of importance, each writing its
 # own file. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next5.sh
@@ -13,8 +13,8 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   timeout 60 python -m pytest -q -x -p no:cacheprovider -m gpu \
     -k "pretrain or failed_capture" tests/unit/engine/test_cuda_graphs.py; echo "0 rc=$?"
   echo "== 1: graphed steps at the per-GPU paper batch, losses graph on and off"
-  timeout 130 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
-    --channels-last --batch 8 --size 480x480 --warmup 3 --steps 5 --variants detr,conditional \
+  timeout 150 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
+    --channels-last --cudnn-benchmark --batch 8 --size 480x480 --warmup 3 --steps 5 --variants detr,conditional \
     --out "$OUT/b8.json" $SMALL
   echo "1 rc=$?"
   echo "== 2: where the time goes (phases), DETR at batch 8"

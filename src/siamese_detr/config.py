@@ -187,6 +187,10 @@ class EngineConfig:
     # shared: all graphs of a task allocate from one memory pool (about the largest shape's
     # activations in all); per_graph: one pool per graph (every shape's activations held)
     cuda_graphs_pool: Literal["shared", "per_graph"] = "shared"
+    # CUDA only: torch.backends.cudnn.benchmark (cuDNN times its convolution algorithms once
+    # per input shape and keeps the fastest). Pays where shapes recur (cuda_graphs' padded
+    # shapes); with free image sizes every new shape is timed again. Not measured yet: off
+    cudnn_benchmark: bool = False
     # pad each batch's height and width up to a multiple of this (fewer distinct shapes for
     # cuda_graphs and compile); 0 = with cuda_graphs 128 for fine-tuning and 64 for
     # pretraining, else no extra padding

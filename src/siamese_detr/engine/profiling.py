@@ -4,9 +4,10 @@ A host read is any place where Python needs a tensor's values: ``item()``, ``boo
 ``int(t)``/``float(t)`` (all reach ``aten::_local_scalar_dense``), ``tolist()``, ``numpy()``,
 ``cpu()`` and ``to("cpu")``, and the ops whose output size depends on the values, which read
 that size back on a GPU (``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave``
-without ``output_size``, indexing with a boolean mask, ``equal``). On a GPU each one waits for the device to drain its queue, so a
-training step should have at most one. On the CPU they cost nothing, but counting them here
-tells what the same code would do on a GPU, which is what the tests and ``bench/`` use.
+without ``output_size``, indexing with a boolean mask, ``equal``). On a GPU each one waits
+for the device to drain its queue, so a training step should have at most one. On the CPU
+they cost nothing, but counting them here tells what the same code would do on a GPU, which is
+what the tests and ``bench/`` use.
 
 Two rules keep a CPU count equal to what a GPU run would pay:
 
@@ -44,11 +45,9 @@ def _reads_back(func: Any, args: tuple, kwargs: dict) -> bool:
     name = func.overloadpacket.__name__
     if name in _DATA_DEPENDENT:
         return True
-    if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and len(args) < 2:
-        return kwargs.get("output_size") is None  # repeats given as a tensor
-    if name == "repeat_interleave" and isinstance(args[1] if len(args) > 1 else None,
-                                                  torch.Tensor):
-        return kwargs.get("output_size") is None
+    if name == "repeat_interleave":  # repeats as a tensor: the output size is their sum
+        tensor_repeats = len(args) == 1 or isinstance(args[1], torch.Tensor)
+        return tensor_repeats and kwargs.get("output_size") is None
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)

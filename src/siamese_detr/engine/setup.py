@@ -85,6 +85,8 @@ def prepare_training(task: nn.Module, cfg: RunConfig, dist_info: DistInfo, datas
         from siamese_detr.engine.compile import compile_transformers
 
         get_logger().info("torch.compile: %s", ", ".join(compile_transformers(task)))
+    if cfg.engine.cudnn_benchmark and dist_info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if cfg.engine.cuda_graphs:
         _enable_cuda_graphs(task, cfg, dist_info)
         if cfg.engine.compile and dist_info.device.type == "cuda":

@@ -785,3 +785,27 @@ def test_device_augmentation_inside_the_dense_part_equals_finishing_it_before(va
     assert len(inside) == len(before) == 6
     for a, b in zip(inside, before):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+
+
+def test_cudnn_benchmark_is_set_on_cuda_only(tmp_path, monkeypatch):
+    """``engine.cudnn_benchmark=true`` turns ``torch.backends.cudnn.benchmark`` on for a CUDA
+    run and leaves it alone on the CPU (and by default)."""
+    from dataclasses import replace
+
+    from siamese_detr.config import RunConfig
+    from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.engine.setup import prepare_training
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    base = RunConfig(output_dir=str(tmp_path))
+    on = replace(base, engine=EngineConfig(cudnn_benchmark=True, progress=False))
+    prepare_training(make_task("finetune", "vanilla"), on, hs.CPU, dataset_len=4,
+                     per_process_batch=2)
+    assert torch.backends.cudnn.benchmark is False  # ignored on the CPU
+    cuda = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    prepare_training(make_task("finetune", "vanilla"), replace(base, engine=EngineConfig(
+        progress=False)), cuda, dataset_len=4, per_process_batch=2)
+    assert torch.backends.cudnn.benchmark is False  # off by default
+    prepare_training(make_task("finetune", "vanilla"), on, cuda, dataset_len=4,
+                     per_process_batch=2)
+    assert torch.backends.cudnn.benchmark is True
