@@ -225,7 +225,7 @@ class Matching:
     ``tgt_idx`` indexing the batch's concatenated targets, for losses without Python loops.
     """
 
-    indices: list[Indices]
+    indices: Sequence[Indices]
     batch_idx: Tensor
     pred_idx: Tensor
     tgt_idx: Tensor
@@ -286,6 +286,25 @@ def _as_tensors(layers: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[Indic
             for per_image in layers]
 
 
+class _LazyIndices(Sequence[Indices]):
+    """``indices[l][b] = (pred_idx, tgt_idx)`` made into tensors when first read: the losses
+    use the flattened pairs on the device, so a training step never pays the two
+    ``torch.from_numpy`` per image and layer (192 host ops per Siamese step at batch 8)."""
+
+    def __init__(self, layers: list[list[tuple[np.ndarray, np.ndarray]]]) -> None:
+        self._layers = layers
+        self._done: dict[int, Indices] = {}
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, layer: int) -> Indices:  # type: ignore[override]
+        layer = range(len(self._layers))[layer]  # negative indices, range check
+        if layer not in self._done:
+            self._done[layer] = _as_tensors([self._layers[layer]])[0]
+        return self._done[layer]
+
+
 def solve_assignments(jobs: Sequence[MatchJob], extra: Tensor | None = None
                       ) -> tuple[list[list[Indices]], np.ndarray]:
     """Hungarian assignment of every layer of every job with ONE device-to-host transfer.
@@ -328,5 +347,5 @@ def match_all(jobs: Sequence[MatchJob], extra: Tensor | None = None
         n = int(np.prod(shape))
         b_idx, p_idx, t_idx = flat[offset : offset + n].view(shape).unbind(0)
         offset += n
-        out.append(Matching(_as_tensors(layers), b_idx, p_idx, t_idx))
+        out.append(Matching(_LazyIndices(layers), b_idx, p_idx, t_idx))
     return out, extra_host

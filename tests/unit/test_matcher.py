@@ -166,6 +166,10 @@ def test_all_layers_and_jobs_in_one_transfer_match_each_block_alone() -> None:
     with OpCounter() as c:
         matchings, _ = match_all(jobs)
     assert c.syncs == 1
+    # the per-image index tensors are made when read, not by every step (one from_numpy: the
+    # flattened pairs' upload)
+    assert c.op_names["lift_fresh"] + c.op_names["lift_fresh_copy"] <= 1
+    assert len(matchings[0]) == 3 and matchings[0][-1] is matchings[0][2]
     for job, matching in zip(jobs, matchings):
         starts = [0]
         for t in job.targets:
@@ -187,3 +191,25 @@ def test_all_layers_and_jobs_in_one_transfer_match_each_block_alone() -> None:
         got = [(layer, int(matching.batch_idx[layer, n]), int(matching.pred_idx[layer, n]),
                 int(matching.tgt_idx[layer, n])) for layer in range(L) for n in range(N)]
         assert sorted(got) == sorted(flat)
+
+
+def test_a_cost_computed_by_the_caller_matches_like_the_matcher_s_own() -> None:
+    """``MatchJob(cost=..., counts=...)``: the cost of ``HungarianMatcher.padded_cost`` (what
+    Siamese DETR's dense part computes inside its graph, every image with ``T`` targets) gives
+    the matching of the job that computes it from the targets."""
+    from siamese_detr.matcher import MatchJob, match_all
+
+    g = torch.Generator().manual_seed(5)
+    m = HungarianMatcher()
+    L, B, Q, T = 2, 3, 6, 4
+    logits = torch.randn(L, B, Q, 2, generator=g)
+    boxes = _random_boxes(L * B * Q, g).view(L, B, Q, 4)
+    targets = _targets([T] * B, 1, g)
+    cost = m.padded_cost(logits, boxes, torch.stack([t.labels for t in targets]),
+                         torch.stack([t.boxes for t in targets]))
+    (own, given), _ = match_all([MatchJob(m, logits, boxes, targets),
+                                 MatchJob(m, logits, boxes, [], cost=cost, counts=[T] * B)])
+    for name in ("batch_idx", "pred_idx", "tgt_idx"):
+        assert torch.equal(getattr(own, name), getattr(given, name))
+    assert [[(p.tolist(), t.tolist()) for p, t in layer] for layer in own] == \
+        [[(p.tolist(), t.tolist()) for p, t in layer] for layer in given]
