@@ -201,13 +201,17 @@ class SiameseDETR(GraphableTask, nn.Module):
         """Names and weights of :meth:`losses`' ``raw`` terms: the criterion's, then
         ``loss_region`` and ``loss_global`` where they are computed."""
         names, weights = self.criterion.term_names(num_layers)
-        for on, name, weight in (
-                (region, "loss_region", self.opts.weight_region),
-                (global_, "loss_global", self.opts.weight_global)):
-            if on:
-                names.append(name)
-                weights.append(weight)
+        for name, weight in self._extra_terms(region, global_):
+            names.append(name)
+            weights.append(weight)
         return names, weights
+
+    def _extra_terms(self, region: bool, global_: bool) -> list[tuple[str, float]]:
+        """``(name, weight)`` of ``L_r`` and ``L_g`` where they are computed, in ``raw``
+        order."""
+        return [(name, weight) for on, name, weight in (
+            (region, "loss_region", self.opts.weight_region),
+            (global_, "loss_global", self.opts.weight_global)) if on]
 
     def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
                            capture: Capture | None = None, shared_pool: bool = True) -> None:
@@ -427,11 +431,9 @@ class SiameseDETR(GraphableTask, nn.Module):
         """Add ``weight_region * L_r`` and ``weight_global * L_g`` to the localisation loss;
         logged as ``loss_region`` and ``loss_global``."""
         total, raw_all = self._add_extra(total, raw, reg, glob)
-        for on, name, weight in ((reg is not None, "loss_region", self.opts.weight_region),
-                                 (glob is not None, "loss_global", self.opts.weight_global)):
-            if on:
-                names.append(name)
-                weights.append(weight)
+        for name, weight in self._extra_terms(reg is not None, glob is not None):
+            names.append(name)
+            weights.append(weight)
         return LossOutput(total=total, names=names, weights=weights, raw=raw_all)
 
     def _add_extra(self, total: Tensor, raw: list[Tensor], reg: Tensor | None,
