@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 8's changes on a GPU (bench/GPU_RUN.md): Siamese DETR's losses as a second CUDA graph
 # (the matching cost inside the dense graph), the criterion's GIoU loss without torchvision's
-# host read (fine-tuning too), a failed capture's reset. One device call of at most 8.7
+# host read (fine-tuning too), a failed capture's reset. One device call of at most 8.9
 # minutes (usually about 6); carry .gpu/whl. Steps in order of importance, each writing its
 # own file. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next5.sh
@@ -17,8 +17,8 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
     --channels-last --cudnn-benchmark --batch 8 --size 480x480 --warmup 3 --steps 5 --variants detr,conditional \
     --out "$OUT/b8.json" $SMALL
   echo "1 rc=$?"
-  echo "== 2: where the time goes (phases), DETR at batch 8"
-  timeout 50 python bench/bench_phases.py --variant detr --batch 8 --size 480x480 \
+  echo "== 2: where the time goes (phases), DETR at batch 8, losses graph on and off"
+  timeout 65 python bench/bench_phases.py --variant detr --batch 8 --size 480x480 \
     --out "$OUT/phases_detr_b8.json" ${EXTRA:+--device cpu --small --warmup 1 --steps 1 \
     --batch 2 --size 64x96}
   echo "2 rc=$?"
