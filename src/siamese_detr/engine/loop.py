@@ -391,21 +391,26 @@ class LoaderWatch:
 
 class _GraphCounts:
     """``engine.cuda_graphs`` in the log: graphs held and the share of the steps since the
-    last log that ran from a graph (nothing when the task has no graphs)."""
+    last log that ran from a graph (nothing when the task has no graphs); for Siamese DETR's
+    second graphed part, its losses, ``losses_graphed_share`` too."""
 
-    def __init__(self, dense: Any) -> None:
-        self.dense = dense
-        self.last = (0, 0)
+    def __init__(self, dense: Any, losses: Any = None) -> None:
+        self.parts = [(p, part) for p, part in (("", dense), ("losses_", losses))
+                      if part is not None]
+        self.last = {p: (0, 0) for p, _ in self.parts}
 
     def read(self) -> dict[str, float]:
-        if self.dense is None:
-            return {}
-        stats = self.dense.stats()
-        graphed, eager = stats["graphed_calls"], stats["eager_calls"]
-        g, e = graphed - self.last[0], eager - self.last[1]
-        self.last = (graphed, eager)
-        return {"cuda_graphs": float(stats["graphs"]),
-                "graphed_share": g / (g + e) if g + e else 0.0}
+        out: dict[str, float] = {}
+        for prefix, part in self.parts:
+            stats = part.stats()
+            graphed, eager = stats["graphed_calls"], stats["eager_calls"]
+            g, e = graphed - self.last[prefix][0], eager - self.last[prefix][1]
+            self.last[prefix] = (graphed, eager)
+            if not prefix:
+                out["cuda_graphs"] = float(stats["graphs"])
+            if g + e or not prefix:
+                out[f"{prefix}graphed_share"] = g / (g + e) if g + e else 0.0
+        return out
 
 
 def train(
@@ -480,7 +485,7 @@ def train(
                 nonfinite.observe(False, bad_step, terms, ids)
         return nonfinite.exhausted
 
-    graph_counts = _GraphCounts(getattr(raw, "_dense", None))
+    graph_counts = _GraphCounts(getattr(raw, "_dense", None), getattr(raw, "_losses", None))
     loader_watch = LoaderWatch(loader_hint)
     task.train()
     with _StopFlag() as stop:

@@ -417,6 +417,10 @@ def test_graphed_training_equals_eager_training(variant, kind, tmp_path):
 
             last = read_jsonl(tmp_path / "True" / "metrics.jsonl")[-1]
             assert last["cuda_graphs"] == 1 and last["graphed_share"] == 1.0
+            if _has_loss_graph(kind):  # the losses' graph is logged too
+                assert last["losses_graphed_share"] == 1.0
+            else:
+                assert "losses_graphed_share" not in last
     changed = 0
     for eager, graphed in zip(*results):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
