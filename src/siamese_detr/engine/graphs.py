@@ -83,7 +83,8 @@ def _reset_capture_state(device: torch.device) -> None:
     outside graph capture". One small capture that ends well resets it."""
     try:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local, as the captures: the loader's pin-memory thread may allocate meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             torch.zeros(1, device=device).add_(1)
         del graph
     except Exception as e:  # noqa: BLE001 - the eager fallback goes on either way
