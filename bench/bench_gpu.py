@@ -506,59 +506,43 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
             makers["pretrain_2x"] = lambda dt: pretrain_step(ptask, popt2, sb, device, dt, True)
             params["pretrain_2x"] = trainable(ptask)
     if args.graphed and device.type == "cuda":
-        _, (gmodel, gcrit), gopt = build_ours(variant, device)
-        gmodel.load_state_dict(model.state_dict())
-        makers["ours_graphed"] = lambda dt: graphed_step(gmodel, gcrit, gopt, images, targets,
-                                                         device, dt)
-        params["ours_graphed"] = trainable(gmodel)
-        if not args.no_pretrain:
-            _, gtask, gpopt = build_pretrain(variant, device, args.crop)
-            gtask.load_state_dict(task.state_dict())
-            makers["pretrain_graphed"] = lambda dt: pretrain_graphed_step(gtask, gpopt, sb,
-                                                                          device, dt)
-            params["pretrain_graphed"] = trainable(gtask)
-        if args.augment_on_device and not args.no_pretrain:  # the default GPU pretraining
-            _, atask, apopt = build_pretrain(variant, device, args.crop)
-            atask.load_state_dict(task.state_dict())
-            makers["pretrain_aug_graphed"] = lambda dt: pretrain_graphed_step(atask, apopt, sbc,
-                                                                              device, dt)
-            params["pretrain_aug_graphed"] = trainable(atask)
-        if args.channels_last and not args.no_pretrain:  # model.backbone.channels_last
-            _, ctask, cpopt = build_pretrain(variant, device, args.crop, channels_last=True)
-            ctask.load_state_dict(task.state_dict())
-            makers["pretrain_graphed_cl"] = lambda dt: pretrain_graphed_step(ctask, cpopt, sb,
-                                                                             device, dt)
-            params["pretrain_graphed_cl"] = trainable(ctask)
-        if args.losses_ab and not args.no_pretrain:  # the losses after the matching eager
-            _, etask, epopt = build_pretrain(variant, device, args.crop)
-            etask.load_state_dict(task.state_dict())
-            makers["pretrain_graphed_dense_only"] = lambda dt: pretrain_graphed_step(
-                etask, epopt, sb, device, dt, losses_graph=False)
-            params["pretrain_graphed_dense_only"] = trainable(etask)
+        def ours_row(name: str, wrap: Callable[[Step], Step] = lambda st: st,
+                     **build: Any) -> None:
+            """A graphed fine-tuning row: a copy of ``model`` built with ``build``."""
+            _, (m, c), o = build_ours(variant, device, **build)
+            m.load_state_dict(model.state_dict())
+            makers[name] = lambda dt: wrap(graphed_step(m, c, o, images, targets, device, dt))
+            params[name] = trainable(m)
+
+        def pretrain_row(name: str, batch: Any = None, losses_graph: bool = True,
+                         wrap: Callable[[Step], Step] = lambda st: st, **build: Any) -> None:
+            """A graphed pretraining row: a copy of ``task`` built with ``build``, on
+            ``batch`` (default: the finished float batch)."""
+            _, t, o = build_pretrain(variant, device, args.crop, **build)
+            t.load_state_dict(task.state_dict())
+            on = sb if batch is None else batch
+            makers[name] = lambda dt: wrap(pretrain_graphed_step(t, o, on, device, dt,
+                                                                 losses_graph))
+            params[name] = trainable(t)
+
+        pretraining = not args.no_pretrain
+        ours_row("ours_graphed")
+        if pretraining:
+            pretrain_row("pretrain_graphed")
+            if args.augment_on_device:  # the default GPU pretraining
+                pretrain_row("pretrain_aug_graphed", batch=sbc)
+            if args.channels_last:  # model.backbone.channels_last
+                pretrain_row("pretrain_graphed_cl", channels_last=True)
+            if args.losses_ab:  # the losses after the matching eager
+                pretrain_row("pretrain_graphed_dense_only", losses_graph=False)
         if args.cudnn_benchmark:  # engine.cudnn_benchmark: the graphs captured with it on
-            _, (bmodel, bcrit), bopt = build_ours(variant, device)
-            bmodel.load_state_dict(model.state_dict())
-            makers["ours_graphed_cudnn"] = lambda dt: cudnn_benchmarked(graphed_step(
-                bmodel, bcrit, bopt, images, targets, device, dt))
-            params["ours_graphed_cudnn"] = trainable(bmodel)
-            if not args.no_pretrain:
-                _, btask, bpopt = build_pretrain(variant, device, args.crop)
-                btask.load_state_dict(task.state_dict())
-                makers["pretrain_graphed_cudnn"] = lambda dt: cudnn_benchmarked(
-                    pretrain_graphed_step(btask, bpopt, sb, device, dt))
-                params["pretrain_graphed_cudnn"] = trainable(btask)
+            ours_row("ours_graphed_cudnn", wrap=cudnn_benchmarked)
+            if pretraining:
+                pretrain_row("pretrain_graphed_cudnn", wrap=cudnn_benchmarked)
         if args.fold_ab:  # the same graphed steps with the batch norms left unfolded
-            _, (umodel, ucrit), uopt = build_ours(variant, device, fold=False)
-            umodel.load_state_dict(model.state_dict())
-            makers["ours_graphed_unfolded"] = lambda dt: graphed_step(umodel, ucrit, uopt,
-                                                                      images, targets, device, dt)
-            params["ours_graphed_unfolded"] = trainable(umodel)
-            if not args.no_pretrain:
-                _, utask, upopt = build_pretrain(variant, device, args.crop, fold=False)
-                utask.load_state_dict(task.state_dict())
-                makers["pretrain_graphed_unfolded"] = lambda dt: pretrain_graphed_step(
-                    utask, upopt, sb, device, dt)
-                params["pretrain_graphed_unfolded"] = trainable(utask)
+            ours_row("ours_graphed_unfolded", fold=False)
+            if pretraining:
+                pretrain_row("pretrain_graphed_unfolded", fold=False)
     for dtype in dtypes:
         steps: dict[str, Step] = {}
         for k, make in makers.items():

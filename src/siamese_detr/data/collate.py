@@ -12,7 +12,8 @@ from torch import Tensor
 
 from siamese_detr.structures import BoxTargets, ImageBatch
 
-__all__ = ["pad_images", "collate_detection", "pad_to_multiple", "padded_size", "stack_batch"]
+__all__ = ["pad_images", "collate_detection", "pad_to_multiple", "padded_size", "padding_mask",
+           "stack_batch"]
 
 
 def pad_images(images: Sequence[Tensor]) -> ImageBatch:
@@ -49,6 +50,16 @@ def pad_images(images: Sequence[Tensor]) -> ImageBatch:
         mask[i].fill_(True)
         mask[i, :h, :w] = False
     return ImageBatch(images=batch, mask=mask, sizes=sizes.to(ref.device))
+
+
+def padding_mask(sizes: Tensor, hw: tuple[int, int]) -> Tensor:
+    """``[B, H, W]`` bool, True on padding: outside each image's unpadded ``sizes [B, 2]``
+    ``(h, w)`` in a batch padded to ``hw`` (the mask :func:`pad_images` makes), on ``sizes``'
+    device, with no host read."""
+    H, W = hw
+    rows = torch.arange(H, device=sizes.device).view(1, H, 1) >= sizes[:, 0].view(-1, 1, 1)
+    cols = torch.arange(W, device=sizes.device).view(1, 1, W) >= sizes[:, 1].view(-1, 1, 1)
+    return rows | cols
 
 
 def stack_batch(tensors: Sequence[Tensor]) -> Tensor:

@@ -34,6 +34,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _HOST_READ_METHODS = {"tolist", "numpy", "cpu"}
+# calls that make a tensor from host data: on a GPU each is a host-to-device copy, which a
+# CUDA graph cannot replay (it would copy from a host buffer that is gone)
+_UPLOAD_FUNCTIONS = {"tensor", "as_tensor", "from_numpy", "pin_memory"}
 # aten ops that read values back on a GPU: the size of their output depends on the data (or,
 # for ``equal``, their result is a host bool); not seen through ``_local_scalar_dense``
 _DATA_DEPENDENT = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
@@ -52,9 +55,6 @@ def _reads_back(func: Any, args: tuple, kwargs: dict) -> bool:
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
     return False
-# calls that make a tensor from host data: on a GPU each is a host-to-device copy, which a
-# CUDA graph cannot replay (it would copy from a host buffer that is gone)
-_UPLOAD_FUNCTIONS = {"tensor", "as_tensor", "from_numpy", "pin_memory"}
 
 
 def _is_host_target(args: tuple, kwargs: dict) -> bool:

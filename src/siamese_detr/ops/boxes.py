@@ -10,12 +10,12 @@ from torch import Tensor
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
 __all__ = [
-    "paired_generalized_box_iou_loss",
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
     "box_iou",
     "generalized_box_iou",
     "batched_generalized_box_iou",
+    "paired_generalized_box_iou_loss",
     "normalize_xyxy",
     "denormalize_cxcywh",
     "clip_xyxy",

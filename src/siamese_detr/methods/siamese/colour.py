@@ -29,6 +29,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from torch import Tensor
 
+from siamese_detr.data.collate import padding_mask
 from siamese_detr.structures import device_constant, imagenet_normalise
 
 __all__ = ["NUM_COLOUR_PARAMS", "apply_colour_pil", "colour_augment", "colour_augment_tensor",
@@ -192,9 +193,7 @@ def colour_augment_tensor(x: Tensor, params: Tensor, sizes: Tensor | None = None
     if sizes is not None:
         sizes = sizes.to(x.device)
         H, W = x.shape[-2:]
-        valid = ((torch.arange(H, device=x.device)[None, :, None] < sizes[:, :1, None])
-                 & (torch.arange(W, device=x.device)[None, None, :] < sizes[:, None, 1:]))
-        valid = valid[:, None].to(x.dtype)  # [N, 1, H, W]
+        valid = (~padding_mask(sizes, (H, W)))[:, None].to(x.dtype)  # [N, 1, H, W]
         count = sizes.prod(1).to(x.dtype).view(-1, 1, 1, 1)
     k = (order == 3).long().argmax(1)  # blends before the hue rotation
     slots = torch.arange(3, device=x.device)[None]  # [1, 3]

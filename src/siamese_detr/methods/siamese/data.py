@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from siamese_detr.config import ProposalReadConfig, RunConfig, SiameseOptions
 from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
-from siamese_detr.data.collate import pad_images
+from siamese_detr.data.collate import pad_images, padding_mask
 from siamese_detr.data.images import IMAGE_ERRORS, load_rgb
 from siamese_detr.errors import ConfigError
 from siamese_detr.methods.siamese.colour import (
@@ -34,7 +34,6 @@ from siamese_detr.methods.siamese.views import (
     DeferredAugment,
     SiameseSample,
     normalise_uint8,
-    render_views,
     sample_views,
 )
 from siamese_detr.structures import ImageBatch, imagenet_normalise
@@ -210,13 +209,11 @@ class SiameseBatch:
         d = self.deferred
         if d is None or d.source is None:
             return self
-        assert d.source_sizes is not None and d.rects is not None
         mask, sizes = self.view1.mask, self.view1.sizes
-        views = render_views(d.source, d.source_sizes, d.rects, sizes,
-                             (int(mask.shape[-2]), int(mask.shape[-1])))
+        views = d.render(sizes, (int(mask.shape[-2]), int(mask.shape[-1])))
         return replace(self, view1=ImageBatch(views[:, 0], mask, sizes),
                        view2=ImageBatch(views[:, 1], self.view2.mask, self.view2.sizes),
-                       deferred=DeferredAugment(d.view_colour, d.crop_colour, d.crop_size))
+                       deferred=d.without_source())
 
     def joint_raw(self, crops: bool = True
                   ) -> tuple[ImageBatch, Tensor, Tensor, Tensor | None, int]:
@@ -365,9 +362,8 @@ def _placeholder_views(sizes: Tensor) -> ImageBatch:
     """The views of a batch the device renders: their mask (True on padding) and ``(H, W)``
     ``sizes``, with ``[B, 3, 0, 0]`` images until :meth:`SiameseBatch.rendered`."""
     H, W = (int(v) for v in sizes.max(dim=0).values)
-    rows = torch.arange(H).view(1, H, 1) >= sizes[:, 0].view(-1, 1, 1)
-    cols = torch.arange(W).view(1, 1, W) >= sizes[:, 1].view(-1, 1, 1)
-    return ImageBatch(torch.zeros(len(sizes), 3, 0, 0, dtype=torch.uint8), rows | cols, sizes)
+    return ImageBatch(torch.zeros(len(sizes), 3, 0, 0, dtype=torch.uint8),
+                      padding_mask(sizes, (H, W)), sizes)
 
 
 def _split(batch: ImageBatch, n: int) -> tuple[ImageBatch, ImageBatch]:

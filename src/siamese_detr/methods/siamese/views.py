@@ -28,6 +28,7 @@ from torch import Tensor
 
 from siamese_detr.config import SiameseOptions
 from siamese_detr.constants import IMAGENET_MEAN, IMAGENET_STD
+from siamese_detr.data.collate import padding_mask
 from siamese_detr.data.transforms import get_size
 from siamese_detr.methods.siamese.colour import (
     NUM_COLOUR_PARAMS,
@@ -83,12 +84,10 @@ class SiameseSample:
         d = self.deferred
         if d is None or d.source is None:
             return self
-        assert d.source_sizes is not None and d.rects is not None and d.view_size is not None
+        assert d.view_size is not None
         hw = (int(d.view_size[0]), int(d.view_size[1]))
-        views = render_views(d.source[None], d.source_sizes[None], d.rects[None],
-                             d.view_size[None], hw)[0]
-        return replace(self, view1=views[0], view2=views[1],
-                       deferred=DeferredAugment(d.view_colour, d.crop_colour, d.crop_size))
+        views = d._map(lambda t: t[None]).render(d.view_size[None], hw)[0]
+        return replace(self, view1=views[0], view2=views[1], deferred=d.without_source())
 
 
 @dataclass
@@ -127,6 +126,17 @@ class DeferredAugment:
         return DeferredAugment(fn(self.view_colour), each(self.crop_colour), self.crop_size,
                                each(self.source), each(self.source_sizes), each(self.rects),
                                each(self.view_size))
+
+    def render(self, sizes: Tensor, pad_hw: tuple[int, int]) -> Tensor:
+        """Both views of every sample, ``[B, 2, 3, H_pad, W_pad]`` uint8, rendered from the
+        batched ``source`` (:func:`render_views`); ``sizes [B, 2]``: the views' ``(H, W)``."""
+        assert self.source is not None and self.source_sizes is not None
+        assert self.rects is not None
+        return render_views(self.source, self.source_sizes, self.rects, sizes, pad_hw)
+
+    def without_source(self) -> DeferredAugment:
+        """What is left for the training step once the views are rendered: the colours."""
+        return DeferredAugment(self.view_colour, self.crop_colour, self.crop_size)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> DeferredAugment:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -463,8 +473,7 @@ def render_views(sources: Tensor, source_sizes: Tensor, rects: Tensor, sizes: Te
                         align_corners=False)  # [B, 3, K*H, W]
     out = torch.round(out).clamp(0.0, 255.0).to(torch.uint8)
     out = out.view(B, 3, K, H, W).transpose(1, 2)
-    inside = ((rows.view(1, H, 1) < sizes[:, 0].view(B, 1, 1))
-              & (cols.view(1, 1, W) < sizes[:, 1].view(B, 1, 1)))  # [B, H, W]
+    inside = ~padding_mask(sizes.to(dev), (H, W))  # [B, H, W]
     return (out * inside[:, None, None].to(torch.uint8)).contiguous()
 
 
