@@ -190,19 +190,22 @@ def trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _fold(cfg: Any, fold: bool, channels_last: bool = False) -> Any:
-    """``cfg`` with ``model.backbone.fold_frozen_bn=fold`` and ``.channels_last`` (where the
-    fields exist)."""
+def _fold(cfg: Any, fold: bool, channels_last: bool = False, fused: bool = False) -> Any:
+    """``cfg`` with ``model.backbone.fold_frozen_bn=fold``, ``.channels_last`` and
+    ``.fused_conv_relu`` (where the fields exist)."""
     if not hasattr(cfg.model.backbone, "fold_frozen_bn"):
         return cfg
     backbone = replace(cfg.model.backbone, fold_frozen_bn=fold)
     if channels_last:
         backbone = replace(backbone, channels_last=True)
+    if fused:
+        backbone = replace(backbone, fused_conv_relu=True)
     return replace(cfg, model=replace(cfg.model, backbone=backbone))
 
 
-def build_ours(variant: str, device: torch.device, fold: bool = True) -> tuple[Any, Any, Any]:
-    cfg = _fold(get_preset(VARIANTS[variant][0]), fold)
+def build_ours(variant: str, device: torch.device, fold: bool = True, channels_last: bool = False,
+               fused: bool = False) -> tuple[Any, Any, Any]:
+    cfg = _fold(get_preset(VARIANTS[variant][0]), fold, channels_last, fused)
     model = build_detector(cfg.model, num_logits(cfg.model, cfg.loss)).to(device)
     criterion = build_criterion(cfg.model, cfg.loss).to(device)
     optim_cfg = replace(cfg.optim, lr=LR, lr_backbone=LR_BACKBONE, weight_decay=WD)
@@ -210,10 +213,10 @@ def build_ours(variant: str, device: torch.device, fold: bool = True) -> tuple[A
 
 
 def build_pretrain(variant: str, device: torch.device, crop: int | None, fold: bool = True,
-                   channels_last: bool = False) -> tuple[Any, Any, Any]:
+                   channels_last: bool = False, fused: bool = False) -> tuple[Any, Any, Any]:
     from siamese_detr.methods.siamese.task import build_siamese_task
 
-    cfg = _fold(get_preset(VARIANTS[variant][1]), fold, channels_last)
+    cfg = _fold(get_preset(VARIANTS[variant][1]), fold, channels_last, fused)
     model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=""))
     siamese = cfg.pretrain.siamese
     if crop is not None:
@@ -535,6 +538,12 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
                 pretrain_row("pretrain_graphed_cl", channels_last=True)
             if args.losses_ab:  # the losses after the matching eager
                 pretrain_row("pretrain_graphed_dense_only", losses_graph=False)
+        if args.fused_conv:  # model.backbone.fused_conv_relu, alone and with channels_last
+            ours_row("ours_graphed_fused", fused=True)
+            ours_row("ours_graphed_cl_fused", channels_last=True, fused=True)
+            if pretraining:
+                pretrain_row("pretrain_graphed_fused", fused=True)
+                pretrain_row("pretrain_graphed_cl_fused", channels_last=True, fused=True)
         if args.cudnn_benchmark:  # engine.cudnn_benchmark: the graphs captured with it on
             ours_row("ours_graphed_cudnn", wrap=cudnn_benchmarked)
             if pretraining:
@@ -616,6 +625,11 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
         ("pretrain_graphed", "pretrain_graphed_dense_only"),
         ("ours_graphed_cudnn", "ours_graphed"), ("pretrain_graphed_cudnn", "pretrain_graphed"),
         ("pretrain_graphed_dense_only", "ours_graphed"),
+        ("ours_graphed_fused", "ours_graphed"), ("ours_graphed_cl_fused", "ours_graphed"),
+        ("pretrain_graphed_fused", "pretrain_graphed"),
+        ("pretrain_graphed_cl_fused", "pretrain_graphed"),
+        ("pretrain_graphed_fused", "ours_graphed_fused"),
+        ("pretrain_graphed_cl_fused", "ours_graphed_cl_fused"),
         ("pretrain_graphed", "ours_graphed"), ("pretrain_graphed", "pretrain")]
     for a, b in pairs:
         if a in rows and b in rows:
@@ -685,6 +699,10 @@ def main() -> None:
     ap.add_argument("--augment-on-device", action="store_true",
                     help="also time the pretraining step on the loader output of "
                          "augment_on=device (crops cut, crops and views coloured in the step)")
+    ap.add_argument("--fused-conv", action="store_true",
+                    help="with --graphed: also the graphed steps with model.backbone."
+                         "fused_conv_relu (cuDNN's fused convolutions for the frozen units), "
+                         "alone and with channels_last (*_graphed_fused, *_graphed_cl_fused)")
     ap.add_argument("--channels-last", action="store_true",
                     help="also time our step with the backbone in channels_last (and, with "
                          "--graphed, the graphed pretraining step: pretrain_graphed_cl)")

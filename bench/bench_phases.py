@@ -137,8 +137,8 @@ def build_steps(args: argparse.Namespace, device: torch.device
         targets = bg.make_targets(b, cfg.model.num_classes, device)
         return PhaseStep(task, opt, (images, targets), device, args.dtype)
 
-    def pretrain(graphed: bool, losses_graph: bool = True) -> PhaseStep:
-        cfg, task, opt = bg.build_pretrain(args.variant, device, args.crop)
+    def pretrain(graphed: bool, losses_graph: bool = True, **build: Any) -> PhaseStep:
+        cfg, task, opt = bg.build_pretrain(args.variant, device, args.crop, **build)
         if graphed:
             task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
             if not losses_graph:
@@ -153,6 +153,9 @@ def build_steps(args: argparse.Namespace, device: torch.device
         makers["ours_graphed"] = lambda: finetune(True)
         makers["pretrain_graphed"] = lambda: pretrain(True)
         makers["pretrain_graphed_dense_only"] = lambda: pretrain(True, losses_graph=False)
+        # the frozen trunk as cuDNN's fused convolutions, in channels-last memory
+        makers["pretrain_graphed_cl_fused"] = lambda: pretrain(True, channels_last=True,
+                                                               fused=True)
     return makers
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Session 8's changes on a GPU (bench/GPU_RUN.md): Siamese DETR's losses as a second CUDA graph
+# Sessions 8 and 9 on a GPU (bench/GPU_RUN.md): Siamese DETR's losses as a second CUDA graph
 # (the matching cost inside the dense graph), the criterion's GIoU loss without torchvision's
-# host read (fine-tuning too), a failed capture's reset. One device call of at most 8.9
-# minutes (usually about 6); carry .gpu/whl. Steps in order of importance, each writing its
+# host read (fine-tuning too), a failed capture's reset; cuDNN's fused convolutions for the
+# frozen trunk (session 9). One device call of at most 9.4 minutes (usually about 6-7); carry
+# .gpu/whl; run it with timeout_s=600. Steps in order of importance, each writing its
 # own file. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next5.sh
 source bench/gpu_env.sh
@@ -10,15 +11,16 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
 {
   echo "== 0: real graphs of the Siamese steps (dense part + losses) against eager, and a"
   echo "   failed capture's aftermath"
-  timeout 60 python -m pytest -q -x -p no:cacheprovider -m gpu \
-    -k "pretrain or failed_capture" tests/unit/engine/test_cuda_graphs.py; echo "0 rc=$?"
+  echo "   and cuDNN's fused convolutions for the frozen trunk (model.backbone.fused_conv_relu)"
+  timeout 90 python -m pytest -q -p no:cacheprovider -m gpu -k "pretrain or failed_capture or fused" \
+    tests/unit/engine/test_cuda_graphs.py tests/unit/models/test_backbone.py; echo "0 rc=$?"
   echo "== 1: graphed steps at the per-GPU paper batch, losses graph on and off"
-  timeout 150 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
-    --channels-last --cudnn-benchmark --batch 8 --size 480x480 --warmup 3 --steps 5 --variants detr,conditional \
+  timeout 170 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
+    --channels-last --fused-conv --batch 8 --size 480x480 --warmup 3 --steps 5 --variants detr,conditional \
     --out "$OUT/b8.json" $SMALL
   echo "1 rc=$?"
   echo "== 2: where the time goes (phases), DETR at batch 8, losses graph on and off"
-  timeout 65 python bench/bench_phases.py --variant detr --batch 8 --size 480x480 \
+  timeout 80 python bench/bench_phases.py --variant detr --batch 8 --size 480x480 \
     --out "$OUT/phases_detr_b8.json" ${EXTRA:+--device cpu --small --warmup 1 --steps 1 \
     --batch 2 --size 64x96}
   echo "2 rc=$?"
@@ -27,7 +29,7 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   timeout 150 $B --no-pretrain-2x --graphed --losses-ab --quick --out "$OUT/b2.json" $SMALL
   echo "3 rc=$?"
   echo "== 4: the other GPU tests (fine-tuning, DETReg, UP-DETR graphs; Triton)"
-  timeout 100 python -m pytest -q -p no:cacheprovider -m gpu -k "not pretrain" tests
+  timeout 75 python -m pytest -q -p no:cacheprovider -m gpu -k "not pretrain and not fused" tests
   echo "4 rc=$?"
 } 2>&1 | grep -v "UserWarning\|return Variable\|USDT\|gpuGetDevice" | tee "$OUT/next5.log"
 python bench/targets.py "$OUT" | tee "$OUT/targets.txt"  # issue 13's verdicts

@@ -12,7 +12,8 @@ speeds differ (docs/benchmarks.md section 2). Targets (issue 13, acceptance):
 * ``bf16``: bf16 at least 1.3x faster than fp32, per step kind (eager fine-tuning, graphed
   fine-tuning, ...) and fastest bf16 against fastest fp32;
 * ``pretrain``: the pretraining step at most 1.5x the fine-tuning step of the same detector,
-  batch, size and precision (eager against eager, graphed against graphed);
+  batch, size and precision (eager against eager, graphed against graphed, and graphed with
+  the same backbone options: ``*_graphed_fused``, ``*_graphed_cl_fused``);
 * ``loader``: the pretraining loader (``augment on device`` rows) at least 4x the GPU's demand:
   the fastest pretraining step's images/s at the presets' per-GPU batch (at least 4), graphed
   steps included, when both are in the inputs.
@@ -95,7 +96,10 @@ def step_targets(rows: list[dict[str, Any]], source: str) -> list[Verdict]:
         for dtype in ("fp32", "bf16"):
             for pre, fine in (("pretrain", "ours"), ("pretrain_graphed", "ours_graphed"),
                               ("pretrain_aug", "ours"),
-                              ("pretrain_aug_graphed", "ours_graphed")):
+                              ("pretrain_aug_graphed", "ours_graphed"),
+                              # both steps with model.backbone.fused_conv_relu (+ channels_last)
+                              ("pretrain_graphed_fused", "ours_graphed_fused"),
+                              ("pretrain_graphed_cl_fused", "ours_graphed_cl_fused")):
                 p, f = ms.get((*at, dtype, pre)), ms.get((*at, dtype, fine))
                 if p is not None and f is not None:
                     out.append(Verdict("pretrain", f"{pre} / {fine}, {dtype}, {where}", p / f,

@@ -35,8 +35,16 @@ class BackboneConfig:
     # run the ResNet in the channels-last memory format (cuDNN's bf16 convolutions are NHWC:
     # saves its layout conversions; not measured to pay yet, see docs/benchmarks.md)
     channels_last: bool = False
+    # on CUDA, run each frozen folded convolution with its bias, residual add and ReLU as one
+    # cuDNN fused call (no backward: only where no gradient flows, e.g. the whole frozen
+    # pretraining trunk, the stem and layer1 in fine-tuning); needs fold_frozen_bn; not
+    # measured to pay yet, see docs/benchmarks.md
+    fused_conv_relu: bool = False
 
     def __post_init__(self) -> None:
+        if self.fused_conv_relu and not self.fold_frozen_bn:
+            raise ConfigError("model.backbone.fused_conv_relu=true needs "
+                              "model.backbone.fold_frozen_bn=true (set both, or turn it off)")
         if self.weights_format == "safetensors" and self.weights and not self.weights.endswith(
             ".safetensors"
         ):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet34, resnet50
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from siamese_detr.config import ConfigError
 
@@ -203,8 +204,81 @@ def fold_frozen_bn(body: nn.Module) -> int:
     return done
 
 
+# cuDNN's fused convolutions (``model.backbone.fused_conv_relu``), looked up here at each call
+# so that the CPU tests can put reference implementations in their place:
+# relu(conv(x, w) + bias) and relu(conv(x, w) + alpha * z + bias)
+cudnn_conv_relu = torch.cudnn_convolution_relu
+cudnn_conv_add_relu = torch.cudnn_convolution_add_relu
+
+
+def _fusable(x: Tensor) -> bool:
+    """May frozen units run as cuDNN's fused convolutions on ``x``? On CUDA with cuDNN, when
+    no gradient is wanted through ``x`` (cuDNN's fused convolutions have no backward)."""
+    return (x.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def _unit_convs_fusable(convs: Sequence[nn.Module]) -> bool:
+    """Are these convolutions all folded (frozen), with zero padding given as numbers, and
+    none of their weights training right now?"""
+    return all(isinstance(c, FoldedConv2d) and c.padding_mode == "zeros"
+               and not isinstance(c.padding, str)
+               and not (torch.is_grad_enabled() and c.weight.requires_grad) for c in convs)
+
+
+def _fused_conv(conv: FoldedConv2d, x: Tensor, z: Tensor | None = None,
+                extra_bias: Tensor | None = None) -> Tensor:
+    """``relu(conv(x) + z)`` (``z`` optional) in one cuDNN call, with the folded weight and
+    bias (plus ``extra_bias``). cuDNN's fused ops are not in autocast's lists, so they are
+    given autocast's dtype here, as the convolution they replace would be."""
+    weight, bias = conv.folded()
+    if extra_bias is not None:
+        bias = bias + extra_bias
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    if z is None:
+        return cudnn_conv_relu(x, weight, bias, *geometry)
+    return cudnn_conv_add_relu(x, weight, z.to(dtype), 1.0, bias, *geometry)
+
+
+def _block_convs(block: nn.Module) -> list[nn.Module] | None:
+    """The convolutions of a torchvision ``BasicBlock`` / ``Bottleneck`` in order, the last
+    one being the one the residual is added to; None for another module."""
+    if not isinstance(block, BasicBlock | Bottleneck):
+        return None
+    return [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck) else [])
+
+
+def _fused_block(block: nn.Module, x: Tensor) -> Tensor | None:
+    """A frozen residual block as cuDNN fused convolutions: each convolution with its folded
+    batch norm and ReLU in one call, the last one with the residual added before its ReLU
+    (a downsampling convolution's folded bias joins the last one's). None when the block
+    cannot be fused (it trains, or is not a torchvision block)."""
+    convs = _block_convs(block)
+    down = getattr(block, "downsample", None)
+    extra = [] if down is None else list(down)
+    if convs is None or not _unit_convs_fusable(convs + extra[:1]):
+        return None
+    if down is not None and (len(extra) != 2 or not getattr(extra[1], "folded", False)):
+        return None
+    out = x
+    for conv in convs[:-1]:
+        out = _fused_conv(conv, out)
+    if down is None:
+        return _fused_conv(convs[-1], out, z=x)
+    dconv = extra[0]
+    weight, bias = dconv.folded()
+    identity = F.conv2d(x, weight, None, dconv.stride, dconv.padding, dconv.dilation,
+                        dconv.groups)
+    return _fused_conv(convs[-1], out, z=identity, extra_bias=bias)
+
+
 class _Body(nn.Module):
     """The ResNet trunk without ``avgpool``/``fc``; returns the requested stage outputs."""
+
+    fuse_conv_relu = False  # set by Backbone.use_fused_conv_relu
 
     def __init__(self, resnet: nn.Module, return_stages: Sequence[str]) -> None:
         super().__init__()
@@ -215,8 +289,20 @@ class _Body(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         out: list[Tensor] = []
+        fuse = self.fuse_conv_relu and _fusable(x)
+        stem_fused = False
         for name, module in self.named_children():
-            x = module(x)
+            if fuse and name == "conv1" and _unit_convs_fusable([module]) and getattr(
+                    self.bn1, "folded", False):
+                x, stem_fused = _fused_conv(module, x), True  # conv1 + bn1 + relu
+            elif stem_fused and name in ("bn1", "relu"):
+                pass
+            elif fuse and name.startswith("layer"):
+                for block in module:
+                    fused = _fused_block(block, x) if _fusable(x) else None
+                    x = block(x) if fused is None else fused
+            else:
+                x = module(x)
             if name in self.return_stages:
                 out.append(x)
         return out
@@ -309,6 +395,19 @@ class Backbone(nn.Module):
         come out channels-last."""
         self.channels_last = True
         self.body.to(memory_format=torch.channels_last)
+
+    def use_fused_conv_relu(self) -> None:
+        """Run the frozen, folded units (stem, residual blocks) of the trunk as cuDNN's fused
+        convolutions on CUDA, where no gradient flows through them
+        (``model.backbone.fused_conv_relu``): each convolution, its folded batch norm, the
+        residual add and the ReLU in one kernel, instead of a convolution, a broadcast bias
+        add over the whole activation map (PyTorch adds a convolution's bias after cuDNN), an
+        add and a ReLU. Same values up to rounding; nothing changes on the CPU. Needs the
+        folded batch norms (``fold_bn``)."""
+        if not self.fold_bn:
+            raise ConfigError("model.backbone.fused_conv_relu=true needs "
+                              "model.backbone.fold_frozen_bn=true")
+        self.body.fuse_conv_relu = True
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B, 3, H, W]`` -> per level ``[B, C_l, ceil(H/s_l), ceil(W/s_l)]``."""

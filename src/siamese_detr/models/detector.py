@@ -275,6 +275,8 @@ def build_detector(cfg: ModelConfig, num_logits: int,
                         fold_bn=b.fold_frozen_bn)
     if b.channels_last:
         backbone.use_channels_last()
+    if b.fused_conv_relu:
+        backbone.use_fused_conv_relu()
     if b.weights and b.weights != RANDOM_WEIGHTS:
         report = load_backbone_weights(backbone, b.weights, b.weights_format,
                                        allow_missing=b.allow_missing_keys)

@@ -675,6 +675,58 @@ def test_graphed_training_with_a_channels_last_backbone_equals_eager(kind, tmp_p
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["pretrain", "pretrain_aug", "finetune"])
+def test_real_cuda_graphs_with_fused_conv_relu(kind, tmp_path):
+    """``model.backbone.fused_conv_relu`` (cuDNN's fused convolution + bias + residual + ReLU
+    for the frozen units; off by default until this passes on a GPU): graphed training with it
+    trains like eager training with it, in bf16."""
+    dev = torch.device("cuda")
+    losses, weights, dense = _eager_then_graphed(
+        kind, "vanilla", make_batches(kind, 3), dev, None, tmp_path, "bf16",
+        setup=lambda task: task.detector.backbone.use_fused_conv_relu())
+    assert dense.graphed_calls == 3 and not dense.failed
+    tol = _tolerance(dev, "bf16")
+    torch.testing.assert_close(losses[1], losses[0], **tol)
+    for eager, graphed in zip(*weights):
+        torch.testing.assert_close(graphed, eager, **tol)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_graphed_training_with_fused_conv_relu_equals_eager(kind, tmp_path, monkeypatch):
+    """The CPU twin of the test above: the graph stand-in, and the fused ops replaced by what
+    they compute and taken on the CPU (where no gradient flows), counted."""
+    import torch.nn.functional as F
+
+    from siamese_detr.models import backbone as backbone_module
+
+    calls = {"n": 0}
+
+    def conv_relu(x, w, b, stride, padding, dilation, groups):
+        calls["n"] += 1
+        return F.conv2d(x, w, b, stride, padding, dilation, groups).relu()
+
+    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
+        calls["n"] += 1
+        return (F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z).relu()
+
+    monkeypatch.setattr(backbone_module, "cudnn_conv_relu", conv_relu)
+    monkeypatch.setattr(backbone_module, "cudnn_conv_add_relu", conv_add_relu)
+    monkeypatch.setattr(backbone_module, "_fusable",
+                        lambda x: not (torch.is_grad_enabled() and x.requires_grad))
+    losses, weights, _ = _eager_then_graphed(
+        kind, "vanilla", make_batches(kind, 3), torch.device("cpu"), EmulatedCapture(),
+        tmp_path, "none", setup=lambda task: task.detector.backbone.use_fused_conv_relu())
+    assert calls["n"] > 0
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for eager, graphed in zip(*weights):
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    unfused, _, _ = _eager_then_graphed(kind, "vanilla", make_batches(kind, 3),
+                                        torch.device("cpu"), None, tmp_path / "plain", "none")
+    torch.testing.assert_close(losses[0], unfused[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_real_failed_capture_leaves_random_ops_working():
     """A part that cannot be captured (boolean-mask indexing reads a size back) runs eagerly,
     and the process goes on: dropout after it, eager and in a new capture, still works (a

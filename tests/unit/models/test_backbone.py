@@ -335,3 +335,146 @@ def test_folds_inside_a_capture_come_from_multi_tensor_kernels(monkeypatch) -> N
     added = captured.ops - cached.ops
     assert 20 <= added < per_conv / 2, (added, per_conv)  # 20 weight multiplies + a few
     assert all(m._fold_now is None for m in folded.modules() if isinstance(m, FoldedConv2d))
+
+
+def _reference_fused_ops(monkeypatch: pytest.MonkeyPatch, fusable: bool = True
+                         ) -> dict[str, int]:
+    """cuDNN's fused convolutions replaced by what they compute (``relu(conv(x) + bias)``,
+    ``relu(conv(x) + alpha * z + bias)``), counting calls; with ``fusable`` the fused path is
+    taken on the CPU too (where no gradient flows, as on CUDA)."""
+    import torch.nn.functional as F
+
+    from siamese_detr.models import backbone as backbone_module
+
+    calls = {"relu": 0, "add_relu": 0}
+
+    def conv_relu(x, w, b, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
+        calls["relu"] += 1
+        return F.conv2d(x, w, b, stride, padding, dilation, groups).relu()
+
+    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
+        calls["add_relu"] += 1
+        return (F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z).relu()
+
+    monkeypatch.setattr(backbone_module, "cudnn_conv_relu", conv_relu)
+    monkeypatch.setattr(backbone_module, "cudnn_conv_add_relu", conv_add_relu)
+    if fusable:
+        monkeypatch.setattr(backbone_module, "_fusable",
+                            lambda x: not (torch.is_grad_enabled() and x.requires_grad))
+    return calls
+
+
+@pytest.mark.parametrize(("depth", "freeze", "relu", "add_relu"), [
+    (18, "all", 9, 8), (18, "stem+layer1", 3, 2), (18, "none", 0, 0),
+    (50, "all", 33, 16), (50, "stem+layer1", 7, 3)])
+def test_fused_conv_relu_same_values_and_gradients(monkeypatch, depth, freeze, relu, add_relu
+                                                   ) -> None:
+    """``model.backbone.fused_conv_relu``: every frozen unit, and only those, becomes fused
+    convolutions (the stem: one with ReLU; a residual block: one with ReLU per convolution
+    but the last, which adds the residual; ResNet-50 has 16 blocks, 3 in layer1), the
+    downsampling branches included; the features equal the plain backbone's, and so do the
+    gradients of the stages that train (fine-tuning: layer2-4 after a fused stem and
+    layer1)."""
+    calls = _reference_fused_ops(monkeypatch)
+    plain, fused = _pair(freeze, depth)
+    fused.use_fused_conv_relu()
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    outs = []
+    for model in (plain, fused):
+        feats = model(x)
+        if freeze != "all":
+            sum(f.square().mean() for f in feats).backward()
+        outs.append([f.detach() for f in feats])
+    assert calls == {"relu": relu, "add_relu": add_relu}
+    for p, f in zip(*outs):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5 * p.abs().max().item())
+    grads = [[p.grad for p in m.parameters() if p.requires_grad] for m in (plain, fused)]
+    assert len(grads[0]) == len(grads[1]) and (freeze == "all") == (not grads[0])
+    for p, f in zip(*grads):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-6 * p.abs().max().item())
+
+
+def test_fused_conv_relu_inside_a_capture(monkeypatch) -> None:
+    """Inside a CUDA graph capture the fused units read the folds ``fold_all`` recomputes for
+    that forward (the replays see the live weights): the same features."""
+    from siamese_detr.models import backbone as backbone_module
+
+    calls = _reference_fused_ops(monkeypatch)
+    plain, fused = _pair("all", 50)
+    fused.use_fused_conv_relu()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    monkeypatch.setattr(backbone_module, "_capturing", lambda: True)
+    with torch.no_grad():
+        for p, f in zip(plain(x), fused(x)):
+            torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5 * p.abs().max().item())
+    assert calls["relu"] == 33
+    assert all(c._fold_now is None for c in fused.modules() if hasattr(c, "_fold_now"))
+
+
+def test_fused_conv_relu_is_cuda_only_and_needs_the_folds(monkeypatch) -> None:
+    """On the CPU the option changes nothing (cuDNN's fused ops are never called); without
+    the folded batch norms it is refused, in the config and on the module, naming the key."""
+    from siamese_detr.config import BackboneConfig
+
+    calls = _reference_fused_ops(monkeypatch, fusable=False)
+    plain, fused = _pair("all")
+    fused.use_fused_conv_relu()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        for p, f in zip(plain(x), fused(x)):
+            torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5 * p.abs().max().item())
+    assert calls == {"relu": 0, "add_relu": 0}
+    with pytest.raises(ConfigError, match="fused_conv_relu=true needs model.backbone.fold"):
+        BackboneConfig(fused_conv_relu=True, fold_frozen_bn=False)
+    with pytest.raises(ConfigError, match="fold_frozen_bn=true"):
+        Backbone(18, (5,), freeze="all").use_fused_conv_relu()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_real_fused_conv_relu_matches_unfused_on_cuda(channels_last: bool) -> None:
+    """cuDNN's fused convolutions on a GPU (the real ops, counted): the frozen ResNet-50's
+    features equal the folded, unfused trunk's in float32 (TF32 off) and under bfloat16
+    autocast, in both memory formats; the bf16 features stay bf16. PyTorch's
+    ``cudnn_convolution_relu`` hands cuDNN its uninitialised output as the residual, scaled
+    by 0: the allocator's free blocks are filled with NaN first, so that reading it would
+    show."""
+    from siamese_detr.models import backbone as backbone_module
+
+    real = (backbone_module.cudnn_conv_relu, backbone_module.cudnn_conv_add_relu)
+    calls = {"n": 0}
+
+    def counted(fn):  # type: ignore[no-untyped-def]
+        def call(*args):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            return fn(*args)
+        return call
+
+    dev = torch.device("cuda")
+    plain, fused = _pair("all", 50)
+    plain, fused = plain.to(dev), fused.to(dev)
+    fused.use_fused_conv_relu()
+    if channels_last:
+        plain.use_channels_last()
+        fused.use_channels_last()
+    x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(9)).to(dev)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(backbone_module, "cudnn_conv_relu", counted(real[0]))
+        mp.setattr(backbone_module, "cudnn_conv_add_relu", counted(real[1]))
+        for amp, tol in ((False, 1e-4), (True, 3e-2)):
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                ref = plain(x)
+                torch.full((1 << 26,), float("nan"), device=dev)  # freed at once: NaN blocks
+                got = fused(x)
+            for p, f in zip(ref, got):
+                assert f.dtype == p.dtype
+                torch.testing.assert_close(f.float(), p.float(), rtol=tol,
+                                           atol=tol * p.abs().max().item())
+    finally:
+        mp.undo()
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert calls["n"] == 2 * (33 + 16)
