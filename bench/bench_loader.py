@@ -175,15 +175,22 @@ def per_worker_rate(dataset: Any, collate: Callable, batch: int, start: int = 0,
         tud.get_worker_info = real
 
 
-def loader_rate(dataset: Any, collate: Callable, batch: int, workers: int, steps: int) -> float:
+def loader_rate(dataset: Any, collate: Callable, batch: int, workers: int, steps: int,
+                min_seconds: float = 2.0) -> float:
+    """Samples/s of the real loader in its steady state: first ``2 * workers`` batches (every
+    worker started and has delivered; before session 9 only the first batch was awaited, and
+    with 4 workers the timed window was about 0.3 s, so the workers' start-up counted), then
+    at least ``steps`` batches and ``min_seconds`` timed."""
     from siamese_detr.data.loaders import build_detection_loader
 
     it = build_detection_loader(dataset, batch, workers, seed=0, collate_fn=collate)
-    next(it)  # workers started
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(2 * max(workers, 1)):
         next(it)
-    return steps * batch / (time.perf_counter() - t0)
+    n, t0 = 0, time.perf_counter()
+    while n < steps or time.perf_counter() - t0 < min_seconds:
+        next(it)
+        n += 1
+    return n * batch / (time.perf_counter() - t0)
 
 
 COPIED = "pretrain/paper, augment on device, batch copied to shm"
@@ -202,6 +209,8 @@ def main() -> None:
     ap.add_argument("--loader-batches", type=int, default=None,
                     help="batches timed through the real loader (default images/4, at least 4)")
     ap.add_argument("--prepare-only", action="store_true", help="build --data, then stop")
+    ap.add_argument("--only", default=None,
+                    help="names of the sets to measure, exact as printed, separated by |")
     args = ap.parse_args()
     from siamese_detr.data.collate import collate_detection
     from siamese_detr.methods.siamese.data import collate_siamese
@@ -228,6 +237,13 @@ def main() -> None:
                    for m in ("detreg", "updetr")
                    for label, where in (("", "worker"), (", augment on device", "device"))}}
         sets[COPIED] = sets["pretrain/paper, augment on device"]  # measured the former way
+        if args.only:
+            wanted = [name.strip() for name in args.only.split("|")]
+            unknown = [name for name in wanted if name not in sets]
+            if unknown:
+                raise SystemExit(f"--only: no set named {unknown[0]!r} (sets: "
+                                 f"{', '.join(sets)})")
+            sets = {name: sets[name] for name in wanted}
         print(f"{args.images} toy images of {args.size} px, batch 4, torch threads 1, "
               f"median of {args.rounds} rounds (shared machine: compare ratios only)")
         # rounds interleaved across the sets, so that a change of load hits all alike

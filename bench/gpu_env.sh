@@ -16,12 +16,12 @@ export PYTHONPATH=/tmp/site:$PWD/src
 [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
 B="python bench/bench_gpu.py $EXTRA"
 
-loader() {  # loader SECONDS WORKERS BATCHES: one round, per worker and the real loader
+loader() {  # loader SECONDS WORKERS BATCHES [SETS]: one round, per worker and the real loader
   local batches=$3
   [ -z "$EXTRA" ] || batches=8  # a CPU dry run: 8 batches
   timeout "$1" python bench/bench_loader.py --data .gpu/loaderdata \
     --images "${LOADER_IMAGES:-64}" --size 448 --rounds 1 --workers "$2" \
-    --loader-batches "$batches"
+    --loader-batches "$batches" ${4:+--only "$4"}
 }
 
 shapes() {  # shapes SECONDS ARGS...: bench_graph_shapes.py (a CPU dry run: small and short)

@@ -2,9 +2,9 @@
 # Sessions 8 and 9 on a GPU (bench/GPU_RUN.md): Siamese DETR's losses as a second CUDA graph
 # (the matching cost inside the dense graph), the criterion's GIoU loss without torchvision's
 # host read (fine-tuning too), a failed capture's reset; cuDNN's fused convolutions for the
-# frozen trunk (session 9). One device call of at most 9.4 minutes (usually about 6-7); carry
-# .gpu/whl; run it with timeout_s=600. Steps in order of importance, each writing its
-# own file. Dry run on a CPU:
+# frozen trunk and the loader's steady state (session 9). One device call of at most 9.75
+# minutes (usually about 6-7); carry .gpu/whl and .gpu/loaderdata; run it with timeout_s=600.
+# Steps in order of importance, each writing its own file. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next5.sh
 source bench/gpu_env.sh
 SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: small
@@ -15,7 +15,7 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   timeout 90 python -m pytest -q -p no:cacheprovider -m gpu -k "pretrain or failed_capture or fused" \
     tests/unit/engine/test_cuda_graphs.py tests/unit/models/test_backbone.py; echo "0 rc=$?"
   echo "== 1: graphed steps at the per-GPU paper batch, losses graph on and off"
-  timeout 170 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
+  timeout 160 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
     --channels-last --fused-conv --batch 8 --size 480x480 --warmup 3 --steps 5 --variants detr,conditional \
     --out "$OUT/b8.json" $SMALL
   echo "1 rc=$?"
@@ -26,10 +26,14 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   echo "2 rc=$?"
   echo "== 3: batch 2 at 800x1088, three detectors, transformers alongside (the fine-tuning"
   echo "   criterion changed: no host read in its GIoU loss)"
-  timeout 150 $B --no-pretrain-2x --graphed --losses-ab --quick --out "$OUT/b2.json" $SMALL
+  timeout 140 $B --no-pretrain-2x --graphed --losses-ab --quick --out "$OUT/b2.json" $SMALL
   echo "3 rc=$?"
   echo "== 4: the other GPU tests (fine-tuning, DETReg, UP-DETR graphs; Triton)"
   timeout 75 python -m pytest -q -p no:cacheprovider -m gpu -k "not pretrain and not fused" tests
   echo "4 rc=$?"
+  echo "== 5: the pretraining loader in its steady state (session 9: the start-up of the"
+  echo "   workers no longer counts), 4 and 12 workers"
+  loader 20 4 64 "pretrain/paper, augment on device"; echo "5 rc=$?"
+  loader 20 12 128 "pretrain/paper, augment on device"; echo "5b rc=$?"
 } 2>&1 | grep -v "UserWarning\|return Variable\|USDT\|gpuGetDevice" | tee "$OUT/next5.log"
 python bench/targets.py "$OUT" | tee "$OUT/targets.txt"  # issue 13's verdicts
