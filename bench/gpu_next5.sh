@@ -9,10 +9,10 @@
 source bench/gpu_env.sh
 SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: small
 {
-  echo "== 0: real graphs of the Siamese steps (dense part + losses) against eager, and a"
-  echo "   failed capture's aftermath"
-  echo "   and cuDNN's fused convolutions for the frozen trunk (model.backbone.fused_conv_relu)"
-  timeout 90 python -m pytest -q -p no:cacheprovider -m gpu -k "pretrain or failed_capture or fused" \
+  echo "== 0: real graphs of the Siamese steps (dense part + losses) against eager, with random"
+  echo "   ops on, a failed capture's aftermath, and cuDNN's fused convolutions for the frozen"
+  echo "   trunk (model.backbone.fused_conv_relu)"
+  timeout 110 python -m pytest -q -p no:cacheprovider -m gpu -k "pretrain or failed_capture or fused" \
     tests/unit/engine/test_cuda_graphs.py tests/unit/models/test_backbone.py; echo "0 rc=$?"
   echo "== 1: graphed steps at the per-GPU paper batch, losses graph on and off"
   timeout 160 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
@@ -20,20 +20,21 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
     --out "$OUT/b8.json" $SMALL
   echo "1 rc=$?"
   echo "== 2: where the time goes (phases), DETR at batch 8, losses graph on and off"
-  timeout 80 python bench/bench_phases.py --variant detr --batch 8 --size 480x480 \
+  timeout 70 python bench/bench_phases.py --variant detr --batch 8 --size 480x480 \
     --out "$OUT/phases_detr_b8.json" ${EXTRA:+--device cpu --small --warmup 1 --steps 1 \
     --batch 2 --size 64x96}
   echo "2 rc=$?"
   echo "== 3: batch 2 at 800x1088, three detectors, transformers alongside (the fine-tuning"
   echo "   criterion changed: no host read in its GIoU loss)"
-  timeout 140 $B --no-pretrain-2x --graphed --losses-ab --quick --out "$OUT/b2.json" $SMALL
+  timeout 130 $B --no-pretrain-2x --graphed --losses-ab --quick --out "$OUT/b2.json" $SMALL
   echo "3 rc=$?"
-  echo "== 4: the other GPU tests (fine-tuning, DETReg, UP-DETR graphs; Triton)"
-  timeout 75 python -m pytest -q -p no:cacheprovider -m gpu -k "not pretrain and not fused" tests
-  echo "4 rc=$?"
   echo "== 5: the pretraining loader in its steady state (session 9: the start-up of the"
   echo "   workers no longer counts), 4 and 12 workers"
   loader 20 4 64 "pretrain/paper, augment on device"; echo "5 rc=$?"
   loader 20 12 128 "pretrain/paper, augment on device"; echo "5b rc=$?"
+  echo "== 4: the other GPU tests (fine-tuning, DETReg, UP-DETR graphs, UP-DETR's query shuffle"
+  echo "   captured; Triton); last, as the least likely to have changed"
+  timeout 75 python -m pytest -q -p no:cacheprovider -m gpu -k "not pretrain and not fused" tests
+  echo "4 rc=$?"
 } 2>&1 | grep -v "UserWarning\|return Variable\|USDT\|gpuGetDevice" | tee "$OUT/next5.log"
 python bench/targets.py "$OUT" | tee "$OUT/targets.txt"  # issue 13's verdicts

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -723,6 +724,53 @@ def test_graphed_training_with_fused_conv_relu_equals_eager(kind, tmp_path, monk
     unfused, _, _ = _eager_then_graphed(kind, "vanilla", make_batches(kind, 3),
                                         torch.device("cpu"), None, tmp_path / "plain", "none")
     torch.testing.assert_close(losses[0], unfused[0], rtol=1e-4, atol=1e-6)
+
+
+def _random_graphed_run(kind: str, device: torch.device, capture: Any, tmp_path: Path,
+                        amp: str) -> tuple[list[float], GraphedDense]:
+    """Three graphed steps through the real loop with every random op on: dropout, the
+    Siamese box jitter, UP-DETR's patch masking and query shuffle (``torch.randperm`` on the
+    device, inside the dense part). The logged losses and the dense part."""
+    from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.engine.logging import read_jsonl
+
+    if kind == "updetr":
+        task = ud.make_task("vanilla", levels=1, query_shuffle=True).to(device)
+        assert task.opts.query_shuffle and task.opts.mask_ratio > 0
+    else:
+        task = make_task(kind, "vanilla").to(device)
+    assert enable_cuda_graphs(task, max_graphs=4, pad_multiple=32, capture=capture)
+    opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.05)
+    eng = EngineConfig(log_every=1, ckpt_every=0, progress=False, keep_checkpoints=0, amp=amp,
+                       cuda_graphs=device.type == "cuda")
+    torch.manual_seed(1)
+    train(task=task, batches=_stream(make_batches(kind, 3)), optimizer=opt,
+          schedule=Schedule(3, (), 0.1, 0, 0.1), engine=eng, run_dir=tmp_path,
+          dist_info=DistInfo(rank=0, world_size=1, local_rank=0, device=device),
+          checkpoint_meta={"kind": "test", "config": {}})
+    return [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r], task._dense
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["pretrain", "detreg", "updetr"])
+def test_real_cuda_graphs_capture_the_random_ops(kind, tmp_path):
+    """The other GPU tests turn randomness off to compare with eager training. Here it is on,
+    UP-DETR's query shuffle included (``torch.randperm`` on the device inside the capture,
+    never run on a GPU before session 9's script): every step replays the graphs (no
+    fallback to eager) and the losses are finite."""
+    losses, dense = _random_graphed_run(kind, torch.device("cuda"), None, tmp_path, "bf16")
+    assert dense.graphed_calls == 3 and not dense.failed
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+
+
+def test_graphed_steps_with_the_random_ops_on(tmp_path):
+    """The CPU twin of the test above, for UP-DETR with its query shuffle and patch masking,
+    with the graph stand-in: the steps go through the graphs, and the losses are finite."""
+    losses, dense = _random_graphed_run("updetr", torch.device("cpu"), EmulatedCapture(),
+                                        tmp_path, "none")
+    assert dense.graphed_calls == 3 and not dense.failed
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
 
 
 @pytest.mark.gpu
