@@ -184,6 +184,10 @@ class EngineConfig:
     keep_checkpoints: int = 2  # periodic checkpoints kept besides last.pt
     tensorboard: bool = False
     progress: bool = True
+    # torch.use_deterministic_algorithms (warn-only), cuDNN deterministic, cuBLAS's fixed
+    # workspace, and the fast paths that are not deterministic off (cuDNN's fused
+    # convolutions). Slower. The deformable attention backward still adds with atomics, as
+    # the upstream CUDA kernel and grid_sample do: not bit-reproducible on a GPU (a warning)
     deterministic: bool = False
     # torch.compile the transformer's encoder and decoder (dynamic shapes); see engine/compile
     compile: bool = False
@@ -214,6 +218,9 @@ class EngineConfig:
                               "gradients live in its own buffers): set one of them")
         if self.cuda_graphs_max < 1:
             raise ConfigError("engine.cuda_graphs_max must be >= 1")
+        if self.deterministic and self.cudnn_benchmark:
+            raise ConfigError("engine.cudnn_benchmark=true picks cuDNN algorithms by timing, "
+                              "which engine.deterministic=true rules out: set one of them")
         if self.pad_to_multiple < 0:
             raise ConfigError("engine.pad_to_multiple must be >= 0 (0: automatic)")
         if self.max_empty_batches < 1:

@@ -64,6 +64,28 @@ def _enable_cuda_graphs(task: nn.Module, cfg: RunConfig, dist_info: DistInfo) ->
                     "runs eagerly", type(task).__name__)
 
 
+def use_deterministic_algorithms(task: nn.Module, device: torch.device) -> None:
+    """``engine.deterministic``: PyTorch's deterministic algorithms (warn-only: an op without
+    one warns instead of stopping a run), cuDNN deterministic and not benchmarking, and the
+    fixed cuBLAS workspace they need (set here unless the environment sets it; it takes
+    effect if cuBLAS has not started yet). cuDNN's fused convolutions
+    (``model.backbone.fused_conv_relu``) check the flag and stay off."""
+    import os
+
+    from siamese_detr.ops.deform_attn import MSDeformAttn
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    deformable = any(isinstance(m, MSDeformAttn) for m in task.modules())
+    if deformable and device.type == "cuda":
+        get_logger().warning(
+            "engine.deterministic=true: the deformable attention backward adds its value "
+            "gradients with atomics (as the upstream CUDA kernel and grid_sample do), so "
+            "Deformable DETR runs are not bit-reproducible on a GPU")
+
+
 @dataclass
 class Prepared:
     model: nn.Module  # the task, DDP-wrapped when distributed
@@ -87,6 +109,8 @@ def prepare_training(task: nn.Module, cfg: RunConfig, dist_info: DistInfo, datas
         get_logger().info("torch.compile: %s", ", ".join(compile_transformers(task)))
     if cfg.engine.cudnn_benchmark and dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if cfg.engine.deterministic:
+        use_deterministic_algorithms(task, dist_info.device)
     if cfg.engine.cuda_graphs:
         _enable_cuda_graphs(task, cfg, dist_info)
         if cfg.engine.compile and dist_info.device.type == "cuda":

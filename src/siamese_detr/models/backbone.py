@@ -214,10 +214,13 @@ cudnn_conv_add_relu = torch.cudnn_convolution_add_relu
 def _fusable(x: Tensor) -> bool:
     """May frozen units run as cuDNN's fused convolutions on ``x``? On CUDA with cuDNN, when
     no gradient is wanted through ``x`` (cuDNN's fused convolutions have no backward), and
-    not while ``torch.compile`` or ``torch.export`` traces (they have no meta kernels)."""
+    not while ``torch.compile`` or ``torch.export`` traces (they have no meta kernels), nor
+    under deterministic algorithms (``engine.deterministic``: PyTorch calls them with
+    ``deterministic=False``)."""
     return (x.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
             and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling()
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def _unit_convs_fusable(convs: Sequence[nn.Module]) -> bool:

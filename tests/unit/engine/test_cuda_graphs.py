@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -889,6 +890,54 @@ def test_device_augmentation_inside_the_dense_part_equals_finishing_it_before(va
     assert len(inside) == len(before) == 6
     for a, b in zip(inside, before):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+
+
+def test_engine_deterministic_sets_the_flags_and_turns_off_the_fused_convolutions(
+        tmp_path, monkeypatch, caplog):
+    """``engine.deterministic=true`` was a config key that did nothing until session 9. It
+    now turns on PyTorch's deterministic algorithms (warn-only), cuDNN's deterministic mode
+    and cuBLAS's fixed workspace. cuDNN's fused convolutions, which PyTorch calls with
+    ``deterministic=False``, then stay off. On a GPU, a Deformable DETR run is warned that
+    its attention backward is not bit-reproducible. Asking for cuDNN benchmarking as well is
+    a config error."""
+    import logging
+    from dataclasses import replace
+
+    from siamese_detr.config import RunConfig
+    from siamese_detr.engine.distributed import DistInfo
+    from siamese_detr.engine.setup import prepare_training
+    from siamese_detr.models import backbone as backbone_module
+
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    x = torch.zeros(1, 3, 8, 8)
+
+    def fusable() -> bool:  # as on a GPU
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+            return backbone_module._fusable(x)
+
+    assert fusable()
+    cfg = replace(RunConfig(output_dir=str(tmp_path)),
+                  engine=EngineConfig(deterministic=True, progress=False))
+    cuda = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    try:
+        with caplog.at_level(logging.WARNING):
+            prepare_training(make_task("finetune", "deformable"), cfg, cuda, dataset_len=4,
+                             per_process_batch=2)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not fusable()
+        assert "not bit-reproducible" in caplog.text
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    with pytest.raises(ConfigError, match="engine.cudnn_benchmark=true picks"):
+        EngineConfig(deterministic=True, cudnn_benchmark=True)
 
 
 def test_cudnn_benchmark_is_set_on_cuda_only(tmp_path, monkeypatch):
