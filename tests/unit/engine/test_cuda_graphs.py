@@ -649,14 +649,17 @@ def test_real_cuda_graphs_train_like_eager(variant, kind, amp, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["pretrain", "pretrain_aug", "finetune"])
-def test_real_cuda_graphs_with_a_channels_last_backbone(kind, tmp_path):
-    """``model.backbone.channels_last`` (8-11 % off the graphed pretraining step on the H100 in
-    session 8, off by default until this passes on a GPU): graphed training with the trunk in
-    channels-last memory trains like eager training with it, in bf16."""
+@pytest.mark.parametrize("option", ["channels_last", "fused_conv_relu"])
+def test_real_cuda_graphs_with_a_backbone_option(option, kind, tmp_path):
+    """The backbone options that are off by default until this passes on a GPU:
+    ``model.backbone.channels_last`` (8-11 % off the graphed pretraining step on the H100 in
+    session 8) and ``model.backbone.fused_conv_relu`` (cuDNN's fused convolution + bias +
+    residual + ReLU for the frozen units, session 9). Graphed training with the option trains
+    like eager training with it, in bf16."""
     dev = torch.device("cuda")
     losses, weights, dense = _eager_then_graphed(
         kind, "vanilla", make_batches(kind, 3), dev, None, tmp_path, "bf16",
-        setup=lambda task: task.detector.backbone.use_channels_last())
+        setup=lambda task: getattr(task.detector.backbone, f"use_{option}")())
     assert dense.graphed_calls == 3 and not dense.failed
     tol = _tolerance(dev, "bf16")
     torch.testing.assert_close(losses[1], losses[0], **tol)
@@ -666,7 +669,8 @@ def test_real_cuda_graphs_with_a_channels_last_backbone(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["pretrain", "finetune"])
 def test_graphed_training_with_a_channels_last_backbone_equals_eager(kind, tmp_path):
-    """The CPU twin of the test above, with the graph stand-in."""
+    """The CPU twin of ``test_real_cuda_graphs_with_a_backbone_option[channels_last]``, with
+    the graph stand-in."""
     losses, weights, _ = _eager_then_graphed(
         kind, "vanilla", make_batches(kind, 3), torch.device("cpu"), EmulatedCapture(),
         tmp_path, "none", setup=lambda task: task.detector.backbone.use_channels_last())
@@ -675,28 +679,11 @@ def test_graphed_training_with_a_channels_last_backbone_equals_eager(kind, tmp_p
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["pretrain", "pretrain_aug", "finetune"])
-def test_real_cuda_graphs_with_fused_conv_relu(kind, tmp_path):
-    """``model.backbone.fused_conv_relu`` (cuDNN's fused convolution + bias + residual + ReLU
-    for the frozen units; off by default until this passes on a GPU): graphed training with it
-    trains like eager training with it, in bf16."""
-    dev = torch.device("cuda")
-    losses, weights, dense = _eager_then_graphed(
-        kind, "vanilla", make_batches(kind, 3), dev, None, tmp_path, "bf16",
-        setup=lambda task: task.detector.backbone.use_fused_conv_relu())
-    assert dense.graphed_calls == 3 and not dense.failed
-    tol = _tolerance(dev, "bf16")
-    torch.testing.assert_close(losses[1], losses[0], **tol)
-    for eager, graphed in zip(*weights):
-        torch.testing.assert_close(graphed, eager, **tol)
-
-
 @pytest.mark.parametrize("kind", ["pretrain", "finetune"])
 def test_graphed_training_with_fused_conv_relu_equals_eager(kind, tmp_path, monkeypatch):
-    """The CPU twin of the test above: the graph stand-in, and the fused ops replaced by what
-    they compute and taken on the CPU (where no gradient flows), counted."""
+    """The CPU twin of ``test_real_cuda_graphs_with_a_backbone_option[fused_conv_relu]``: the
+    graph stand-in, and the fused ops replaced by what they compute and taken on the CPU
+    (where no gradient flows), counted; eager training with them equals the unfused one."""
     import torch.nn.functional as F
 
     from siamese_detr.models import backbone as backbone_module
