@@ -154,6 +154,22 @@ def collect(paths: list[Path]) -> tuple[list[tuple[str, list[dict[str, Any]]]], 
     return results, "\n".join(logs)
 
 
+def per_view(rows: list[dict[str, Any]], source: str) -> list[str]:
+    """Not a target: the pretraining step per encoded image against the fine-tuning step per
+    image (a pretraining step encodes two views of each image), for each graphed pair of the
+    ``pretrain`` target. Session 8 proposed stating that target this way for Deformable DETR,
+    whose step is mostly its encoder."""
+    ms, out = _ms(rows), []
+    for (variant, batch, size, dtype, impl), p in sorted(ms.items()):
+        fine = {"pretrain_graphed": "ours_graphed", "pretrain_aug_graphed": "ours_graphed",
+                "pretrain_graphed_cl_fused": "ours_graphed_cl_fused"}.get(impl)
+        f = ms.get((variant, batch, size, dtype, fine)) if fine else None
+        if f is not None:
+            out.append(f"INFO  per-view {impl} / 2 / {fine}, {dtype}, "
+                       f"{_where(variant, batch, size)} [{source}]: {p / 2 / f:.2f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", type=Path, help="result folders or files")
@@ -173,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             print(v.line())
         if not mine:
             print(f"----  {target:8s} no figure in these results")
+    for name, rows in results:
+        for line in per_view(rows, name):
+            print(line)
     return 0
 
 

@@ -110,3 +110,16 @@ def test_missing_input_is_one_line_and_exit_2(targets, tmp_path, capsys):
     assert targets.main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file or folder" in err
+
+
+def test_per_view_figures_pair_the_graphed_steps(targets):
+    """The per-view figure (not a target): a graphed pretraining step over two encoded views
+    per image against the graphed fine-tuning step of the same options and dtype."""
+    rows = [_row("ours_graphed", "bf16", 26.0), _row("pretrain_graphed", "bf16", 49.4),
+            _row("pretrain_aug_graphed", "bf16", 57.2), _row("ours_graphed", "fp32", 34.0),
+            _row("ours_graphed_cl_fused", "bf16", 24.0),
+            _row("pretrain_graphed_cl_fused", "bf16", 36.0),
+            _row("pretrain_graphed_fused", "bf16", 40.0)]  # no fine-tuning pair: no line
+    lines = targets.per_view(rows, "b8.json")
+    assert [line.rsplit(": ", 1)[1] for line in lines] == ["1.10", "0.95", "0.75"]
+    assert lines[0].startswith("INFO  per-view pretrain_aug_graphed / 2 / ours_graphed, bf16")
