@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-fused", action="store_true",
+                    help="leave out the rows with model.backbone.fused_conv_relu")
     args = ap.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,12 +195,26 @@ def main() -> None:
             tmp.write_text(json.dumps(result, indent=1))
             tmp.replace(args.out)
 
-    steps = {k: make() for k, make in build_steps(args, device).items()}
+    steps: dict[str, PhaseStep] = {}
+    for k, make in build_steps(args, device).items():
+        if k.endswith("_fused") and args.no_fused:
+            continue
+        try:
+            steps[k] = make()
+        except Exception as e:  # a row less (e.g. a capture that fails), not a failed bench
+            result.setdefault("errors", {})[k] = repr(e)
+            print(f"!! {k} could not be built: {e!r}")
     times: dict[str, list[list[float]]] = {k: [] for k in steps}
     names = list(steps)
     for i in range(args.warmup + args.steps):  # interleaved, rotating order
         for k in names[i % len(names):] + names[:i % len(names)]:
-            phases = steps[k]()
+            try:
+                phases = steps[k]()
+            except Exception as e:  # drop the row, keep timing the others
+                result.setdefault("errors", {})[k] = repr(e)
+                print(f"!! {k} failed: {e!r}")
+                names.remove(k)
+                continue
             if i >= args.warmup:
                 times[k].append(phases)
     print(f"{args.variant} {args.dtype}: batch {args.batch} at {args.size[0]}x{args.size[1]} "

@@ -4,20 +4,27 @@
 # host read (fine-tuning too), a failed capture's reset; cuDNN's fused convolutions for the
 # frozen trunk and the loader's steady state (session 9). One device call of at most 9.8
 # minutes (usually about 6-7); carry .gpu/whl and .gpu/loaderdata; run it with timeout_s=600.
+# The fused-convolution rows run only if their parity test (0a) passes on the GPU.
 # Steps in order of importance, each writing its own file. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next5.sh
 source bench/gpu_env.sh
 SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: small
 {
+  echo "== 0a: cuDNN's fused convolutions for the frozen trunk against the unfused trunk"
+  echo "   (model.backbone.fused_conv_relu); their bench rows run only if this passes"
+  timeout 30 python -m pytest -q -p no:cacheprovider -m gpu -k fused \
+    tests/unit/models/test_backbone.py
+  rc=$?; echo "0a rc=$rc"
+  if [ "$rc" = 0 ] || [ -n "$EXTRA" ]; then FUSED=--fused-conv; NOFUSED=; else
+    FUSED=; NOFUSED=--no-fused; fi
   echo "== 0: real graphs of the Siamese steps (dense part + losses) against eager, with random"
-  echo "   ops on, a failed capture's aftermath, and cuDNN's fused convolutions for the frozen"
-  echo "   trunk (model.backbone.fused_conv_relu)"
-  timeout 110 python -m pytest -q -p no:cacheprovider -m gpu -k "pretrain or failed_capture or fused" \
-    tests/unit/engine/test_cuda_graphs.py tests/unit/models/test_backbone.py; echo "0 rc=$?"
+  echo "   ops on, a failed capture's aftermath, the fused convolutions under graphs"
+  timeout 80 python -m pytest -q -p no:cacheprovider -m gpu -k "pretrain or failed_capture or fused" \
+    tests/unit/engine/test_cuda_graphs.py; echo "0 rc=$?"
   echo "== 1: graphed steps at the per-GPU paper batch, bf16: losses graph on and off,"
   echo "   channels_last, cuDNN's fused convolutions, augment_on=device (13 rows)"
   timeout 125 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
-    --channels-last --fused-conv --batch 8 --size 480x480 --warmup 3 --steps 5 \
+    --channels-last $FUSED --batch 8 --size 480x480 --warmup 3 --steps 5 \
     --variants detr,conditional --dtypes bf16 --out "$OUT/b8.json" $SMALL
   echo "1 rc=$?"
   echo "== 1b: the same in fp32, the rows of the targets only"
@@ -27,7 +34,7 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   echo "1b rc=$?"
   echo "== 2: where the time goes (phases), DETR at batch 8, losses graph on and off"
   timeout 70 python bench/bench_phases.py --variant detr --batch 8 --size 480x480 \
-    --out "$OUT/phases_detr_b8.json" ${EXTRA:+--device cpu --small --warmup 1 --steps 1 \
+    --out "$OUT/phases_detr_b8.json" $NOFUSED ${EXTRA:+--device cpu --small --warmup 1 --steps 1 \
     --batch 2 --size 64x96}
   echo "2 rc=$?"
   echo "== 3: batch 2 at 800x1088, three detectors, transformers alongside (the fine-tuning"
@@ -40,7 +47,7 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   loader 20 12 128 "pretrain/paper, augment on device"; echo "5b rc=$?"
   echo "== 4: the other GPU tests (fine-tuning, DETReg, UP-DETR graphs, UP-DETR's query shuffle"
   echo "   captured; Triton); last, as the least likely to have changed"
-  timeout 65 python -m pytest -q -p no:cacheprovider -m gpu -k "not pretrain and not fused" tests
+  timeout 60 python -m pytest -q -p no:cacheprovider -m gpu -k "not pretrain and not fused" tests
   echo "4 rc=$?"
 } 2>&1 | grep -v "UserWarning\|return Variable\|USDT\|gpuGetDevice" | tee "$OUT/next5.log"
 python bench/targets.py "$OUT" | tee "$OUT/targets.txt"  # issue 13's verdicts
