@@ -154,7 +154,12 @@ def _bwd_kernel(value, shapes, starts, loc, attw, grad_out, grad_value, grad_loc
                 grad_loc.dtype.element_ty), mask=qm)
 
 
+# queries per program and warps per program of each kernel: module settings, which
+# bench/bench_deform_bwd.py sweeps on a GPU (the backward's value-gradient atomics are its cost)
 _BQ = 64
+_FWD_WARPS = 4
+_BWD_BQ = 64
+_BWD_WARPS = 4
 
 
 def _launch_shape(value: Tensor, loc: Tensor) -> tuple[int, int, int, int, int, int, int]:
@@ -175,7 +180,7 @@ class _MSDeformAttnTriton(torch.autograd.Function):
         out = value.new_empty(B, Q, H, D)
         grid = (triton.cdiv(Q, _BQ), B * H)
         _fwd_kernel[grid](value, shapes, starts, loc, attw, out, S, Q, H=H, D=D, L=L, P=P,
-                          BQ=_BQ, BD=max(16, triton.next_power_of_2(D)))
+                          BQ=_BQ, BD=max(16, triton.next_power_of_2(D)), num_warps=_FWD_WARPS)
         ctx.save_for_backward(value, shapes, starts, loc, attw)
         return out.view(B, Q, H * D)
 
@@ -187,10 +192,10 @@ class _MSDeformAttnTriton(torch.autograd.Function):
         grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
         grad_loc = torch.empty_like(loc)
         grad_attw = torch.empty_like(attw)
-        grid = (triton.cdiv(Q, _BQ), B * H)
+        grid = (triton.cdiv(Q, _BWD_BQ), B * H)
         _bwd_kernel[grid](value, shapes, starts, loc, attw, grad_out.contiguous(), grad_value,
-                          grad_loc, grad_attw, S, Q, H=H, D=D, L=L, P=P, BQ=_BQ,
-                          BD=max(16, triton.next_power_of_2(D)))
+                          grad_loc, grad_attw, S, Q, H=H, D=D, L=L, P=P, BQ=_BWD_BQ,
+                          BD=max(16, triton.next_power_of_2(D)), num_warps=_BWD_WARPS)
         return grad_value.to(value.dtype), None, None, grad_loc, grad_attw
 
 
