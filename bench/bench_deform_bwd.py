@@ -3,10 +3,10 @@ sweep of their launch settings (queries per program, warps per program).
 
 Session 8's H100 profile put the backward of the deformable attention at 37.5 ms of a
 graphed Deformable DETR pretraining step (batch 2, two views of 800x1088) against 20.0 ms in
-fine-tuning: the step is mostly that kernel. Its cost is the value gradient, added with
-float32 atomics, and in the encoder the atomics collide: every token samples near its own
-position on every level, so the 221 pixels of the coarsest level (13x17) take the adds of all
-18k tokens. The ``bench_deform_attn.py`` inputs (points uniform over the maps) do not show
+fine-tuning: the step is mostly that kernel. My estimate, not yet a measurement: its cost is
+the value gradient, added with float32 atomics, and in the encoder the atomics collide.
+Every token samples near its own position on every level, so the 221 pixels of the coarsest
+level (13x17) take the adds of all 18k tokens. The ``bench_deform_attn.py`` inputs (points uniform over the maps) do not show
 this, so the inputs here are an encoder's:
 
 * queries: every token of the four levels (stride 8 to 64 of an HxW image);
