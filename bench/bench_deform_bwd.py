@@ -6,8 +6,8 @@ graphed Deformable DETR pretraining step (batch 2, two views of 800x1088) agains
 fine-tuning: the step is mostly that kernel. My estimate, not yet a measurement: its cost is
 the value gradient, added with float32 atomics, and in the encoder the atomics collide.
 Every token samples near its own position on every level, so the 221 pixels of the coarsest
-level (13x17) take the adds of all 18k tokens. The ``bench_deform_attn.py`` inputs (points uniform over the maps) do not show
-this, so the inputs here are an encoder's:
+level (13x17) take the adds of all 18k tokens. The ``bench_deform_attn.py`` inputs (points
+uniform over the maps) do not show this, so the inputs here are an encoder's:
 
 * queries: every token of the four levels (stride 8 to 64 of an HxW image);
 * sampling points: the token's centre plus offsets uniform within ``--spread`` pixels of each
@@ -131,7 +131,7 @@ def main() -> None:
                               "device": (torch.cuda.get_device_name(device)
                                          if device.type == "cuda" else "cpu (interpreter)"),
                               "tokens": int(loc.shape[1]), "rows": []}
-    defaults = (kernels._BQ, kernels._FWD_WARPS, kernels._BWD_BQ, kernels._BWD_WARPS)
+    defaults = (kernels._FWD_BQ, kernels._FWD_WARPS, kernels._BWD_BQ, kernels._BWD_WARPS)
     reference = [g.float() for g in backward()]
     print(f"{result['device']}: encoder of {args.batch} images at {h}x{w} ({loc.shape[1]} "
           f"tokens, 8 heads, 4 levels x 4 points, {args.dtype} values, "
@@ -140,7 +140,7 @@ def main() -> None:
     try:
         for bq, warps in itertools.product([int(v) for v in args.block_q.split(",")],
                                            [int(v) for v in args.warps.split(",")]):
-            kernels._BQ, kernels._FWD_WARPS = bq, warps
+            kernels._FWD_BQ, kernels._FWD_WARPS = bq, warps
             kernels._BWD_BQ, kernels._BWD_WARPS = bq, warps
             try:
                 grads = backward()  # compiles this setting
@@ -157,7 +157,7 @@ def main() -> None:
             print(f"  BQ {bq:4d} warps {warps}: forward {fwd_ms:8.2f} ms  backward "
                   f"{row['bwd_ms']:8.2f} ms  (gradients vs default: {err:.1e})", flush=True)
     finally:
-        kernels._BQ, kernels._FWD_WARPS, kernels._BWD_BQ, kernels._BWD_WARPS = defaults
+        kernels._FWD_BQ, kernels._FWD_WARPS, kernels._BWD_BQ, kernels._BWD_WARPS = defaults
     if result["rows"]:
         best_f = min(result["rows"], key=lambda r: r["fwd_ms"])
         best_b = min(result["rows"], key=lambda r: r["bwd_ms"])

@@ -190,7 +190,8 @@ def trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _fold(cfg: Any, fold: bool, channels_last: bool = False, fused: bool = False) -> Any:
+def _backbone_options(cfg: Any, fold: bool, channels_last: bool = False,
+                      fused: bool = False) -> Any:
     """``cfg`` with ``model.backbone.fold_frozen_bn=fold``, ``.channels_last`` and
     ``.fused_conv_relu`` (where the fields exist)."""
     if not hasattr(cfg.model.backbone, "fold_frozen_bn"):
@@ -205,7 +206,7 @@ def _fold(cfg: Any, fold: bool, channels_last: bool = False, fused: bool = False
 
 def build_ours(variant: str, device: torch.device, fold: bool = True, channels_last: bool = False,
                fused: bool = False) -> tuple[Any, Any, Any]:
-    cfg = _fold(get_preset(VARIANTS[variant][0]), fold, channels_last, fused)
+    cfg = _backbone_options(get_preset(VARIANTS[variant][0]), fold, channels_last, fused)
     model = build_detector(cfg.model, num_logits(cfg.model, cfg.loss)).to(device)
     criterion = build_criterion(cfg.model, cfg.loss).to(device)
     optim_cfg = replace(cfg.optim, lr=LR, lr_backbone=LR_BACKBONE, weight_decay=WD)
@@ -216,7 +217,7 @@ def build_pretrain(variant: str, device: torch.device, crop: int | None, fold: b
                    channels_last: bool = False, fused: bool = False) -> tuple[Any, Any, Any]:
     from siamese_detr.methods.siamese.task import build_siamese_task
 
-    cfg = _fold(get_preset(VARIANTS[variant][1]), fold, channels_last, fused)
+    cfg = _backbone_options(get_preset(VARIANTS[variant][1]), fold, channels_last, fused)
     model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=""))
     siamese = cfg.pretrain.siamese
     if crop is not None:

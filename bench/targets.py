@@ -34,6 +34,12 @@ from typing import Any
 HF_MIN, BF16_MIN, PRETRAIN_MAX, LOADER_MIN = 1.3, 1.3, 1.5, 4.0
 FINETUNE = ("ours", "ours_compiled", "ours_graphed")
 PRETRAIN = ("pretrain", "pretrain_graphed", "pretrain_aug", "pretrain_aug_graphed")
+# the pretrain target's (pretraining row, fine-tuning row) pairs: eager with eager, graphed
+# with graphed, and both steps with the same backbone options (fused_conv_relu, channels_last)
+PRETRAIN_PAIRS = (("pretrain", "ours"), ("pretrain_graphed", "ours_graphed"),
+                  ("pretrain_aug", "ours"), ("pretrain_aug_graphed", "ours_graphed"),
+                  ("pretrain_graphed_fused", "ours_graphed_fused"),
+                  ("pretrain_graphed_cl_fused", "ours_graphed_cl_fused"))
 LOADER_LINE = re.compile(r"^(?P<name>.+?)\s+[\d.]+ samples/s per worker.*\| loader with "
                          r"(?P<workers>\d+) workers\s+(?P<rate>[\d.]+) samples/s")
 
@@ -94,12 +100,7 @@ def step_targets(rows: list[dict[str, Any]], source: str) -> list[Verdict]:
             out.append(Verdict("bf16", f"fastest fine-tuning fp32 / fastest bf16, {where}", ratio,
                                ratio >= BF16_MIN))
         for dtype in ("fp32", "bf16"):
-            for pre, fine in (("pretrain", "ours"), ("pretrain_graphed", "ours_graphed"),
-                              ("pretrain_aug", "ours"),
-                              ("pretrain_aug_graphed", "ours_graphed"),
-                              # both steps with model.backbone.fused_conv_relu (+ channels_last)
-                              ("pretrain_graphed_fused", "ours_graphed_fused"),
-                              ("pretrain_graphed_cl_fused", "ours_graphed_cl_fused")):
+            for pre, fine in PRETRAIN_PAIRS:
                 p, f = ms.get((*at, dtype, pre)), ms.get((*at, dtype, fine))
                 if p is not None and f is not None:
                     out.append(Verdict("pretrain", f"{pre} / {fine}, {dtype}, {where}", p / f,
@@ -160,9 +161,9 @@ def per_view(rows: list[dict[str, Any]], source: str) -> list[str]:
     ``pretrain`` target. Session 8 proposed stating that target this way for Deformable DETR,
     whose step is mostly its encoder."""
     ms, out = _ms(rows), []
+    graphed = {pre: fine for pre, fine in PRETRAIN_PAIRS if "graphed" in pre}
     for (variant, batch, size, dtype, impl), p in sorted(ms.items()):
-        fine = {"pretrain_graphed": "ours_graphed", "pretrain_aug_graphed": "ours_graphed",
-                "pretrain_graphed_cl_fused": "ours_graphed_cl_fused"}.get(impl)
+        fine = graphed.get(impl)
         f = ms.get((variant, batch, size, dtype, fine)) if fine else None
         if f is not None:
             out.append(f"INFO  per-view {impl} / 2 / {fine}, {dtype}, "

@@ -306,7 +306,10 @@ class _Body(nn.Module):
                 pass
             elif fuse and name.startswith("layer"):
                 for block in module:
-                    fused = _fused_block(block, x) if _fusable(x) else None
+                    # the rest of _fusable holds for the whole forward; a block after one
+                    # that trains gets an input with a gradient
+                    no_grad_in = not (torch.is_grad_enabled() and x.requires_grad)
+                    fused = _fused_block(block, x) if no_grad_in else None
                     x = block(x) if fused is None else fused
             else:
                 x = module(x)

@@ -156,7 +156,7 @@ def _bwd_kernel(value, shapes, starts, loc, attw, grad_out, grad_value, grad_loc
 
 # queries per program and warps per program of each kernel: module settings, which
 # bench/bench_deform_bwd.py sweeps on a GPU (the backward's value-gradient atomics are its cost)
-_BQ = 64
+_FWD_BQ = 64
 _FWD_WARPS = 4
 _BWD_BQ = 64
 _BWD_WARPS = 4
@@ -178,9 +178,9 @@ class _MSDeformAttnTriton(torch.autograd.Function):
         loc, attw = loc.contiguous(), attw.contiguous()
         B, S, H, D, Q, L, P = _launch_shape(value, loc)
         out = value.new_empty(B, Q, H, D)
-        grid = (triton.cdiv(Q, _BQ), B * H)
+        grid = (triton.cdiv(Q, _FWD_BQ), B * H)
         _fwd_kernel[grid](value, shapes, starts, loc, attw, out, S, Q, H=H, D=D, L=L, P=P,
-                          BQ=_BQ, BD=max(16, triton.next_power_of_2(D)), num_warps=_FWD_WARPS)
+                          BQ=_FWD_BQ, BD=max(16, triton.next_power_of_2(D)), num_warps=_FWD_WARPS)
         ctx.save_for_backward(value, shapes, starts, loc, attw)
         return out.view(B, Q, H * D)
 

@@ -43,6 +43,7 @@ _HERE = Path(__file__).parent
 hs = _load("host_syncs", _HERE / "test_host_syncs.py")  # fine-tuning and Siamese fixtures
 dr = _load("detreg_task", _HERE.parent / "methods" / "test_detreg_task.py")
 ud = _load("updetr_task", _HERE.parent / "methods" / "test_updetr_task.py")
+bb = _load("backbone_tests", _HERE.parent / "models" / "test_backbone.py")  # fused-op stand-ins
 
 VARIANTS = ("vanilla", "conditional", "deformable")
 # pretrain_aug: Siamese DETR on augment_on=device batches (the crops cut and coloured, the
@@ -684,28 +685,11 @@ def test_graphed_training_with_fused_conv_relu_equals_eager(kind, tmp_path, monk
     """The CPU twin of ``test_real_cuda_graphs_with_a_backbone_option[fused_conv_relu]``: the
     graph stand-in, and the fused ops replaced by what they compute and taken on the CPU
     (where no gradient flows), counted; eager training with them equals the unfused one."""
-    import torch.nn.functional as F
-
-    from siamese_detr.models import backbone as backbone_module
-
-    calls = {"n": 0}
-
-    def conv_relu(x, w, b, stride, padding, dilation, groups):
-        calls["n"] += 1
-        return F.conv2d(x, w, b, stride, padding, dilation, groups).relu()
-
-    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
-        calls["n"] += 1
-        return (F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z).relu()
-
-    monkeypatch.setattr(backbone_module, "cudnn_conv_relu", conv_relu)
-    monkeypatch.setattr(backbone_module, "cudnn_conv_add_relu", conv_add_relu)
-    monkeypatch.setattr(backbone_module, "_fusable",
-                        lambda x: not (torch.is_grad_enabled() and x.requires_grad))
+    calls = bb._reference_fused_ops(monkeypatch)
     losses, weights, _ = _eager_then_graphed(
         kind, "vanilla", make_batches(kind, 3), torch.device("cpu"), EmulatedCapture(),
         tmp_path, "none", setup=lambda task: task.detector.backbone.use_fused_conv_relu())
-    assert calls["n"] > 0
+    assert calls["relu"] + calls["add_relu"] > 0
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for eager, graphed in zip(*weights):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)

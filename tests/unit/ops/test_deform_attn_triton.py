@@ -60,7 +60,7 @@ got = {{"fp32": t.compare_fp32(ms_deform_attn_triton),
         "integer": t.compare_on_integer_pixels(ms_deform_attn_triton)}}
 # the launch settings bench/bench_deform_bwd.py sweeps: 2 queries per program (3 programs
 # for 5 queries, the last one masked), 1 and 2 warps
-k._BQ, k._FWD_WARPS, k._BWD_BQ, k._BWD_WARPS = 2, 1, 2, 2
+k._FWD_BQ, k._FWD_WARPS, k._BWD_BQ, k._BWD_WARPS = 2, 1, 2, 2
 got["fp32_bq2"] = t.compare_fp32(ms_deform_attn_triton)
 print(json.dumps(got))
 """

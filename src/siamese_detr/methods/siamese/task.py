@@ -166,9 +166,8 @@ class SiameseDETR(GraphableTask, nn.Module):
         DDP the losses hold collectives, SyncBatchNorm and the box count, and run eagerly)."""
         if self._losses is not None and not _distributed():
             total, raw = self._losses(*args)
-        else:
-            total, raw = self.losses(*args)
-        return total, raw
+            return total, raw
+        return self.losses(*args)
 
     def losses(self, logits: Tensor, pred_boxes: Tensor, hidden: Tensor, emb: Tensor | None,
                pooled: Tensor | None, boxes: Tensor, sizes: Tensor, batch_idx: Tensor,
