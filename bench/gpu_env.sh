@@ -1,6 +1,7 @@
 # Sourced by the bench/gpu_*.sh device calls: checks OUT, installs the carried wheels, sets
 # PYTHONPATH, and defines B (bench_gpu.py with $EXTRA) and `loader SECONDS WORKERS BATCHES`
-# (bench_loader.py on the carried toy data) and `shapes SECONDS ARGS...` (bench_graph_shapes.py).
+# (bench_loader.py on the carried toy data), `shapes SECONDS ARGS...` (bench_graph_shapes.py) and
+# `deform SECONDS ARGS...` (bench_deform_bwd.py).
 # EXTRA="--device cpu --small" for a CPU dry run.
 set -u -o pipefail  # a step's rc is its command's (a timeout: 124), not that of its | tail
 OUT=${OUT:?set OUT}
@@ -27,4 +28,11 @@ loader() {  # loader SECONDS WORKERS BATCHES [SETS]: one round, per worker and t
 shapes() {  # shapes SECONDS ARGS...: bench_graph_shapes.py (a CPU dry run: small and short)
   timeout "$1" python bench/bench_graph_shapes.py "${@:2}" \
     ${EXTRA:+--device cpu --small --steps 12 --warm 4}
+}
+
+deform() {  # deform SECONDS ARGS...: bench_deform_bwd.py (a CPU dry run: Triton's interpreter,
+  # tiny, and 10x the time: each setting takes about 20 s there)
+  local seconds=$1
+  [ -z "$EXTRA" ] || seconds=$((seconds * 10))
+  timeout "$seconds" python bench/bench_deform_bwd.py "${@:2}" ${EXTRA:+--device cpu --small}
 }

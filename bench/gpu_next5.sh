@@ -2,8 +2,9 @@
 # Sessions 8 and 9 on a GPU (bench/GPU_RUN.md): Siamese DETR's losses as a second CUDA graph
 # (the matching cost inside the dense graph), the criterion's GIoU loss without torchvision's
 # host read (fine-tuning too), a failed capture's reset; cuDNN's fused convolutions for the
-# frozen trunk and the loader's steady state (session 9). One device call of at most 9.8
-# minutes (usually about 6-7); carry .gpu/whl and .gpu/loaderdata; run it with timeout_s=600.
+# frozen trunk and the loader's steady state (session 9); the deformable attention backward's
+# relaxed atomics (session 10). One device call of usually about 7 minutes (the timeouts add
+# up to 10.5: the last step may be cut); carry .gpu/whl and .gpu/loaderdata; timeout_s=600.
 # The fused-convolution rows run only if their parity test (0a) passes on the GPU.
 # Steps in order of importance, each writing its own file. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next5.sh
@@ -17,6 +18,10 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   rc=$?; echo "0a rc=$rc"
   if [ "$rc" = 0 ] || [ -n "$EXTRA" ]; then FUSED=--fused-conv; NOFUSED=; else
     FUSED=; NOFUSED=--no-fused; fi
+  echo "== 0b: the Deformable DETR attention backward with its atomics relaxed (session 10) and"
+  echo "   with Triton's default acq_rel order (a barrier and an L1 invalidation per add)"
+  deform 40 --batch 4 --size 800x1088 --dtype bf16 \
+    --block-q 64 --warps 4 --sem acq_rel,relaxed --out "$OUT/deform_sem.json"; echo "0b rc=$?"
   echo "== 0: real graphs of the Siamese steps (dense part + losses) against eager, with random"
   echo "   ops on, a failed capture's aftermath, the fused convolutions under graphs"
   timeout 80 python -m pytest -q -p no:cacheprovider -m gpu -k "pretrain or failed_capture or fused" \

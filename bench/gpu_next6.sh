@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device call after gpu_next5.sh (bench/GPU_RUN.md): what the 15 minutes of one session
-# could not hold. At most 7 minutes (usually about 5); carry .gpu/whl; timeout_s=480.
+# could not hold. At most 8.5 minutes (usually about 6); carry .gpu/whl; timeout_s=540.
 # Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next6.sh
 source bench/gpu_env.sh
@@ -13,11 +13,17 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   if [ "$rc" = 0 ] || [ -n "$EXTRA" ]; then FUSED=--fused-conv; else FUSED=; fi
   echo "== 1: the Triton deformable-attention kernels at an encoder's size (pretraining: two"
   echo "   views of two images at 800x1088), launch settings swept, bf16 then fp32"
-  timeout 50 python bench/bench_deform_bwd.py --batch 4 --size 800x1088 --dtype bf16 \
-    --out "$OUT/deform_bwd_bf16.json" ${EXTRA:+--device cpu --small}; echo "1 rc=$?"
-  timeout 40 python bench/bench_deform_bwd.py --batch 4 --size 800x1088 --dtype fp32 \
-    --block-q 32,64,128 --warps 4,8 --out "$OUT/deform_bwd_fp32.json" \
-    ${EXTRA:+--device cpu --small}; echo "1b rc=$?"
+  deform 50 --batch 4 --size 800x1088 --dtype bf16 \
+    --out "$OUT/deform_bwd_bf16.json"; echo "1 rc=$?"
+  deform 40 --batch 4 --size 800x1088 --dtype fp32 \
+    --block-q 32,64,128 --warps 4,8 --out "$OUT/deform_bwd_fp32.json"; echo "1b rc=$?"
+  echo "   the backward's merged rows of one pixel (session 10), from level 2 and on every level,"
+  echo "   at an encoder's spread and at an untrained layer's offsets"
+  deform 40 --batch 4 --size 800x1088 --dtype bf16 \
+    --block-q 64,128 --warps 4 --merge-from 99,2,0 --out "$OUT/deform_merge.json"; echo "1c rc=$?"
+  deform 40 --batch 4 --size 800x1088 --dtype bf16 \
+    --block-q 64,128 --warps 4 --merge-from 99,0 --init-offsets \
+    --out "$OUT/deform_merge_init.json"; echo "1d rc=$?"
   echo "== 2: Deformable DETR at batch 2 and 800x1088, graphed, with channels_last and the"
   echo "   fused convolutions (the pretraining target's hardest detector)"
   timeout 120 $B --no-hf --no-pretrain-2x --graphed --channels-last $FUSED \

@@ -12,7 +12,10 @@ convention in that module's docstring), computed in one kernel per direction ins
 * backward: recomputes the same geometry; gradient of the attention weights (dot of the
   output gradient with the sampled row), of the locations (through the bilinear weights,
   times the level's width / height) and of the value (float32 atomic adds into a float32
-  buffer, cast to the value's dtype at the end).
+  buffer, cast to the value's dtype at the end). The adds are relaxed: on Hopper they compile
+  to fire-and-forget vector reductions (``REDG...F32x4``), where Triton's default order
+  (acq_rel) put a GPU-wide memory barrier and an L1 invalidation before each
+  (``bench/deform_sass.py`` reads the machine code without a GPU).
 
 Dtypes: ``value`` float32 / bfloat16 / float16 is read as is (bfloat16 under autocast: no
 float32 copy of the value map); locations are used in float32 (bfloat16 would put sampling
@@ -91,19 +94,35 @@ def _fwd_kernel(value, shapes, starts, loc, attw, out, S, Q,
 
 @triton.jit
 def _bwd_corner(acc_a, acc_x, acc_y, g, a, cw, dcx, dcy, v_base, gv_base, yi, xi, hl, wl, start,
-                qm, ds, dm, H: tl.constexpr, D: tl.constexpr):
+                qm, ds, dm, H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr,
+                MERGE: tl.constexpr, SEM: tl.constexpr):
     ptrs, m = _corner(v_base, yi, xi, hl, wl, start, qm, ds, dm, H, D)
     v = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
     gv = tl.sum(g * v, axis=1)
     gptrs, _ = _corner(gv_base, yi, xi, hl, wl, start, qm, ds, dm, H, D)
-    tl.atomic_add(gptrs, (a * cw)[:, None] * g, mask=m)
+    contrib = (a * cw)[:, None] * g
+    if MERGE:
+        # the program's queries that hit the same pixel add their rows here first, and only
+        # the first of them adds the sum to memory: one atomic row per distinct pixel instead
+        # of one per query (the rows of a coarse level collide: neighbouring tokens sample it
+        # at the same pixels). Off-map corners get keys of their own and add nothing.
+        qi = tl.arange(0, BQ)
+        valid = qm & (yi >= 0) & (yi < hl) & (xi >= 0) & (xi < wl)
+        key = tl.where(valid, start + yi * wl + xi, -1 - qi)
+        same = key[:, None] == key[None, :]  # [BQ, BQ], symmetric
+        first = tl.max((same & (qi[None, :] < qi[:, None])).to(tl.int32), axis=1) == 0
+        contrib = tl.dot(same.to(tl.float32), tl.where(valid[:, None], contrib, 0.0),
+                         input_precision="tf32x3")
+        m = m & first[:, None]
+    tl.atomic_add(gptrs, contrib, mask=m, sem=SEM)
     return acc_a + cw * gv, acc_x + dcx * gv, acc_y + dcy * gv
 
 
 @triton.jit
 def _bwd_kernel(value, shapes, starts, loc, attw, grad_out, grad_value, grad_loc, grad_attw,
                 S, Q, H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
-                BQ: tl.constexpr, BD: tl.constexpr):
+                BQ: tl.constexpr, BD: tl.constexpr, MERGE_FROM: tl.constexpr,
+                SEM: tl.constexpr):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -122,6 +141,7 @@ def _bwd_kernel(value, shapes, starts, loc, attw, grad_out, grad_value, grad_loc
         hl = tl.load(shapes + 2 * lvl).to(tl.int32)
         wl = tl.load(shapes + 2 * lvl + 1).to(tl.int32)
         start = tl.load(starts + lvl).to(tl.int32)
+        merge = lvl >= MERGE_FROM  # a constant: lvl is
         for p in tl.static_range(P):
             idx = row * (L * P) + lvl * P + p
             lx = tl.load(loc + 2 * idx, mask=qm, other=0.0).to(tl.float32)
@@ -139,14 +159,17 @@ def _bwd_kernel(value, shapes, starts, loc, attw, grad_out, grad_value, grad_loc
             gx = tl.zeros((BQ,), dtype=tl.float32)
             gy = tl.zeros((BQ,), dtype=tl.float32)
             ga, gx, gy = _bwd_corner(ga, gx, gy, g, a, (1 - fy) * (1 - fx), -(1 - fy), -(1 - fx),
-                                     v_base, gv_base, y0, x0, hl, wl, start, qm, ds, dm, H, D)
+                                     v_base, gv_base, y0, x0, hl, wl, start, qm, ds, dm, H, D,
+                                     BQ, merge, SEM)
             ga, gx, gy = _bwd_corner(ga, gx, gy, g, a, (1 - fy) * fx, 1 - fy, -fx,
-                                     v_base, gv_base, y0, x0 + 1, hl, wl, start, qm, ds, dm, H, D)
+                                     v_base, gv_base, y0, x0 + 1, hl, wl, start, qm, ds, dm, H, D,
+                                     BQ, merge, SEM)
             ga, gx, gy = _bwd_corner(ga, gx, gy, g, a, fy * (1 - fx), -fy, 1 - fx,
-                                     v_base, gv_base, y0 + 1, x0, hl, wl, start, qm, ds, dm, H, D)
+                                     v_base, gv_base, y0 + 1, x0, hl, wl, start, qm, ds, dm, H, D,
+                                     BQ, merge, SEM)
             ga, gx, gy = _bwd_corner(ga, gx, gy, g, a, fy * fx, fy, fx,
                                      v_base, gv_base, y0 + 1, x0 + 1, hl, wl, start, qm, ds, dm,
-                                     H, D)
+                                     H, D, BQ, merge, SEM)
             tl.store(grad_attw + idx, ga.to(grad_attw.dtype.element_ty), mask=qm)
             tl.store(grad_loc + 2 * idx, (a * gx * wl.to(tl.float32)).to(
                 grad_loc.dtype.element_ty), mask=qm)
@@ -160,6 +183,15 @@ _FWD_BQ = 64
 _FWD_WARPS = 4
 _BWD_BQ = 64
 _BWD_WARPS = 4
+# the backward merges the value-gradient rows of a program's queries that hit the same pixel
+# (one tl.dot per corner) on the levels from this one on; a number >= the level count: never.
+# Needs _BWD_BQ >= 16 (tl.dot). Swept by bench_deform_bwd.py; untimed, so off.
+_BWD_MERGE_FROM = 99
+# memory order of the value-gradient atomics: "relaxed", as CUDA's atomicAdd (the upstream
+# kernel's) and Inductor's scatter-adds; Triton's default is "acq_rel", which orders each add
+# against the program's other memory accesses, and nothing here reads what another program
+# added before the kernel ends. Swept by bench_deform_bwd.py (--sem).
+_BWD_ATOMIC_SEM = "relaxed"
 
 
 def _launch_shape(value: Tensor, loc: Tensor) -> tuple[int, int, int, int, int, int, int]:
@@ -195,7 +227,10 @@ class _MSDeformAttnTriton(torch.autograd.Function):
         grid = (triton.cdiv(Q, _BWD_BQ), B * H)
         _bwd_kernel[grid](value, shapes, starts, loc, attw, grad_out.contiguous(), grad_value,
                           grad_loc, grad_attw, S, Q, H=H, D=D, L=L, P=P, BQ=_BWD_BQ,
-                          BD=max(16, triton.next_power_of_2(D)), num_warps=_BWD_WARPS)
+                          BD=max(16, triton.next_power_of_2(D)),
+                          MERGE_FROM=_BWD_MERGE_FROM if _BWD_BQ >= 16 else 99,
+                          SEM=_BWD_ATOMIC_SEM,
+                          num_warps=_BWD_WARPS)
         return grad_value.to(value.dtype), None, None, grad_loc, grad_attw
 
 

@@ -119,5 +119,5 @@ def test_paired_giou_loss_equals_torchvision_without_a_host_read():
         (ref * w).sum().backward()
         torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-6, atol=1e-7)
-    assert float(ours[-4]) == pytest.approx(1.0, abs=1e-6)  # touching: IoU 0, hull = union
-    assert float(ours[-2]) == pytest.approx(0.0, abs=1e-6)  # identical
+    assert float(ours[-4].detach()) == pytest.approx(1.0, abs=1e-6)  # touching: IoU 0, hull = union
+    assert float(ours[-2].detach()) == pytest.approx(0.0, abs=1e-6)  # identical

@@ -62,6 +62,16 @@ got = {{"fp32": t.compare_fp32(ms_deform_attn_triton),
 # for 5 queries, the last one masked), 1 and 2 warps
 k._FWD_BQ, k._FWD_WARPS, k._BWD_BQ, k._BWD_WARPS = 2, 1, 2, 2
 got["fp32_bq2"] = t.compare_fp32(ms_deform_attn_triton)
+# the backward's merged value-gradient rows (tl.dot needs 16 queries per program): on every
+# level, then from level 1 on; and tokens crowding the same pixels, with and without merging
+k._BWD_BQ, k._BWD_MERGE_FROM = 16, 0
+got["merge_all"] = t.compare_fp32(ms_deform_attn_triton)
+got["merge_bf16"] = t.compare_bf16(ms_deform_attn_triton)
+got["crowded_merge"] = t.compare_crowded(ms_deform_attn_triton)
+k._BWD_MERGE_FROM = 1
+got["merge_from_1"] = t.compare_fp32(ms_deform_attn_triton)
+k._BWD_MERGE_FROM = 99
+got["crowded"] = t.compare_crowded(ms_deform_attn_triton)
 print(json.dumps(got))
 """
 
@@ -95,6 +105,42 @@ def compare_bf16(kernel) -> dict[str, float]:
     for name, a, b in zip(("value", "locations", "weights"), [x.grad.float() for x in xs],
                           ref_grads):
         errs[name] = _rel(a, b)
+    return errs
+
+
+def compare_crowded(kernel) -> dict[str, float]:
+    """40 queries (three programs of 16, the last part-masked) sampling within half a pixel
+    of the same place on a 3x4 and a 1x2 level, some points off the map: most corners of a
+    program land on pixels that others of it hit too (``shared``: the fraction of in-map
+    (query, point, corner) hits whose pixel another query of the same program hits)."""
+    levels = [(3, 4), (1, 2)]
+    value, shapes, starts, loc, w = _inputs(levels, B=1, Q=40, H=2, Dh=4, P=2, seed=2)
+    g = torch.Generator().manual_seed(5)
+    loc = 0.45 + 0.25 * torch.rand(loc.shape, generator=g)
+    loc[:, ::7, :, :, 0, 0] = 1.2  # off the map on the right
+    grad = torch.randn(1, 40, 8, generator=torch.Generator().manual_seed(6))
+    ref, ref_grads = _fwd_bwd(ms_deform_attn, value, shapes, starts, loc, w, grad)
+    out, grads = _fwd_bwd(kernel, value, shapes, starts, loc, w, grad)
+    errs = {"out": _rel(out, ref)}
+    for name, a, b in zip(("value", "locations", "weights"), grads, ref_grads):
+        errs[name] = _rel(a, b)
+    hw = shapes.flip(1).to(loc).view(1, 1, 1, 2, 1, 2)  # (w, h) per level
+    base = (loc * hw - 0.5).floor().long()  # [B, Q, H, L, P, 2]
+    hits, shared = 0, 0
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        xy = base + torch.tensor([dx, dy])
+        inside = ((xy >= 0) & (xy < hw.long())).all(-1)  # [B, Q, H, L, P]
+        key = torch.where(inside, xy[..., 1] * 100 + xy[..., 0], -1)
+        for q in range(40):
+            prog = range(q // 16 * 16, min(q // 16 * 16 + 16, 40))
+            others = key[:, [o for o in prog if o != q]]  # [B, Q', H, L, P]
+            mine = key[:, q : q + 1]
+            hit = inside[:, q]
+            # same head and level, any point of another query of the program
+            same = (others.unsqueeze(-1) == mine.unsqueeze(-2)).any(-2).any(1)  # [B, H, L, P]
+            hits += int(hit.sum())
+            shared += int((same & hit).sum())
+    errs["shared"] = shared / hits
     return errs
 
 
@@ -153,6 +199,27 @@ def test_interpreted_kernels_with_other_launch_settings(interpreted) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["merge_all", "merge_from_1", "crowded", "crowded_merge"])
+def test_interpreted_backward_merging_rows_of_the_same_pixel(interpreted, case: str) -> None:
+    """``_BWD_MERGE_FROM``: the value-gradient rows of a program's queries that hit one pixel
+    are summed (a 0/1 matrix product) before one atomic add, on the levels from that one on.
+    Same gradients as the grid_sample path, on random points and on crowded ones, where most
+    hits share their pixel with another query of the program."""
+    errs = dict(interpreted[case])
+    errs.pop("nonzero", None)
+    if case.startswith("crowded"):
+        assert errs.pop("shared") > 0.9, errs
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
+@pytest.mark.slow
+def test_interpreted_merged_backward_bf16(interpreted) -> None:
+    errs = interpreted["merge_bf16"]
+    assert errs.pop("out_is_bf16") == 1.0 and errs.pop("grad_dtypes_ok") == 1.0
+    assert all(e < 2e-2 for e in errs.values()), errs
+
+
+@pytest.mark.slow
 def test_interpreted_kernels_bf16_value_fp32_accumulation(interpreted) -> None:
     errs = interpreted["bf16"]
     assert errs.pop("out_is_bf16") == 1.0 and errs.pop("grad_dtypes_ok") == 1.0
@@ -192,8 +259,14 @@ def test_backend_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("merge_from", [99, 0])
 def test_cuda_kernels_match_grid_sample_path(monkeypatch: pytest.MonkeyPatch,
-                                             dtype: torch.dtype) -> None:
+                                             dtype: torch.dtype, merge_from: int) -> None:
+    """``merge_from`` 0: the backward merges the rows of one pixel on every level (tl.dot
+    in tf32x3 on the tensor cores)."""
+    import siamese_detr.ops.deform_attn_triton as kernels
+
+    monkeypatch.setattr(kernels, "_BWD_MERGE_FROM", merge_from)
     levels = [(100, 150), (50, 75), (25, 38), (13, 19)]
     value, shapes, starts, loc, w = _inputs(levels, B=2, Q=300, H=8, Dh=32, P=4, device="cuda")
     grad = torch.randn(2, 300, 256, device="cuda")
