@@ -5,14 +5,17 @@ ship with it), so the machine code of both kernels can be read here: for each se
 compiles the backward (and the forward) for ``--arch`` (90: H100/H200, 80: A100) and counts
 the instructions that decide the backward's cost: the value-gradient atomics (``RED``: a
 reduction whose result nobody waits for; ``ATOM``: an atomic that returns the old value), the
-memory barriers and cache invalidations around them, the global loads, and the tensor-core
-instructions of the merged rows (``_BWD_MERGE_FROM``).
+memory barriers and cache invalidations around them, the block barriers and shared-memory
+traffic of layout conversions, the global loads, and the tensor-core instructions of the
+merged rows (``_BWD_MERGE_FROM``).
 
     python bench/deform_sass.py [--arch 90] [--out sass.json]
 
 Session 10 found this way that Triton's default memory order for ``tl.atomic_add``
 (``acq_rel``) put a GPU-wide barrier (``MEMBAR.ALL.GPU``) and an L1 invalidation
-(``CCTL.IVALL``) before every one of the backward's 256 vector atomics per thread.
+(``CCTL.IVALL``) before every one of the backward's 256 vector atomics per thread, and that
+with a bfloat16 value map each atomic's tile went through shared memory first (a layout
+conversion: 351 block barriers per program).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from typing import Any
 FAMILIES = {
     ("RED", "REDG"): "reductions (RED)",
     ("ATOM", "ATOMG"): "atomics (ATOM)",
-    ("MEMBAR",): "barriers (MEMBAR)",
+    ("MEMBAR",): "memory barriers (MEMBAR)",
+    ("BAR",): "block barriers (BAR)",
+    ("LDS", "STS"): "shared memory (LDS/STS)",
     ("CCTL",): "cache invalidations (CCTL)",
     ("LDG",): "global loads (LDG)",
     ("HMMA", "HGMMA"): "tensor-core (HMMA)",
@@ -63,7 +68,7 @@ def compile_kernel(kind: str, arch: int = 90, block_q: int = 64, warps: int = 4,
     consts: dict[str, Any] = {"H": 8, "D": head_dim, "L": 4, "P": 4, "BQ": block_q,
                               "BD": max(16, triton.next_power_of_2(head_dim))}
     if kind == "bwd":
-        consts.update(MERGE_FROM=merge_from, SEM=sem)
+        consts.update(BLP=32, MERGE_FROM=merge_from, SEM=sem)  # 2 * 4 levels * 4 points
     sig.update({name: "constexpr" for name in consts})
     pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}

@@ -121,32 +121,45 @@ def _bwd_corner(acc_a, acc_x, acc_y, g, a, cw, dcx, dcy, v_base, gv_base, yi, xi
 @triton.jit
 def _bwd_kernel(value, shapes, starts, loc, attw, grad_out, grad_value, grad_loc, grad_attw,
                 S, Q, H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
-                BQ: tl.constexpr, BD: tl.constexpr, MERGE_FROM: tl.constexpr,
+                BQ: tl.constexpr, BD: tl.constexpr, BLP: tl.constexpr, MERGE_FROM: tl.constexpr,
                 SEM: tl.constexpr):
+    # Every 2-D tile here is [BQ, 4k] float32 with 4 contiguous elements per thread (the
+    # max_contiguous hints keep bfloat16 loads from taking 8), the layout of the float32
+    # vector atomics: so the compiler moves no tile through shared memory (one conversion and
+    # its barriers per atomic otherwise). A query's 2*L*P locations and L*P weights are
+    # loaded as one row each, and their gradients stored as one row each: the per-point
+    # values are picked out of, and put back into, those rows within each thread's registers.
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     qs = pid_q * BQ + tl.arange(0, BQ)
     qm = qs < Q
-    ds = tl.arange(0, BD)
+    ds = tl.max_contiguous(tl.arange(0, BD), 4)
     dm = ds < D
+    cs = tl.max_contiguous(tl.arange(0, BLP), 4)  # a query's (level, point, x/y) columns
     offset = b.to(tl.int64) * S * H * D + h * D
     v_base = value + offset
     gv_base = grad_value + offset
     row = ((b * Q + qs) * H + h).to(tl.int64)
     g = tl.load(grad_out + (row * D)[:, None] + ds[None, :], mask=qm[:, None] & dm[None, :],
                 other=0.0).to(tl.float32)
+    loc_rows = tl.load(loc + (row * (2 * L * P))[:, None] + cs[None, :],
+                       mask=qm[:, None] & (cs < 2 * L * P)[None, :], other=0.0).to(tl.float32)
+    attw_rows = tl.load(attw + (row * (L * P))[:, None] + cs[None, :],
+                        mask=qm[:, None] & (cs < L * P)[None, :], other=0.0).to(tl.float32)
+    grad_loc_rows = tl.zeros((BQ, BLP), dtype=tl.float32)
+    grad_attw_rows = tl.zeros((BQ, BLP), dtype=tl.float32)
     for lvl in tl.static_range(L):
         hl = tl.load(shapes + 2 * lvl).to(tl.int32)
         wl = tl.load(shapes + 2 * lvl + 1).to(tl.int32)
         start = tl.load(starts + lvl).to(tl.int32)
         merge = lvl >= MERGE_FROM  # a constant: lvl is
         for p in tl.static_range(P):
-            idx = row * (L * P) + lvl * P + p
-            lx = tl.load(loc + 2 * idx, mask=qm, other=0.0).to(tl.float32)
-            ly = tl.load(loc + 2 * idx + 1, mask=qm, other=0.0).to(tl.float32)
-            a = tl.load(attw + idx, mask=qm, other=0.0).to(tl.float32)
+            j = lvl * P + p
+            lx = tl.sum(tl.where(cs[None, :] == 2 * j, loc_rows, 0.0), axis=1)
+            ly = tl.sum(tl.where(cs[None, :] == 2 * j + 1, loc_rows, 0.0), axis=1)
+            a = tl.sum(tl.where(cs[None, :] == j, attw_rows, 0.0), axis=1)
             x = lx * wl.to(tl.float32) - 0.5
             y = ly * hl.to(tl.float32) - 0.5
             x0f = tl.floor(x)
@@ -170,11 +183,17 @@ def _bwd_kernel(value, shapes, starts, loc, attw, grad_out, grad_value, grad_loc
             ga, gx, gy = _bwd_corner(ga, gx, gy, g, a, fy * fx, fy, fx,
                                      v_base, gv_base, y0 + 1, x0 + 1, hl, wl, start, qm, ds, dm,
                                      H, D, BQ, merge, SEM)
-            tl.store(grad_attw + idx, ga.to(grad_attw.dtype.element_ty), mask=qm)
-            tl.store(grad_loc + 2 * idx, (a * gx * wl.to(tl.float32)).to(
-                grad_loc.dtype.element_ty), mask=qm)
-            tl.store(grad_loc + 2 * idx + 1, (a * gy * hl.to(tl.float32)).to(
-                grad_loc.dtype.element_ty), mask=qm)
+            grad_attw_rows += tl.where(cs[None, :] == j, ga[:, None], 0.0)
+            grad_loc_rows += tl.where(cs[None, :] == 2 * j, (a * gx * wl.to(tl.float32))[:, None],
+                                      0.0)
+            grad_loc_rows += tl.where(cs[None, :] == 2 * j + 1,
+                                      (a * gy * hl.to(tl.float32))[:, None], 0.0)
+    tl.store(grad_loc + (row * (2 * L * P))[:, None] + cs[None, :],
+             grad_loc_rows.to(grad_loc.dtype.element_ty),
+             mask=qm[:, None] & (cs < 2 * L * P)[None, :])
+    tl.store(grad_attw + (row * (L * P))[:, None] + cs[None, :],
+             grad_attw_rows.to(grad_attw.dtype.element_ty),
+             mask=qm[:, None] & (cs < L * P)[None, :])
 
 
 # queries per program and warps per program of each kernel: module settings, which
@@ -228,6 +247,7 @@ class _MSDeformAttnTriton(torch.autograd.Function):
         _bwd_kernel[grid](value, shapes, starts, loc, attw, grad_out.contiguous(), grad_value,
                           grad_loc, grad_attw, S, Q, H=H, D=D, L=L, P=P, BQ=_BWD_BQ,
                           BD=max(16, triton.next_power_of_2(D)),
+                          BLP=max(16, triton.next_power_of_2(2 * L * P)),
                           MERGE_FROM=_BWD_MERGE_FROM if _BWD_BQ >= 16 else 99,
                           SEM=_BWD_ATOMIC_SEM,
                           num_warps=_BWD_WARPS)
