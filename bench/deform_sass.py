@@ -44,27 +44,30 @@ FAMILIES = {
 }
 
 
-def _signature(kind: str) -> dict[str, str]:
-    common = {"value": "*bf16", "shapes": "*i64", "starts": "*i64", "loc": "*fp32",
+def _signature(kind: str, dtype: str) -> dict[str, str]:
+    # the attention weights come out of a softmax: float32 under autocast too
+    common = {"value": f"*{dtype}", "shapes": "*i64", "starts": "*i64", "loc": "*fp32",
               "attw": "*fp32"}
     if kind == "fwd":
-        return {**common, "out": "*bf16", "S": "i32", "Q": "i32"}
-    return {**common, "grad_out": "*bf16", "grad_value": "*fp32", "grad_loc": "*fp32",
+        return {**common, "out": f"*{dtype}", "S": "i32", "Q": "i32"}
+    return {**common, "grad_out": f"*{dtype}", "grad_value": "*fp32", "grad_loc": "*fp32",
             "grad_attw": "*fp32", "S": "i32", "Q": "i32"}
 
 
 def compile_kernel(kind: str, arch: int = 90, block_q: int = 64, warps: int = 4,
-                   merge_from: int = 99, sem: str = "relaxed", head_dim: int = 32) -> Any:
+                   merge_from: int = 99, sem: str = "relaxed", head_dim: int = 32,
+                   dtype: str = "bf16") -> Any:
     """The kernel ``kind`` ('fwd' or 'bwd') of :mod:`siamese_detr.ops.deform_attn_triton`
     compiled for ``sm_<arch>`` at a Deformable DETR size (8 heads, 4 levels, 4 points), with
-    every pointer 16-byte aligned as PyTorch's allocations are."""
+    every pointer 16-byte aligned as PyTorch's allocations are. ``dtype``: of the value map
+    and the output (bf16: under autocast; fp32)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from siamese_detr.ops import deform_attn_triton as kernels
 
-    sig = _signature(kind)
+    sig = _signature(kind, dtype)
     consts: dict[str, Any] = {"H": 8, "D": head_dim, "L": 4, "P": 4, "BQ": block_q,
                               "BD": max(16, triton.next_power_of_2(head_dim))}
     if kind == "bwd":
@@ -102,7 +105,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
-    settings = [("fwd", {}), ("bwd", {"sem": "acq_rel"}), ("bwd", {"sem": "relaxed"}),
+    settings = [("fwd", {}), ("fwd", {"dtype": "fp32"}), ("bwd", {"sem": "acq_rel"}),
+                ("bwd", {"sem": "relaxed"}), ("bwd", {"sem": "relaxed", "dtype": "fp32"}),
                 ("bwd", {"sem": "relaxed", "merge_from": 2}),
                 ("bwd", {"sem": "relaxed", "merge_from": 0})]
     print(f"sm_{args.arch}, 8 heads x 32 channels, 4 levels x 4 points, 64 queries and 4 warps "
