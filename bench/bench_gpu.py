@@ -322,14 +322,18 @@ def ours_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
 
 
 def graphed_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
-                 targets: list[BoxTargets], device: torch.device, dtype: str) -> Step:
+                 targets: list[BoxTargets], device: torch.device, dtype: str,
+                 losses_graph: bool = True) -> Step:
     """Our fine-tuning step with ``engine.cuda_graphs``: the detector's forward and backward
     replayed from CUDA graphs (``DetectionTask.enable_cuda_graphs``, padding to multiples of
-    32, a no-op at 800x1088); the criterion with its host matching and the optimiser eager."""
+    32, a no-op at 800x1088), the host matching eager, the losses from their own graphs
+    (session 10; eager when ``losses_graph`` is False), the optimiser eager."""
     from siamese_detr.methods.supervised import DetectionTask
 
     task = DetectionTask(model, criterion)
     task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
+    if not losses_graph:
+        task._losses = None  # the criterion eager after the detector's graph
 
     def fwd_bwd() -> None:
         with autocast(device, dtype, weight_cache=False):
@@ -511,11 +515,12 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
             params["pretrain_2x"] = trainable(ptask)
     if args.graphed and device.type == "cuda":
         def ours_row(name: str, wrap: Callable[[Step], Step] = lambda st: st,
-                     **build: Any) -> None:
+                     losses_graph: bool = True, **build: Any) -> None:
             """A graphed fine-tuning row: a copy of ``model`` built with ``build``."""
             _, (m, c), o = build_ours(variant, device, **build)
             m.load_state_dict(model.state_dict())
-            makers[name] = lambda dt: wrap(graphed_step(m, c, o, images, targets, device, dt))
+            makers[name] = lambda dt: wrap(graphed_step(m, c, o, images, targets, device, dt,
+                                                        losses_graph))
             params[name] = trainable(m)
 
         def pretrain_row(name: str, batch: Any = None, losses_graph: bool = True,
@@ -531,6 +536,8 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
 
         pretraining = not args.no_pretrain
         ours_row("ours_graphed")
+        if args.losses_ab:  # the criterion after the matching eager (before session 10)
+            ours_row("ours_graphed_dense_only", losses_graph=False)
         if pretraining:
             pretrain_row("pretrain_graphed")
             if args.augment_on_device:  # the default GPU pretraining
@@ -624,6 +631,7 @@ def time_variant(variant: str, dtype: str, steps: dict[str, Step], params: dict[
         ("ours_graphed", "ours_graphed_unfolded"),
         ("pretrain_graphed", "pretrain_graphed_unfolded"),
         ("pretrain_graphed", "pretrain_graphed_dense_only"),
+        ("ours_graphed", "ours_graphed_dense_only"),
         ("ours_graphed_cudnn", "ours_graphed"), ("pretrain_graphed_cudnn", "pretrain_graphed"),
         ("pretrain_graphed_dense_only", "ours_graphed"),
         ("ours_graphed_fused", "ours_graphed"), ("ours_graphed_cl_fused", "ours_graphed"),
@@ -696,7 +704,8 @@ def main() -> None:
                          "torch.backends.cudnn.benchmark on (rows *_graphed_cudnn)")
     ap.add_argument("--losses-ab", action="store_true",
                     help="with --graphed: also the graphed pretraining step with its losses "
-                         "after the matching eager (row pretrain_graphed_dense_only)")
+                         "after the matching eager (rows pretrain_graphed_dense_only, "
+                         "ours_graphed_dense_only)")
     ap.add_argument("--augment-on-device", action="store_true",
                     help="also time the pretraining step on the loader output of "
                          "augment_on=device (crops cut, crops and views coloured in the step)")

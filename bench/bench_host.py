@@ -5,9 +5,10 @@
 So a step's eager aten ops and its wall time are the host's part of a graphed step: Python, the
 eager ops, the copies into the graphs' static inputs, and the matching. Rows: Siamese
 pretraining with the dense part graphed only (the losses eager, as before session 8), with the
-dense part and the losses graphed, and fine-tuning. Small images (default 64x96) keep the
-stubbed copies and the eager CPU kernels small; the eager losses of the first row still
-compute on the CPU, so its time is not host time, but its op count is.
+dense part and the losses graphed, and fine-tuning the same two ways (its losses graphed
+since session 10). Small images (default 64x96) keep the stubbed copies and the eager CPU
+kernels small; the eager losses of the rows without a losses graph still compute on the
+CPU, so their times are not host time alone, but their op counts are.
 
     PYTHONPATH=src python bench/bench_host.py --batch 8
 """
@@ -65,11 +66,16 @@ def main() -> None:
     sb = bg.make_siamese_batch(args.batch, h, w, s.num_regions, s.crop_size, dev)
     _, both, _ = bg.build_pretrain(args.variant, dev, 32)
     fcfg, (model, criterion), _ = bg.build_ours(args.variant, dev)
+    _, (model2, criterion2), _ = bg.build_ours(args.variant, dev)
+    model2.load_state_dict(model.state_dict())
     fb = (bg.make_images(args.batch, h, w, dev),
           bg.make_targets(args.batch, fcfg.model.num_classes, dev))
     rows = {"pretraining, dense part graphed": (graphed(dense_only, False), sb),
             "pretraining, dense part and losses graphed": (graphed(both), sb),
-            "fine-tuning, dense part graphed": (graphed(DetectionTask(model, criterion)), fb)}
+            "fine-tuning, dense part graphed": (
+                graphed(DetectionTask(model, criterion), False), fb),
+            "fine-tuning, dense part and losses graphed": (
+                graphed(DetectionTask(model2, criterion2)), fb)}
     times: dict[str, list[float]] = {k: [] for k in rows}
     ops: dict[str, Any] = {}
     for i in range(args.steps + 2):  # interleaved; two warm-up rounds (the captures)

@@ -3,8 +3,9 @@
 # (the matching cost inside the dense graph), the criterion's GIoU loss without torchvision's
 # host read (fine-tuning too), a failed capture's reset; cuDNN's fused convolutions for the
 # frozen trunk and the loader's steady state (session 9); the deformable attention backward's
-# relaxed atomics (session 10). One device call of usually about 7 minutes (the timeouts add
-# up to 10.5: the last step may be cut); carry .gpu/whl and .gpu/loaderdata; timeout_s=600.
+# relaxed atomics and fine-tuning's losses graph (session 10). One device call of usually
+# about 7-8 minutes (the timeouts add up to 11.3: the last step may be cut); carry .gpu/whl
+# and .gpu/loaderdata; timeout_s=600.
 # The fused-convolution rows run only if their parity test (0a) passes on the GPU.
 # Steps in order of importance, each writing its own file. Dry run on a CPU:
 #   OUT=/tmp/o EXTRA="--device cpu --small" bash bench/gpu_next5.sh
@@ -26,9 +27,13 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   echo "   ops on, a failed capture's aftermath, the fused convolutions under graphs"
   timeout 80 python -m pytest -q -p no:cacheprovider -m gpu -k "pretrain or failed_capture or fused" \
     tests/unit/engine/test_cuda_graphs.py; echo "0 rc=$?"
+  echo "== 0c: real graphs of the fine-tuning step, its losses now a second graph (session 10:"
+  echo "   targets and pairs padded to a power of two)"
+  timeout 50 python -m pytest -q -p no:cacheprovider -m gpu -k finetune \
+    tests/unit/engine/test_cuda_graphs.py; echo "0c rc=$?"
   echo "== 1: graphed steps at the per-GPU paper batch, bf16: losses graph on and off,"
   echo "   channels_last, cuDNN's fused convolutions, augment_on=device (13 rows)"
-  timeout 125 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
+  timeout 140 $B --no-hf --no-pretrain-2x --graphed --losses-ab --augment-on-device \
     --channels-last $FUSED --batch 8 --size 480x480 --warmup 3 --steps 5 \
     --variants detr,conditional --dtypes bf16 --out "$OUT/b8.json" $SMALL
   echo "1 rc=$?"
@@ -52,7 +57,8 @@ SMALL=${EXTRA:+--batch 2 --size 64x96 --warmup 1 --steps 1}  # a CPU dry run: sm
   loader 20 12 128 "pretrain/paper, augment on device"; echo "5b rc=$?"
   echo "== 4: the other GPU tests (fine-tuning, DETReg, UP-DETR graphs, UP-DETR's query shuffle"
   echo "   captured; Triton); last, as the least likely to have changed"
-  timeout 60 python -m pytest -q -p no:cacheprovider -m gpu -k "not pretrain and not fused" tests
+  timeout 60 python -m pytest -q -p no:cacheprovider -m gpu \
+    -k "not pretrain and not fused and not finetune" tests
   echo "4 rc=$?"
 } 2>&1 | grep -v "UserWarning\|return Variable\|USDT\|gpuGetDevice" | tee "$OUT/next5.log"
 python bench/targets.py "$OUT" | tee "$OUT/targets.txt"  # issue 13's verdicts

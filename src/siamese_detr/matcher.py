@@ -201,7 +201,11 @@ class MatchJob:
 
     ``cost``: the ``[L, B, Q, T]`` cost of :meth:`HungarianMatcher.cost_matrix`, when the
     caller has it already (computed inside a CUDA graph); ``counts`` then gives each image's
-    number of targets and ``targets`` may be empty."""
+    number of targets and ``targets`` may be empty.
+
+    ``pad_pairs``: when > 0, :func:`match_all` pads each layer's pairs to this many with
+    ``(image 0, prediction Q, target pad_target)``: a prediction index past the last query,
+    which marks them (fixed shapes for a CUDA graph of the losses)."""
 
     matcher: HungarianMatcher
     logits: Tensor
@@ -209,6 +213,8 @@ class MatchJob:
     targets: list[BoxTargets]
     cost: Tensor | None = None
     counts: list[int] | None = None
+    pad_pairs: int = 0
+    pad_target: int = 0
 
     def target_counts(self) -> list[int]:
         """Each image's number of targets."""
@@ -324,7 +330,8 @@ def solve_assignments(jobs: Sequence[MatchJob], extra: Tensor | None = None
 def match_all(jobs: Sequence[MatchJob], extra: Tensor | None = None
               ) -> tuple[list[Matching], np.ndarray]:
     """:func:`solve_assignments`, plus the flattened pairs of every job on the device in one
-    non-blocking host-to-device copy (pinned memory on CUDA)."""
+    non-blocking host-to-device copy (pinned memory on CUDA), padded where a job asks
+    (:attr:`MatchJob.pad_pairs`)."""
     solved, extra_host = _solve(jobs, extra)
     parts, shapes = [], []
     for job, layers in zip(jobs, solved):
@@ -335,6 +342,13 @@ def match_all(jobs: Sequence[MatchJob], extra: Tensor | None = None
                 [np.stack([np.full(len(src), b), src, tgt + starts[b]])
                  for b, (src, tgt) in enumerate(per_image)], axis=1).astype(np.int64))
         arr = np.stack(rows, axis=1)  # [3, L, N]
+        if job.pad_pairs:
+            if job.pad_pairs < arr.shape[2]:
+                raise ValueError(f"pad_pairs={job.pad_pairs} < {arr.shape[2]} matched pairs")
+            fill = np.array([0, job.logits.shape[2], job.pad_target], np.int64)[:, None, None]
+            arr = np.concatenate(
+                [arr, np.broadcast_to(fill, (3, arr.shape[1], job.pad_pairs - arr.shape[2]))],
+                axis=2)
         shapes.append(arr.shape)
         parts.append(arr.reshape(-1))
     device = jobs[0].logits.device if jobs else torch.device("cpu")

@@ -34,6 +34,12 @@ class DistInfo:
         return self.world_size > 1
 
 
+def several_processes() -> bool:
+    """Is a process group of more than one process running? (The losses' CUDA graphs stay off
+    then: under DDP the losses hold collectives, SyncBatchNorm and the box count.)"""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     """``engine.device`` -> the device: ``auto`` is this process's GPU (``cuda:local_rank``)
     when CUDA is available, else the CPU; ``cuda`` without a GPU is a config error."""

@@ -23,7 +23,8 @@ from siamese_detr.matcher import HungarianMatcher, Matching, MatchJob, match_all
 from siamese_detr.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou_loss
 from siamese_detr.structures import BoxTargets, DetectorOutput, LossOutput
 
-__all__ = ["SetCriterion", "build_criterion", "num_boxes_of", "num_logits", "Indices"]
+__all__ = ["SetCriterion", "build_criterion", "num_boxes_of", "num_logits", "Indices",
+           "padded_targets", "target_slots"]
 
 Indices = list[tuple[Tensor, Tensor]]
 NAMES = ("loss_ce", "loss_bbox", "loss_giou")
@@ -116,40 +117,55 @@ class SetCriterion(nn.Module):
 
     # ------------------------------------------------------------------ losses of all layers
     def loss_labels(self, logits: Tensor, labels: Tensor, m: Matching,
-                    num_boxes: float | Tensor) -> Tensor:
+                    num_boxes: float | Tensor, padded: bool = False) -> Tensor:
         """Classification loss of each layer: ``logits [L, B, Q, C]``, ``labels [T]`` (all
-        targets of the batch, concatenated) -> ``[L]``."""
+        targets of the batch, concatenated) -> ``[L]``. ``padded``: ``m`` holds padding pairs
+        (prediction index ``Q``, :attr:`MatchJob.pad_pairs`), which land in a slot past the
+        queries that is dropped."""
         logits = logits.float()
         L, B, Q, C = logits.shape
         layer = torch.arange(L, device=logits.device)[:, None].expand_as(m.batch_idx)
         matched = labels[m.tgt_idx]  # [L, N]
         if self.cls_loss == "ce":
-            target_classes = torch.full((L, B, Q), self.num_classes, dtype=torch.int64,
-                                        device=logits.device)
+            target_classes = torch.full((L, B, Q + padded), self.num_classes,
+                                        dtype=torch.int64, device=logits.device)
             target_classes[layer, m.batch_idx, m.pred_idx] = matched
+            if padded:
+                target_classes = target_classes[..., :Q]
             weight = self.empty_weight.to(logits.device)
             # the weighted mean of F.cross_entropy, per layer: sum(w_i * nll_i) / sum(w_i)
             nll = F.cross_entropy(logits.permute(0, 3, 1, 2), target_classes, weight,
                                   reduction="none")
             return nll.sum((1, 2)) / weight[target_classes].sum((1, 2))
-        onehot = torch.zeros_like(logits)
-        onehot[layer, m.batch_idx, m.pred_idx, matched] = 1.0
+        if padded:
+            onehot = logits.new_zeros(L, B, Q + 1, C)
+            onehot[layer, m.batch_idx, m.pred_idx, matched] = 1.0
+            onehot = onehot[:, :, :Q]
+        else:
+            onehot = torch.zeros_like(logits)
+            onehot[layer, m.batch_idx, m.pred_idx, matched] = 1.0
         return sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma,
                                   keep_dims=1)
 
     def loss_boxes(self, boxes: Tensor, tgt_boxes: Tensor, m: Matching,
-                   num_boxes: float | Tensor) -> tuple[Tensor, Tensor]:
+                   num_boxes: float | Tensor, padded: bool = False) -> tuple[Tensor, Tensor]:
         """L1 and ``1 - GIoU`` of matched boxes (normalised cxcywh), summed / ``num_boxes``,
-        per layer: ``boxes [L, B, Q, 4]``, ``tgt_boxes [T, 4]`` -> two ``[L]``."""
+        per layer: ``boxes [L, B, Q, 4]``, ``tgt_boxes [T, 4]`` -> two ``[L]``. ``padded``:
+        the padding pairs of ``m`` count 0 (their target must be a proper box)."""
         boxes = boxes.float()
+        Q = boxes.shape[2]
         layer = torch.arange(boxes.shape[0], device=boxes.device)[:, None].expand_as(m.batch_idx)
-        src = boxes[layer, m.batch_idx, m.pred_idx]  # [L, N, 4]
+        pred_idx = m.pred_idx.clamp(max=Q - 1) if padded else m.pred_idx
+        src = boxes[layer, m.batch_idx, pred_idx]  # [L, N, 4]
         tgt = tgt_boxes.float()[m.tgt_idx]
-        l1 = (src - tgt).abs().sum((1, 2)) / num_boxes
         # 1 - GIoU, [L, N] (torchvision's values, without its host read)
         giou_loss = paired_generalized_box_iou_loss(box_cxcywh_to_xyxy(src),
                                                     box_cxcywh_to_xyxy(tgt))
-        return l1, giou_loss.sum(1) / num_boxes
+        if not padded:
+            return (src - tgt).abs().sum((1, 2)) / num_boxes, giou_loss.sum(1) / num_boxes
+        real = (m.pred_idx < Q).float()  # [L, N]
+        l1 = ((src - tgt).abs().sum(2) * real).sum(1) / num_boxes
+        return l1, (giou_loss * real).sum(1) / num_boxes
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -172,13 +188,23 @@ class SetCriterion(nn.Module):
     ) -> list[tuple[LossOutput, Matching]]:
         """:meth:`forward` of several outputs (e.g. both directions of a Siamese step) whose
         matching cost matrices, of every supervised layer, go to the host in ONE transfer."""
+        jobs, matchings = self.match_many(items)
+        return [(self._loss(job, m, out.num_layers), m)
+                for (out, _), job, m in zip(items, jobs, matchings)]
+
+    def match_many(self, items: Sequence[tuple[DetectorOutput, list[BoxTargets]]],
+                   pad_pairs: int = 0) -> tuple[list[MatchJob], list[Matching]]:
+        """The matchings of :meth:`forward_many` (one transfer to the host), each layer's pairs
+        padded to ``pad_pairs`` when > 0 (:attr:`MatchJob.pad_pairs`; the padding pairs'
+        target is the last of ``pad_pairs`` slots, see :func:`padded_targets`)."""
         jobs = []
         for out, targets in items:
             if out.logits.shape[-1] != self.num_logits:
                 raise ValueError(f"logits have {out.logits.shape[-1]} columns, the "
                                  f"{self.cls_loss} criterion expects {self.num_logits}")
             sl = slice(None) if self.aux_loss else slice(-1, None)
-            jobs.append(MatchJob(self.matcher, out.logits[sl], out.boxes[sl], targets))
+            jobs.append(MatchJob(self.matcher, out.logits[sl], out.boxes[sl], targets,
+                                 pad_pairs=pad_pairs, pad_target=pad_pairs - 1))
         labels = [t.labels.reshape(-1) for _, targets in items for t in targets if len(t) > 0]
         # the largest label rides along with the cost matrices (no extra host read)
         top = torch.cat(labels).max() if labels else None
@@ -188,10 +214,7 @@ class SetCriterion(nn.Module):
             raise ConfigError(
                 f"the data has label {high} but model.num_classes={self.num_classes}; set "
                 f"model.num_classes to at least {high + 1} (largest category id + 1)")
-        results = []
-        for (out, _), job, m in zip(items, jobs, matchings):
-            results.append((self._loss(job, m, out.num_layers), m))
-        return results
+        return jobs, matchings
 
     def _loss(self, job: MatchJob, m: Matching, num_layers: int) -> LossOutput:
         device = job.logits.device
@@ -203,17 +226,43 @@ class SetCriterion(nn.Module):
         return LossOutput(total=total, names=names, weights=weights, raw=raw)
 
     def loss_terms(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor,
-                   m: Matching, num_boxes: float | Tensor) -> tuple[Tensor, Tensor]:
+                   m: Matching, num_boxes: float | Tensor, padded: bool = False
+                   ) -> tuple[Tensor, Tensor]:
         """The weighted total and the ``raw`` terms (in :meth:`term_names` order) of the
         supervised layers' ``logits [L', B, Q, C]`` and ``boxes [L', B, Q, 4]`` matched by
         ``m`` to the batch's concatenated ``labels [T]`` and ``tgt_boxes [T, 4]``: tensors in,
-        tensors out, no host read (Siamese DETR computes it inside a CUDA graph)."""
+        tensors out, no host read (Siamese DETR and graphed fine-tuning compute it inside a
+        CUDA graph). ``padded``: ``m`` and the targets are padded (:meth:`match_many`,
+        :func:`padded_targets`); the padding counts 0."""
         per_layer = torch.stack(  # [L', 3] in NAMES order
-            [self.loss_labels(logits, labels, m, num_boxes),
-             *self.loss_boxes(boxes, tgt_boxes, m, num_boxes)], dim=1)
+            [self.loss_labels(logits, labels, m, num_boxes, padded),
+             *self.loss_boxes(boxes, tgt_boxes, m, num_boxes, padded)], dim=1)
         sums = per_layer.sum(0)
         total = (sums * self.loss_weights.to(logits.device)).sum()  # the one place weights apply
         return total, torch.cat([sums, per_layer.reshape(-1)])
+
+
+def target_slots(num_targets: int, least: int = 16) -> int:
+    """The padded target count of a batch with ``num_targets`` boxes: the next power of two
+    above it (at least ``least``), so a CUDA graph of the losses serves many batches and
+    the last slot is always padding."""
+    slots = least
+    while slots <= num_targets:
+        slots *= 2
+    return slots
+
+
+def padded_targets(targets: list[BoxTargets], slots: int, device: torch.device
+                   ) -> tuple[Tensor, Tensor]:
+    """The batch's concatenated ``labels [slots]`` and normalised cxcywh ``boxes [slots, 4]``,
+    padded with label 0 and the box ``(0.5, 0.5, 0.5, 0.5)`` (a proper box: the padding
+    pairs' GIoU is finite before it is multiplied by 0). Fills on the device, no upload."""
+    n = sum(len(t) for t in targets)
+    pad_labels = torch.zeros(slots - n, dtype=torch.int64, device=device)
+    pad_boxes = torch.full((slots - n, 4), 0.5, device=device)
+    labels = torch.cat([t.labels.to(device).long() for t in targets] + [pad_labels])
+    boxes = torch.cat([t.boxes.to(device).float() for t in targets] + [pad_boxes])
+    return labels, boxes
 
 
 def _resolve(value: float, default: float, key: str) -> float:

@@ -12,12 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from siamese_detr.config import RunConfig
 from siamese_detr.data.collate import pad_to_multiple
-from siamese_detr.engine.graphs import GraphableTask
+from siamese_detr.engine.distributed import several_processes
+from siamese_detr.engine.graphs import Capture, GraphableTask, GraphedDense
 from siamese_detr.errors import ConfigError
+from siamese_detr.losses.set_criterion import padded_targets, target_slots
+from siamese_detr.matcher import Matching
 from siamese_detr.structures import BoxTargets, DetectorOutput, ImageBatch, LossOutput
 
 if TYPE_CHECKING:
@@ -29,7 +33,13 @@ __all__ = ["DetectionTask", "SupervisedTask", "build_datasets"]
 
 
 class DetectionTask(GraphableTask, nn.Module):
-    """Supervised detection as a task for the engine: ``forward((images, targets))``."""
+    """Supervised detection as a task for the engine: ``forward((images, targets))``.
+
+    With CUDA graphs (:meth:`enable_cuda_graphs`) the step is the detector's graph, the
+    matching (eager: the cost to the host, Hungarian, the pairs back), then the losses as a
+    second graph (:meth:`losses`): the targets and the matched pairs are padded to a power of
+    two (:func:`~siamese_detr.losses.set_criterion.target_slots`), so a few graphs serve every
+    batch. Without graphs, or under DDP, the criterion runs eagerly as before."""
 
     graph_name = "detector"
     default_pad_multiple = 128  # images up to 1333 px: docs/benchmarks.md, cuda_graphs
@@ -38,6 +48,7 @@ class DetectionTask(GraphableTask, nn.Module):
         super().__init__()
         self.detector = detector
         self.criterion = criterion
+        self._losses: GraphedDense | None = None  # the losses' graphs (enable_cuda_graphs)
 
     def graph_owner(self) -> nn.Module:
         """The graphs train the detector (the criterion has no parameters)."""
@@ -48,14 +59,45 @@ class DetectionTask(GraphableTask, nn.Module):
         out = self.detector(ImageBatch(images, mask, sizes))
         return out.logits, out.boxes
 
+    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
+                           capture: Capture | None = None, shared_pool: bool = True) -> None:
+        """The detector's graphs, and the losses' (:meth:`losses`, in a pool of their own)."""
+        super().enable_cuda_graphs(max_graphs, pad_multiple, capture, shared_pool)
+        self._losses = GraphedDense(self.criterion, self.losses, max_graphs=max_graphs,
+                                    capture=capture, shared_pool=shared_pool,
+                                    name="detection losses")
+
     def forward(self, batch: tuple[ImageBatch, list[BoxTargets]]) -> LossOutput:
         images, targets = batch
         images = pad_to_multiple(images, self.pad_multiple)
         logits, boxes = self.run_dense(images.images, images.mask, images.sizes)
         # the criterion reads no decoder states
         out = DetectorOutput(logits=logits, boxes=boxes, hidden=logits[..., :0])
-        loss, _ = self.criterion(out, targets)
-        return loss
+        if self._losses is None or several_processes():
+            loss, _ = self.criterion(out, targets)
+            return loss
+        # the step's one host read (the cost to the host, Hungarian, the pairs back), then
+        # the losses from their graphs: targets and pairs padded to a fixed number of slots
+        n = sum(len(t) for t in targets)
+        slots = target_slots(n)
+        _, (matching,) = self.criterion.match_many([(out, targets)], pad_pairs=slots)
+        labels, tgt_boxes = padded_targets(targets, slots, logits.device)
+        num_boxes = torch.full((), float(max(n, 1)), device=logits.device)
+        total, raw = self._losses(logits, boxes, labels, tgt_boxes, matching.batch_idx,
+                                  matching.pred_idx, matching.tgt_idx, num_boxes)
+        names, weights = self.criterion.term_names(out.num_layers)
+        return LossOutput(total=total, names=names, weights=weights, raw=raw)
+
+    def losses(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor,
+               batch_idx: Tensor, pred_idx: Tensor, tgt_idx: Tensor, num_boxes: Tensor
+               ) -> tuple[Tensor, Tensor]:
+        """The criterion's ``(total, raw)`` from the detector's outputs, the padded targets
+        and the padded pairs (``[L', slots]`` each): tensors only, fixed shapes for a given
+        number of slots (what a CUDA graph captures)."""
+        sup = self.criterion.supervised
+        return self.criterion.loss_terms(sup(logits), sup(boxes), labels, tgt_boxes,
+                                         Matching([], batch_idx, pred_idx, tgt_idx), num_boxes,
+                                         padded=True)
 
 
 def build_datasets(cfg: RunConfig, train: bool = True) -> tuple[Any, Any]:

@@ -530,8 +530,9 @@ def test_two_shapes_alternating_train_like_eager(kind, variant, tmp_path):
 
 
 def _has_loss_graph(kind: str) -> bool:
-    """Siamese DETR's step has a second graphed part after the matching: its losses."""
-    return kind in ("pretrain", "pretrain_aug")
+    """Siamese DETR's and fine-tuning's steps have a second graphed part after the matching:
+    their losses."""
+    return kind in ("finetune", "pretrain", "pretrain_aug")
 
 
 def _no_randomness(task: nn.Module) -> nn.Module:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.data.collate import pad_to_multiple
+from siamese_detr.engine.distributed import several_processes
 from siamese_detr.engine.graphs import Capture, GraphableTask, GraphedDense
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
 from siamese_detr.losses.set_criterion import num_boxes_of
@@ -164,7 +165,7 @@ class SiameseDETR(GraphableTask, nn.Module):
     def run_losses(self, *args: Tensor | None) -> tuple[Tensor, Tensor]:
         """:meth:`losses`, from its CUDA graphs when they are enabled (one process only: under
         DDP the losses hold collectives, SyncBatchNorm and the box count, and run eagerly)."""
-        if self._losses is not None and not _distributed():
+        if self._losses is not None and not several_processes():
             total, raw = self._losses(*args)
             return total, raw
         return self.losses(*args)
@@ -452,11 +453,6 @@ class SiameseDETR(GraphableTask, nn.Module):
 
 def _is_sync_bn(module: nn.Module | None) -> bool:
     return module is not None and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
-
-
-def _distributed() -> bool:
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
 
 
 def build_siamese_task(cfg: RunConfig) -> SiameseDETR:
