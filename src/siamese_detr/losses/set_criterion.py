@@ -138,9 +138,14 @@ class SetCriterion(nn.Module):
                                   reduction="none")
             return nll.sum((1, 2)) / weight[target_classes].sum((1, 2))
         if padded:
-            onehot = logits.new_zeros(L, B, Q + 1, C)
-            onehot[layer, m.batch_idx, m.pred_idx, matched] = 1.0
-            onehot = onehot[:, :, :Q]
+            # no Python scalar assigned by index (it becomes a tensor: an upload on a GPU,
+            # which a graph cannot hold): each query's class, background C, scattered as 1
+            target_classes = torch.full((L, B, Q + 1), C, dtype=torch.int64,
+                                        device=logits.device)
+            target_classes[layer, m.batch_idx, m.pred_idx] = matched
+            onehot = logits.new_zeros(L, B, Q + 1, C + 1)
+            onehot.scatter_(3, target_classes.unsqueeze(-1), 1.0)
+            onehot = onehot[:, :, :Q, :C]
         else:
             onehot = torch.zeros_like(logits)
             onehot[layer, m.batch_idx, m.pred_idx, matched] = 1.0

@@ -136,26 +136,28 @@ def test_dense_part_neither_reads_nor_uploads_after_its_first_call(variant, kind
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", ["pretrain", "pretrain_aug"])
-def test_siamese_losses_neither_read_nor_upload(variant, kind):
-    """Siamese DETR's second graphed part, its losses after the matching (criterion, region
-    and global discrimination), is capturable too: given the dense part's outputs and the
-    matched pairs, forward and backward read nothing back and upload nothing."""
+@pytest.mark.parametrize("kind", ["pretrain", "pretrain_aug", "finetune"])
+def test_losses_part_neither_reads_nor_uploads(variant, kind):
+    """The second graphed part, the losses after the matching, is capturable too: Siamese
+    DETR's (criterion, region and global discrimination) and fine-tuning's (the criterion on
+    padded targets and pairs). Given the dense part's outputs and the matched pairs, forward
+    and backward read nothing back and upload nothing."""
     task = make_task(kind, variant).train()
     seen: list[tuple[Any, ...]] = []
-    inner = task.run_losses
+    inner = task.losses
 
     def record(*args: Any) -> Any:
         seen.append(args)
         return inner(*args)
 
-    task.run_losses = record
+    task.losses = record  # what the losses' graphs are made of; a 'capture' that runs it
+    enable_cuda_graphs(task, max_graphs=2, pad_multiple=32, capture=lambda m, a, pool: m)
     task(make_batches(kind, 1)[0]).total.backward()
     args = tuple(a.detach().requires_grad_(a.requires_grad) if a is not None else None
                  for a in seen[0])
-    task.losses(*args)
+    inner(*args)
     with OpCounter() as c:
-        total, raw = task.losses(*args)
+        total, raw = inner(*args)
         total.backward()
     assert c.syncs == 0, dict(c.sync_sites)
     assert c.uploads == 0, dict(c.upload_sites)
