@@ -126,10 +126,13 @@ class SetCriterion(nn.Module):
         L, B, Q, C = logits.shape
         layer = torch.arange(L, device=logits.device)[:, None].expand_as(m.batch_idx)
         matched = labels[m.tgt_idx]  # [L, N]
-        if self.cls_loss == "ce":
-            target_classes = torch.full((L, B, Q + padded), self.num_classes,
+        if self.cls_loss == "ce" or padded:
+            # each query's class, num_classes where unmatched (CE's no-object column, focal's
+            # background); padding pairs write to the slot past the queries
+            target_classes = torch.full((L, B, Q + 1 if padded else Q), self.num_classes,
                                         dtype=torch.int64, device=logits.device)
             target_classes[layer, m.batch_idx, m.pred_idx] = matched
+        if self.cls_loss == "ce":
             if padded:
                 target_classes = target_classes[..., :Q]
             weight = self.empty_weight.to(logits.device)
@@ -138,11 +141,8 @@ class SetCriterion(nn.Module):
                                   reduction="none")
             return nll.sum((1, 2)) / weight[target_classes].sum((1, 2))
         if padded:
-            # no Python scalar assigned by index (it becomes a tensor: an upload on a GPU,
-            # which a graph cannot hold): each query's class, background C, scattered as 1
-            target_classes = torch.full((L, B, Q + 1), C, dtype=torch.int64,
-                                        device=logits.device)
-            target_classes[layer, m.batch_idx, m.pred_idx] = matched
+            # the classes scattered as 1 (a Python scalar assigned by index would become a
+            # tensor first: an upload on a GPU, which a graph cannot hold)
             onehot = logits.new_zeros(L, B, Q + 1, C + 1)
             onehot.scatter_(3, target_classes.unsqueeze(-1), 1.0)
             onehot = onehot[:, :, :Q, :C]
