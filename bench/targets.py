@@ -56,6 +56,9 @@ class Verdict:
         return f"{verdict}  {self.target:8s} {self.what}: {self.value:.2f}"
 
 
+STEP_ROW = {"variant", "dtype", "impl", "ms_median"}  # what a bench_gpu.py row holds
+
+
 def _key(r: dict[str, Any]) -> tuple[str, int, tuple[int, ...]]:
     return r["variant"], int(r.get("batch", 0)), tuple(r.get("size", ()))
 
@@ -147,9 +150,12 @@ def collect(paths: list[Path]) -> tuple[list[tuple[str, list[dict[str, Any]]]], 
             except (OSError, ValueError):
                 continue
             rows = data.get("rows") if isinstance(data, dict) else None
-            # bench_gpu.py's rows are a list; other benches (bench_phases.py) keep a dict
-            if isinstance(rows, list) and rows:
-                results.append((f.name, rows))
+            # bench_gpu.py's rows are a list of step timings; other benches keep a dict
+            # (bench_phases.py) or rows of another kind (bench_deform_bwd.py's settings)
+            if isinstance(rows, list):
+                rows = [r for r in rows if isinstance(r, dict) and r.keys() >= STEP_ROW]
+                if rows:
+                    results.append((f.name, rows))
         elif f.suffix == ".log":
             logs.append(f.read_text(errors="replace"))
     return results, "\n".join(logs)

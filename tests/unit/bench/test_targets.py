@@ -123,3 +123,18 @@ def test_per_view_figures_pair_the_graphed_steps(targets):
     lines = targets.per_view(rows, "b8.json")
     assert [line.rsplit(": ", 1)[1] for line in lines] == ["1.10", "0.95", "0.75"]
     assert lines[0].startswith("INFO  per-view pretrain_aug_graphed / 2 / ours_graphed, bf16")
+
+
+def test_other_benches_rows_in_the_folder_are_skipped(targets, tmp_path):
+    """A device call's folder holds other benches' JSON too (bench_deform_bwd.py: rows of
+    launch settings; bench_phases.py: a dict): only bench_gpu.py's step rows count."""
+    import json
+
+    (tmp_path / "deform_sem.json").write_text(json.dumps(
+        {"rows": [{"sem": "relaxed", "block_q": 64, "fwd_ms": 1.0, "bwd_ms": 2.0}]}))
+    (tmp_path / "phases.json").write_text(json.dumps({"rows": {"ours": {"total_ms": 3.0}}}))
+    (tmp_path / "b2.json").write_text(json.dumps(
+        {"rows": [_row("hf", "fp32", 130.0), _row("ours", "fp32", 100.0)]}))
+    results, _ = targets.collect([tmp_path])
+    assert [(name, len(rows)) for name, rows in results] == [("b2.json", 2)]
+    assert targets.main([str(tmp_path)]) == 0
