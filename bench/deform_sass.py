@@ -12,8 +12,8 @@ merged rows (``_BWD_MERGE_FROM``).
     python bench/deform_sass.py [--arch 90] [--out sass.json]
 
 Session 10 found this way that Triton's default memory order for ``tl.atomic_add``
-(``acq_rel``) put a GPU-wide barrier (``MEMBAR.ALL.GPU``) and an L1 invalidation
-(``CCTL.IVALL``) before every one of the backward's 256 vector atomics per thread, and that
+(``acq_rel``) put a GPU-wide barrier (``MEMBAR.ALL.GPU``) before, and an L1 invalidation
+(``CCTL.IVALL``) after, every one of the backward's 256 vector atomics per thread, and that
 with a bfloat16 value map each atomic's tile went through shared memory first (a layout
 conversion: 351 block barriers per program).
 """

@@ -14,7 +14,7 @@ convention in that module's docstring), computed in one kernel per direction ins
   times the level's width / height) and of the value (float32 atomic adds into a float32
   buffer, cast to the value's dtype at the end). The adds are relaxed: on Hopper they compile
   to fire-and-forget vector reductions (``REDG...F32x4``), where Triton's default order
-  (acq_rel) put a GPU-wide memory barrier and an L1 invalidation before each
+  (acq_rel) put a GPU-wide memory barrier before each and an L1 invalidation after it
   (``bench/deform_sass.py`` reads the machine code without a GPU).
 
 Dtypes: ``value`` float32 / bfloat16 / float16 is read as is (bfloat16 under autocast: no
