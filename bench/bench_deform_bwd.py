@@ -143,6 +143,9 @@ def main() -> None:
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--merge-from", default="99",
                     help="backward merging from this level on (99: never), comma-separated")
+    ap.add_argument("--vec", default="4",
+                    help="backward elements per thread along a row (_BWD_VEC: 4 on Hopper; "
+                         "1 for Ampere's scalar atomics), comma-separated")
     ap.add_argument("--sem", default="relaxed",
                     help="memory order of the value-gradient atomics, comma-separated "
                          "(relaxed, acq_rel: Triton's default)")
@@ -189,7 +192,7 @@ def main() -> None:
                                          if device.type == "cuda" else "cpu (interpreter)"),
                               "tokens": int(loc.shape[1]), "rows": []}
     defaults = (kernels._FWD_BQ, kernels._FWD_WARPS, kernels._BWD_BQ, kernels._BWD_WARPS,
-                kernels._BWD_MERGE_FROM, kernels._BWD_ATOMIC_SEM)
+                kernels._BWD_MERGE_FROM, kernels._BWD_ATOMIC_SEM, kernels._BWD_VEC)
     result["atomic_rows"] = {}
     for bq in sorted({int(v) for v in args.block_q.split(",")} | {16, 32, 64, 128}):
         stats = atomic_rows(loc, shapes, bq)
@@ -209,7 +212,8 @@ def main() -> None:
           f"{points}); "
           f"defaults BQ {defaults[0]}/{defaults[2]}, warps {defaults[1]}/{defaults[3]}")
     try:
-        for sem, bq, warps, merge in itertools.product(
+        for vec, sem, bq, warps, merge in itertools.product(
+                [int(v) for v in args.vec.split(",")],
                 args.sem.split(","), [int(v) for v in args.block_q.split(",")],
                 [int(v) for v in args.warps.split(",")],
                 [int(v) for v in args.merge_from.split(",")]):
@@ -218,7 +222,8 @@ def main() -> None:
             kernels._FWD_BQ, kernels._FWD_WARPS = bq, warps
             kernels._BWD_BQ, kernels._BWD_WARPS = bq, warps
             kernels._BWD_MERGE_FROM, kernels._BWD_ATOMIC_SEM = merge, sem
-            label = (f"{sem:7s} BQ {bq:4d} warps {warps}"
+            kernels._BWD_VEC = vec
+            label = (f"{sem:7s} BQ {bq:4d} warps {warps}" + (f" vec {vec}" if vec != 4 else "")
                      + (f" merge from {merge}" if merge < 4 else ""))
             try:
                 grads = backward()  # compiles this setting
@@ -229,7 +234,7 @@ def main() -> None:
                 continue
             err = max(float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-12))
                       for a, b in zip(grads, reference))
-            row = {"sem": sem, "block_q": bq, "warps": warps, "merge_from": merge,
+            row = {"vec": vec, "sem": sem, "block_q": bq, "warps": warps, "merge_from": merge,
                    "fwd_ms": fwd_ms,
                    "bwd_ms": total_ms - fwd_ms, "fwd_bwd_ms": total_ms, "max_rel_diff": err}
             result["rows"].append(row)
@@ -237,7 +242,7 @@ def main() -> None:
                   f"{row['bwd_ms']:8.2f} ms  (gradients vs default: {err:.1e})", flush=True)
     finally:
         (kernels._FWD_BQ, kernels._FWD_WARPS, kernels._BWD_BQ, kernels._BWD_WARPS,
-         kernels._BWD_MERGE_FROM, kernels._BWD_ATOMIC_SEM) = defaults
+         kernels._BWD_MERGE_FROM, kernels._BWD_ATOMIC_SEM, kernels._BWD_VEC) = defaults
     if result["rows"]:
         best_f = min(result["rows"], key=lambda r: r["fwd_ms"])
         best_b = min(result["rows"], key=lambda r: r["bwd_ms"])

@@ -56,7 +56,7 @@ def _signature(kind: str, dtype: str) -> dict[str, str]:
 
 def compile_kernel(kind: str, arch: int = 90, block_q: int = 64, warps: int = 4,
                    merge_from: int = 99, sem: str = "relaxed", head_dim: int = 32,
-                   dtype: str = "bf16") -> Any:
+                   dtype: str = "bf16", vec: int = 4) -> Any:
     """The kernel ``kind`` ('fwd' or 'bwd') of :mod:`siamese_detr.ops.deform_attn_triton`
     compiled for ``sm_<arch>`` at a Deformable DETR size (8 heads, 4 levels, 4 points), with
     every pointer 16-byte aligned as PyTorch's allocations are. ``dtype``: of the value map
@@ -71,7 +71,7 @@ def compile_kernel(kind: str, arch: int = 90, block_q: int = 64, warps: int = 4,
     consts: dict[str, Any] = {"H": 8, "D": head_dim, "L": 4, "P": 4, "BQ": block_q,
                               "BD": max(16, triton.next_power_of_2(head_dim))}
     if kind == "bwd":
-        consts.update(BLP=32, MERGE_FROM=merge_from, SEM=sem)  # 2 * 4 levels * 4 points
+        consts.update(BLP=32, MERGE_FROM=merge_from, SEM=sem, VEC=vec)  # BLP: 2 * 4 * 4
     sig.update({name: "constexpr" for name in consts})
     pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}

@@ -122,22 +122,22 @@ def _bwd_corner(acc_a, acc_x, acc_y, g, a, cw, dcx, dcy, v_base, gv_base, yi, xi
 def _bwd_kernel(value, shapes, starts, loc, attw, grad_out, grad_value, grad_loc, grad_attw,
                 S, Q, H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
                 BQ: tl.constexpr, BD: tl.constexpr, BLP: tl.constexpr, MERGE_FROM: tl.constexpr,
-                SEM: tl.constexpr):
-    # Every 2-D tile here is [BQ, 4k] float32 with 4 contiguous elements per thread (the
+                SEM: tl.constexpr, VEC: tl.constexpr):
+    # Every 2-D tile here is [BQ, 4k] float32 with VEC contiguous elements per thread (the
     # max_contiguous hints keep bfloat16 loads from taking 8), the layout of the float32
-    # vector atomics: so the compiler moves no tile through shared memory (one conversion and
-    # its barriers per atomic otherwise). A query's 2*L*P locations and L*P weights are
-    # loaded as one row each, and their gradients stored as one row each: the per-point
-    # values are picked out of, and put back into, those rows within each thread's registers.
+    # atomics (VEC 4 on Hopper): so the compiler moves no tile through shared memory (one
+    # conversion and its barriers per atomic otherwise). A query's 2*L*P locations and L*P
+    # weights are loaded as one row each, and their gradients stored as one row each: the
+    # per-point values are picked out of, and put back into, those rows in registers.
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     qs = pid_q * BQ + tl.arange(0, BQ)
     qm = qs < Q
-    ds = tl.max_contiguous(tl.arange(0, BD), 4)
+    ds = tl.max_contiguous(tl.arange(0, BD), VEC)
     dm = ds < D
-    cs = tl.max_contiguous(tl.arange(0, BLP), 4)  # a query's (level, point, x/y) columns
+    cs = tl.max_contiguous(tl.arange(0, BLP), VEC)  # a query's (level, point, x/y) columns
     offset = b.to(tl.int64) * S * H * D + h * D
     v_base = value + offset
     gv_base = grad_value + offset
@@ -211,6 +211,12 @@ _BWD_MERGE_FROM = 99
 # against the program's other memory accesses, and nothing here reads what another program
 # added before the kernel ends. Swept by bench_deform_bwd.py (--sem).
 _BWD_ATOMIC_SEM = "relaxed"
+# elements per thread along a row in the backward's tiles (the max_contiguous hints): 4 is the
+# float32 vector atomics' layout on Hopper. Ampere has no vector atomics, so there its
+# atomics' layout is 1 per thread and 4 costs a layout conversion per atomic (767 block
+# barriers per program in the sm_80 code), while 1 costs 2.6x the instructions (row sums
+# over 32 lanes) and no barrier: which is faster there is untimed (bench_deform_bwd.py --vec).
+_BWD_VEC = 4
 
 
 def _launch_shape(value: Tensor, loc: Tensor) -> tuple[int, int, int, int, int, int, int]:
@@ -249,7 +255,7 @@ class _MSDeformAttnTriton(torch.autograd.Function):
                           BD=max(16, triton.next_power_of_2(D)),
                           BLP=max(16, triton.next_power_of_2(2 * L * P)),
                           MERGE_FROM=_BWD_MERGE_FROM if _BWD_BQ >= 16 else 99,
-                          SEM=_BWD_ATOMIC_SEM,
+                          SEM=_BWD_ATOMIC_SEM, VEC=_BWD_VEC,
                           num_warps=_BWD_WARPS)
         return grad_value.to(value.dtype), None, None, grad_loc, grad_attw
 
