@@ -193,16 +193,16 @@ def main() -> None:
                               "tokens": int(loc.shape[1]), "rows": []}
     defaults = (kernels._FWD_BQ, kernels._FWD_WARPS, kernels._BWD_BQ, kernels._BWD_WARPS,
                 kernels._BWD_MERGE_FROM, kernels._BWD_ATOMIC_SEM, kernels._BWD_VEC)
-    result["atomic_rows"] = {}
-    for bq in sorted({int(v) for v in args.block_q.split(",")} | {16, 32, 64, 128}):
-        stats = atomic_rows(loc, shapes, bq)
-        result["atomic_rows"][bq] = stats
-        total = sum(r["rows"] for r in stats)
-        merged = sum(r["merged_rows"] for r in stats)
-        print(f"  atomic value-gradient rows per image, merged in programs of {bq:3d} queries: "
-              f"{merged / total:.3f} of {total} left; per level "
-              + ", ".join(f"{r['size']} {r['left']:.3f}" for r in stats))
-    if args.rows_only:
+    if args.rows_only:  # from the locations alone (the same on any device): no kernel runs
+        result["atomic_rows"] = {}
+        for bq in sorted({int(v) for v in args.block_q.split(",")}):
+            stats = atomic_rows(loc, shapes, bq)
+            result["atomic_rows"][bq] = stats
+            total = sum(r["rows"] for r in stats)
+            merged = sum(r["merged_rows"] for r in stats)
+            print(f"  atomic value-gradient rows per image, merged in programs of {bq:3d} "
+                  f"queries: {merged / total:.3f} of {total} left; per level "
+                  + ", ".join(f"{r['size']} {r['left']:.3f}" for r in stats))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
         return
@@ -249,9 +249,8 @@ def main() -> None:
         result["best"] = {"forward": best_f, "backward": best_b}
         print(f"fastest forward: BQ {best_f['block_q']} warps {best_f['warps']} "
               f"({best_f['fwd_ms']:.2f} ms); fastest backward: {best_b['sem']} BQ "
-              f"{best_b['block_q']} warps "
-              f"{best_b['warps']} merge from {best_b['merge_from']} "
-              f"({best_b['bwd_ms']:.2f} ms)")
+              f"{best_b['block_q']} warps {best_b['warps']} vec {best_b['vec']} merge from "
+              f"{best_b['merge_from']} ({best_b['bwd_ms']:.2f} ms)")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -348,7 +348,7 @@ def pretrain_graphed_step(task: Any, opt: Any, batch: Any, device: torch.device,
     unless ``losses_graph`` is False, ``SiameseDETR.losses`` from CUDA graphs)."""
     if task._dense is None:
         task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
-        if not losses_graph and hasattr(task, "_losses"):
+        if not losses_graph:
             task._losses = None  # the losses after the matching run eagerly
 
     def fwd_bwd() -> None:
@@ -703,8 +703,8 @@ def main() -> None:
                     help="with --graphed: also the graphed steps captured with "
                          "torch.backends.cudnn.benchmark on (rows *_graphed_cudnn)")
     ap.add_argument("--losses-ab", action="store_true",
-                    help="with --graphed: also the graphed pretraining step with its losses "
-                         "after the matching eager (rows pretrain_graphed_dense_only, "
+                    help="with --graphed: also the graphed steps with their losses after "
+                         "the matching eager (rows pretrain_graphed_dense_only, "
                          "ours_graphed_dense_only)")
     ap.add_argument("--augment-on-device", action="store_true",
                     help="also time the pretraining step on the loader output of "

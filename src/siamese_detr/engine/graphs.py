@@ -10,9 +10,11 @@ launch each. The step is split where the host must look at the data:
   captured with :func:`torch.cuda.make_graphed_callables` (forward and backward graphs, one
   autograd node) once per input signature: shapes, dtypes, autocast state;
 * the **rest** runs eagerly: the Hungarian matching (the step's one host read), the losses,
-  the optimiser. Siamese DETR graphs its losses too, as a second part with a pool of its own
-  (``SiameseDETR.losses``: every image has ``M`` regions, so the shapes after the matching are
-  fixed); its dense part also computes the matching cost, so only the assignment is eager.
+  the optimiser. Siamese DETR and fine-tuning graph their losses too, as a second part with a
+  pool of its own (``GraphableTask.losses_graph_name``). ``SiameseDETR.losses``: every image
+  has ``M`` regions, so the shapes after the matching are fixed, and its dense part also
+  computes the matching cost, so only the assignment is eager. ``DetectionTask.losses``: the
+  targets and matched pairs are padded to a power of two.
 
 Shapes: DETR's images change size every batch. ``engine.pad_to_multiple`` pads each batch's
 height and width up to a multiple, so a few shapes recur (by default with graphs: 128 for
@@ -54,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from siamese_detr.engine.distributed import several_processes
 from siamese_detr.engine.logging import get_logger
 
 __all__ = ["Capture", "GraphableTask", "GraphedDense", "cuda_memory", "enable_cuda_graphs",
@@ -305,17 +308,30 @@ class GraphableTask:
     """Mixin of a task whose step has a dense part (``dense(*tensors) -> tuple``; see the
     module docstring): ``enable_cuda_graphs`` and the padding it implies. The task's forward
     pads its images with ``pad_to_multiple(images, self.pad_multiple)`` and calls
-    :meth:`run_dense`."""
+    :meth:`run_dense`.
+
+    A task whose losses after the matching have fixed shapes (``losses(*tensors) -> (total,
+    raw)``) names them in :attr:`losses_graph_name`: they get graphs of their own, in a pool of
+    their own, which :meth:`run_losses` replays (one process only: under DDP the losses hold
+    collectives, SyncBatchNorm and the box count, and run eagerly)."""
 
     pad_multiple: int = 1  # engine.pad_to_multiple (1: no extra padding)
     default_pad_multiple: int = 64  # with graphs and engine.pad_to_multiple=0
     _dense: GraphedDense | None = None
+    _losses: GraphedDense | None = None
     graph_name: str = "dense"  # for the log
+    losses_graph_name: str | None = None  # a second graphed part, the losses (for the log)
 
     dense: Callable[..., tuple[Tensor, ...]]
+    losses: Callable[..., tuple[Tensor, Tensor]]
 
     def graph_owner(self) -> nn.Module:
         """The module whose parameters the dense part uses and trains (default: the task)."""
+        assert isinstance(self, nn.Module)
+        return self
+
+    def losses_owner(self) -> nn.Module:
+        """The module whose parameters :meth:`losses` uses and trains (default: the task)."""
         assert isinstance(self, nn.Module)
         return self
 
@@ -323,15 +339,32 @@ class GraphableTask:
                            capture: Capture | None = None, shared_pool: bool = True) -> None:
         """Pad batches to ``pad_multiple`` (0: :attr:`default_pad_multiple`) and run
         :meth:`dense` (forward and backward) from CUDA graphs, all from one memory pool
-        unless ``shared_pool`` is False; the rest of the step stays eager."""
+        unless ``shared_pool`` is False, and :meth:`losses` likewise where the task has them
+        (:attr:`losses_graph_name`); the rest of the step stays eager."""
         self.pad_multiple = pad_multiple or self.default_pad_multiple
         self._dense = GraphedDense(self.graph_owner(), self.dense, max_graphs=max_graphs,
                                    capture=capture, shared_pool=shared_pool,
                                    name=self.graph_name)
+        if self.losses_graph_name is not None:
+            self._losses = GraphedDense(self.losses_owner(), self.losses, max_graphs=max_graphs,
+                                        capture=capture, shared_pool=shared_pool,
+                                        name=self.losses_graph_name)
 
     def run_dense(self, *args: Tensor | None) -> tuple[Tensor, ...]:
         """:meth:`dense`, from its graphs when they are enabled."""
         return (self._dense or self.dense)(*args)
+
+    def losses_graphed(self) -> bool:
+        """Do :meth:`run_losses` calls go to the losses' graphs (enabled, one process)?"""
+        return self._losses is not None and not several_processes()
+
+    def run_losses(self, *args: Tensor | None) -> tuple[Tensor, Tensor]:
+        """:meth:`losses`, from their graphs when :meth:`losses_graphed`."""
+        if self.losses_graphed():
+            assert self._losses is not None
+            total, raw = self._losses(*args)
+            return total, raw
+        return self.losses(*args)
 
 
 def enable_cuda_graphs(task: nn.Module, max_graphs: int, pad_multiple: int,

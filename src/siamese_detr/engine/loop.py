@@ -391,8 +391,8 @@ class LoaderWatch:
 
 class _GraphCounts:
     """``engine.cuda_graphs`` in the log: graphs held and the share of the steps since the
-    last log that ran from a graph (nothing when the task has no graphs); for Siamese DETR's
-    second graphed part, its losses, ``losses_graphed_share`` too."""
+    last log that ran from a graph (nothing when the task has no graphs); for a second
+    graphed part, the losses (Siamese DETR, fine-tuning), ``losses_graphed_share`` too."""
 
     def __init__(self, dense: Any, losses: Any = None) -> None:
         self.parts = [(p, part) for p, part in (("", dense), ("losses_", losses))

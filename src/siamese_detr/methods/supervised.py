@@ -17,8 +17,7 @@ from torch import Tensor, nn
 
 from siamese_detr.config import RunConfig
 from siamese_detr.data.collate import pad_to_multiple
-from siamese_detr.engine.distributed import several_processes
-from siamese_detr.engine.graphs import Capture, GraphableTask, GraphedDense
+from siamese_detr.engine.graphs import GraphableTask
 from siamese_detr.errors import ConfigError
 from siamese_detr.losses.set_criterion import padded_targets, target_slots
 from siamese_detr.matcher import Matching
@@ -42,13 +41,13 @@ class DetectionTask(GraphableTask, nn.Module):
     batch. Without graphs, or under DDP, the criterion runs eagerly as before."""
 
     graph_name = "detector"
+    losses_graph_name = "detection losses"
     default_pad_multiple = 128  # images up to 1333 px: docs/benchmarks.md, cuda_graphs
 
     def __init__(self, detector: nn.Module, criterion: nn.Module) -> None:
         super().__init__()
         self.detector = detector
         self.criterion = criterion
-        self._losses: GraphedDense | None = None  # the losses' graphs (enable_cuda_graphs)
 
     def graph_owner(self) -> nn.Module:
         """The graphs train the detector (the criterion has no parameters)."""
@@ -59,13 +58,9 @@ class DetectionTask(GraphableTask, nn.Module):
         out = self.detector(ImageBatch(images, mask, sizes))
         return out.logits, out.boxes
 
-    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
-                           capture: Capture | None = None, shared_pool: bool = True) -> None:
-        """The detector's graphs, and the losses' (:meth:`losses`, in a pool of their own)."""
-        super().enable_cuda_graphs(max_graphs, pad_multiple, capture, shared_pool)
-        self._losses = GraphedDense(self.criterion, self.losses, max_graphs=max_graphs,
-                                    capture=capture, shared_pool=shared_pool,
-                                    name="detection losses")
+    def losses_owner(self) -> nn.Module:
+        """The losses' graphs hold the criterion only (it has no parameters)."""
+        return self.criterion
 
     def forward(self, batch: tuple[ImageBatch, list[BoxTargets]]) -> LossOutput:
         images, targets = batch
@@ -73,7 +68,7 @@ class DetectionTask(GraphableTask, nn.Module):
         logits, boxes = self.run_dense(images.images, images.mask, images.sizes)
         # the criterion reads no decoder states
         out = DetectorOutput(logits=logits, boxes=boxes, hidden=logits[..., :0])
-        if self._losses is None or several_processes():
+        if not self.losses_graphed():
             loss, _ = self.criterion(out, targets)
             return loss
         # the step's one host read (the cost to the host, Hungarian, the pairs back), then
@@ -83,8 +78,8 @@ class DetectionTask(GraphableTask, nn.Module):
         _, (matching,) = self.criterion.match_many([(out, targets)], pad_pairs=slots)
         labels, tgt_boxes = padded_targets(targets, slots, logits.device)
         num_boxes = torch.full((), float(max(n, 1)), device=logits.device)
-        total, raw = self._losses(logits, boxes, labels, tgt_boxes, matching.batch_idx,
-                                  matching.pred_idx, matching.tgt_idx, num_boxes)
+        total, raw = self.run_losses(logits, boxes, labels, tgt_boxes, matching.batch_idx,
+                                     matching.pred_idx, matching.tgt_idx, num_boxes)
         names, weights = self.criterion.term_names(out.num_layers)
         return LossOutput(total=total, names=names, weights=weights, raw=raw)
 

@@ -37,10 +37,15 @@ __all__ = ["ms_deform_attn_triton"]
 
 
 @triton.jit
+def _pixel(yi, xi, hl, wl, start, qm):
+    """The flat index of integer pixel (yi, xi) of one level, and whether it is on the map."""
+    return start + yi * wl + xi, qm & (yi >= 0) & (yi < hl) & (xi >= 0) & (xi < wl)
+
+
+@triton.jit
 def _corner(v_base, yi, xi, hl, wl, start, qm, ds, dm, H: tl.constexpr, D: tl.constexpr):
     """Pointers and mask of the value rows at integer pixel (yi, xi) of one level."""
-    valid = qm & (yi >= 0) & (yi < hl) & (xi >= 0) & (xi < wl)
-    s = start + yi * wl + xi
+    s, valid = _pixel(yi, xi, hl, wl, start, qm)
     ptrs = v_base + (s * (H * D))[:, None] + ds[None, :]
     return ptrs, valid[:, None] & dm[None, :]
 
@@ -107,8 +112,8 @@ def _bwd_corner(acc_a, acc_x, acc_y, g, a, cw, dcx, dcy, v_base, gv_base, yi, xi
         # of one per query (the rows of a coarse level collide: neighbouring tokens sample it
         # at the same pixels). Off-map corners get keys of their own and add nothing.
         qi = tl.arange(0, BQ)
-        valid = qm & (yi >= 0) & (yi < hl) & (xi >= 0) & (xi < wl)
-        key = tl.where(valid, start + yi * wl + xi, -1 - qi)
+        s, valid = _pixel(yi, xi, hl, wl, start, qm)
+        key = tl.where(valid, s, -1 - qi)
         same = key[:, None] == key[None, :]  # [BQ, BQ], symmetric
         first = tl.max((same & (qi[None, :] < qi[:, None])).to(tl.int32), axis=1) == 0
         contrib = tl.dot(same.to(tl.float32), tl.where(valid[:, None], contrib, 0.0),

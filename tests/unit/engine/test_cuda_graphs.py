@@ -483,7 +483,7 @@ def _eager_then_graphed(kind: str, variant: str, batches: list[Any], device: tor
               checkpoint_meta={"kind": "test", "config": {}})
         losses.append([r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r])
         weights.append([p.detach().float().cpu() for p in task.parameters()])
-    task._dense.losses_part = getattr(task, "_losses", None)  # Siamese DETR's second part
+    task._dense.losses_part = task._losses  # the second part, the losses (or None)
     return losses, weights, task._dense
 
 

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from siamese_detr.config import ConfigError, RunConfig, SiameseOptions
 from siamese_detr.data.collate import pad_to_multiple
-from siamese_detr.engine.distributed import several_processes
-from siamese_detr.engine.graphs import Capture, GraphableTask, GraphedDense
+from siamese_detr.engine.graphs import GraphableTask
 from siamese_detr.losses.discrimination import region_discrimination_loss, simsiam_loss
 from siamese_detr.losses.set_criterion import num_boxes_of
 from siamese_detr.matcher import Matching, MatchJob, match_all
@@ -76,6 +75,9 @@ class SiameseDETR(GraphableTask, nn.Module):
     """
 
     graph_name = "siamese"
+    # after the matching, the step's eager rest is a few hundred small ops that bound it by
+    # the host on a GPU (docs/benchmarks.md): the losses are a second graphed part
+    losses_graph_name = "siamese losses"
 
     def __init__(
         self, detector: Detector, opts: SiameseOptions, criterion: nn.Module,
@@ -99,7 +101,6 @@ class SiameseDETR(GraphableTask, nn.Module):
         check_regions(detector.num_queries, opts.num_regions)
         # the backbone never trains during pretraining (method.md 3.1)
         detector.backbone.freeze_all()
-        self._losses: GraphedDense | None = None  # the losses' graphs (enable_cuda_graphs)
 
     # ----------------------------------------------------------------- public API
     def detector_state_dict(self) -> dict[str, Tensor]:
@@ -162,14 +163,6 @@ class SiameseDETR(GraphableTask, nn.Module):
                        counts=[m] * rows)
         return match_all([job])[0][0]
 
-    def run_losses(self, *args: Tensor | None) -> tuple[Tensor, Tensor]:
-        """:meth:`losses`, from its CUDA graphs when they are enabled (one process only: under
-        DDP the losses hold collectives, SyncBatchNorm and the box count, and run eagerly)."""
-        if self._losses is not None and not several_processes():
-            total, raw = self._losses(*args)
-            return total, raw
-        return self.losses(*args)
-
     def losses(self, logits: Tensor, pred_boxes: Tensor, hidden: Tensor, emb: Tensor | None,
                pooled: Tensor | None, boxes: Tensor, sizes: Tensor, batch_idx: Tensor,
                pred_idx: Tensor, tgt_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,15 +205,6 @@ class SiameseDETR(GraphableTask, nn.Module):
         return [(name, weight) for on, name, weight in (
             (region, "loss_region", self.opts.weight_region),
             (global_, "loss_global", self.opts.weight_global)) if on]
-
-    def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
-                           capture: Capture | None = None, shared_pool: bool = True) -> None:
-        """The dense part's graphs, and the losses' (:meth:`losses`, in a pool of their own):
-        after the matching, the step's eager rest is a few hundred small ops that bound it
-        by the host on a GPU (docs/benchmarks.md)."""
-        super().enable_cuda_graphs(max_graphs, pad_multiple, capture, shared_pool)
-        self._losses = GraphedDense(self, self.losses, max_graphs=max_graphs, capture=capture,
-                                    shared_pool=shared_pool, name="siamese losses")
 
     def dense(self, images: Tensor, mask: Tensor, sizes: Tensor, boxes: Tensor,
               crops: Tensor | None, view_colour: Tensor | None = None,
