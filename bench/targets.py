@@ -1,6 +1,6 @@
 """Issue 13's GPU targets, read from what the device scripts wrote: one verdict per target.
 
-    python bench/targets.py OUT [OUT ...]        # folders (or files) of gpu_next*.sh results
+    python bench/targets.py OUT [OUT ...]        # folders (or files) of the gpu_*.sh results
 
 Reads every ``bench_gpu.py`` result (``*.json`` with ``rows``) and the loader lines of the logs
 (``*.log``: ``NAME ... | loader with N workers X samples/s``). Step times are compared only
