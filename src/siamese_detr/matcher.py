@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -239,7 +239,15 @@ class Matching:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, layer: int) -> Indices:
+    @overload
+    def __getitem__(self, layer: int) -> Indices: ...
+
+    @overload
+    def __getitem__(self, layer: slice) -> list[Indices]: ...
+
+    def __getitem__(self, layer: int | slice) -> Indices | list[Indices]:
+        if isinstance(layer, slice):
+            return list(self.indices[layer])
         return self.indices[layer]
 
     def __iter__(self) -> Iterator[Indices]:
@@ -304,7 +312,15 @@ class _LazyIndices(Sequence[Indices]):
     def __len__(self) -> int:
         return len(self._layers)
 
-    def __getitem__(self, layer: int) -> Indices:  # type: ignore[override]
+    @overload
+    def __getitem__(self, layer: int) -> Indices: ...
+
+    @overload
+    def __getitem__(self, layer: slice) -> list[Indices]: ...
+
+    def __getitem__(self, layer: int | slice) -> Indices | list[Indices]:
+        if isinstance(layer, slice):
+            return [self[i] for i in range(len(self._layers))[layer]]
         layer = range(len(self._layers))[layer]  # negative indices, range check
         if layer not in self._done:
             self._done[layer] = _as_tensors([self._layers[layer]])[0]

@@ -170,6 +170,8 @@ def test_all_layers_and_jobs_in_one_transfer_match_each_block_alone() -> None:
     # flattened pairs' upload)
     assert c.op_names["lift_fresh"] + c.op_names["lift_fresh_copy"] <= 1
     assert len(matchings[0]) == 3 and matchings[0][-1] is matchings[0][2]
+    assert [id(x) for x in matchings[0][1:]] == [id(matchings[0][1]), id(matchings[0][2])]
+    assert matchings[0][::-1][0] is matchings[0][2] and matchings[0][5:] == []
     for job, matching in zip(jobs, matchings):
         starts = [0]
         for t in job.targets:
