@@ -469,9 +469,9 @@ def run_variant(variant: str, dtypes: list[str], args: argparse.Namespace,
     params = {"ours": trainable(model)}
     extra: dict[str, Any] = {}
     if args.channels_last:
-        _, (lmodel, lcrit), lopt = build_ours(variant, device)
+        # model.backbone.channels_last, as a config sets it (the trunk and its input)
+        _, (lmodel, lcrit), lopt = build_ours(variant, device, channels_last=True)
         lmodel.load_state_dict(model.state_dict())
-        lmodel.backbone.to(memory_format=torch.channels_last)
         makers["ours_cl"] = lambda dt: ours_step(lmodel, lcrit, lopt, images, targets, device,
                                                  dt)
         params["ours_cl"] = trainable(lmodel)
