@@ -57,6 +57,25 @@ def _frozen(model: ModelConfig, weights: str = "") -> ModelConfig:
 
 # ---------------------------------------------------------------- fine-tuning recipes
 
+def _run_dir(name: str) -> str:
+    """A preset's default output folder: ``runs/`` and its name with ``_`` for ``/``."""
+    return f"runs/{name.replace('/', '_')}"
+
+
+# the paper recipes' logging and checkpoints; the DETR-style (softmax) loss of the
+# pretext tasks with a "region" class, and of DETR and Conditional DETR
+_PAPER_ENGINE = EngineConfig(ckpt_every=5000, log_every=50)
+_DETR_LOSS = LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0)
+
+
+def _run(name: str, task: str, model: ModelConfig, optim: OptimConfig,
+         engine: EngineConfig = _PAPER_ENGINE, **parts: object) -> RunConfig:
+    """A preset: ``name`` with its :func:`_run_dir`, and the given parts (``data``,
+    ``pretrain``, ``loss``)."""
+    return RunConfig(name=name, task=task, output_dir=_run_dir(name), model=model,
+                     optim=optim, engine=engine, **parts)  # type: ignore[arg-type]
+
+
 _COCO = DataConfig(
     train_images="data/coco/train2017",
     train_ann="data/coco/annotations/instances_train2017.json",
@@ -78,15 +97,7 @@ _VOC12 = replace(_VOC, train_ann="data/voc/voc12_trainval_official.json",
 
 def _finetune(name: str, model: ModelConfig, data: DataConfig, optim: OptimConfig,
               global_batch: int) -> RunConfig:
-    return RunConfig(
-        name=name,
-        task="finetune",
-        output_dir=f"runs/{name.replace('/', '_')}",
-        model=model,
-        data=replace(data, global_batch=global_batch),
-        optim=optim,
-        engine=EngineConfig(ckpt_every=5000, log_every=50),
-    )
+    return _run(name, "finetune", model, optim, data=replace(data, global_batch=global_batch))
 
 
 # Siamese DETR downstream (conditional): lr 1e-4, backbone lr 5e-5, 50 epochs, drop at 40;
@@ -167,16 +178,7 @@ def _pretrain(name: str, model: ModelConfig, images: str, store: str, per_gpu: i
                          batch_size=per_gpu, global_batch=global_batch,
                          num_workers=AUTO_WORKERS)
     pre = replace(pre, proposals=replace(pre.proposals, store=store))
-    return RunConfig(
-        name=name,
-        task="pretrain",
-        output_dir=f"runs/{name.replace('/', '_')}",
-        model=_frozen(model, _SWAV),
-        pretrain=pre,
-        optim=optim,
-        loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
-        engine=EngineConfig(ckpt_every=5000, log_every=50),
-    )
+    return _run(name, "pretrain", _frozen(model, _SWAV), optim, pretrain=pre, loss=_DETR_LOSS)
 
 
 _IN1K = ("data/imagenet/train", "data/proposals/imagenet")
@@ -231,7 +233,7 @@ def official(preset: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
         siamese = replace(cfg.pretrain.siamese, pool_padding=True, official_init=True,
                           per_sample_queries=not deformable)
         name = cfg.name + "-official"
-        return replace(cfg, name=name, output_dir=f"runs/{name.replace('/', '_')}",
+        return replace(cfg, name=name, output_dir=_run_dir(name),
                        pretrain=replace(cfg.pretrain, siamese=siamese))
     faithful.__doc__ = f"Official-code twin of {preset.__name__}."
     return faithful
@@ -247,16 +249,7 @@ def _updetr_pretrain(name: str, model: ModelConfig, images: str, per_gpu: int,
                      ) -> RunConfig:
     pre = PretrainConfig(method="updetr", images=images, updetr=opts, batch_size=per_gpu,
                          num_workers=workers)
-    return RunConfig(
-        name=name,
-        task="pretrain",
-        output_dir=f"runs/{name.replace('/', '_')}",
-        model=_frozen(model, _SWAV),
-        pretrain=pre,
-        optim=optim,
-        loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
-        engine=EngineConfig(ckpt_every=5000, log_every=50),
-    )
+    return _run(name, "pretrain", _frozen(model, _SWAV), optim, pretrain=pre, loss=_DETR_LOSS)
 
 
 # dddzg/up-detr: 8 GPUs x 32 images, 60 epochs, lr x0.1 after 40, AdamW lr 1e-4 wd 1e-4,
@@ -316,6 +309,7 @@ def _tiny_model(variant: str, num_classes: int, freeze: str) -> ModelConfig:
     )
 
 
+_TINY_ENGINE = EngineConfig(log_every=10, ckpt_every=100)
 _TINY_DATA = DataConfig(
     train_images="demo_data/detection/images",
     train_ann="demo_data/detection/train.json",
@@ -333,32 +327,19 @@ _TINY_DATA = DataConfig(
 def _tiny_finetune(variant: str) -> Callable[[], RunConfig]:
     def preset() -> RunConfig:
         name = f"tiny/{variant}/finetune"
-        return RunConfig(
-            name=name,
-            task="finetune",
-            output_dir=f"runs/{name.replace('/', '_')}",
-            model=_tiny_model(variant, 3, "stem+layer1"),
-            data=_TINY_DATA,
-            optim=OptimConfig(lr=2e-4, lr_backbone=2e-5, clip_max_norm=0.1, unit="iter",
-                              length=300, lr_drops=(240,)),
-            engine=EngineConfig(log_every=10, ckpt_every=100),
-        )
+        optim = OptimConfig(lr=2e-4, lr_backbone=2e-5, clip_max_norm=0.1, unit="iter",
+                            length=300, lr_drops=(240,))
+        return _run(name, "finetune", _tiny_model(variant, 3, "stem+layer1"), optim,
+                    _TINY_ENGINE, data=_TINY_DATA)
     return preset
 
 
 def _tiny_pretrain(name: str, variant: str, pre: PretrainConfig) -> RunConfig:
     """The tiny pretraining recipe shared by the softmax-headed pretext tasks (Siamese DETR,
     UP-DETR): a 1-class tiny detector, frozen backbone, 300 iterations."""
-    return RunConfig(
-        name=name,
-        task="pretrain",
-        output_dir=f"runs/{name.replace('/', '_')}",
-        model=_tiny_model(variant, 1, "all"),
-        pretrain=pre,
-        loss=LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0),
-        optim=OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300, lr_drops=(240,)),
-        engine=EngineConfig(log_every=10, ckpt_every=100),
-    )
+    optim = OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300, lr_drops=(240,))
+    return _run(name, "pretrain", _tiny_model(variant, 1, "all"), optim, _TINY_ENGINE,
+                pretrain=pre, loss=_DETR_LOSS)
 
 
 def _tiny_siamese(variant: str) -> Callable[[], RunConfig]:
@@ -399,14 +380,12 @@ def _detreg(name: str, model: ModelConfig, images: str, store: str, per_gpu: int
     pre = PretrainConfig(method="detreg", images=images, detreg=opts or DETRegOptions(),
                          batch_size=per_gpu, num_workers=workers)
     pre = replace(pre, proposals=replace(pre.proposals, store=store))
-    return RunConfig(name=name, task="pretrain", output_dir=f"runs/{name.replace('/', '_')}",
-                     model=model, pretrain=pre, optim=optim, loss=loss,
-                     engine=engine or EngineConfig(ckpt_every=5000, log_every=50))
+    return _run(name, "pretrain", model, optim, engine or _PAPER_ENGINE, pretrain=pre,
+                loss=loss)
 
 
 # Deformable DETR defaults: lr 2e-4, FFN 1024, 300 queries, focal class weight/cost 2
 _DEFORM_LOSS = LossConfig()  # auto -> focal, cls 2, L1 5, GIoU 2, costs 2/5/2
-_DETR_LOSS = LossConfig(cls_loss="ce", eos_coef=0.1, cls_weight=1.0, cost_class=1.0)
 
 
 def detreg_deformable_in1k() -> RunConfig:
@@ -448,8 +427,7 @@ def _tiny_detreg(variant: str) -> Callable[[], RunConfig]:
         return _detreg(name, _tiny_model(variant, 1, "all"), "demo_data/unlabeled",
                        "demo_data/proposals", 4,
                        OptimConfig(lr=2e-4, lr_backbone=0.0, unit="iter", length=300,
-                                   lr_drops=(240,)), loss, opts,
-                       EngineConfig(log_every=10, ckpt_every=100), workers=0)
+                                   lr_drops=(240,)), loss, opts, _TINY_ENGINE, workers=0)
     return preset
 
 
