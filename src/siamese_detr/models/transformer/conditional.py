@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,7 @@ from torch import Tensor, nn
 
 from siamese_detr.models.attention import attend, sdpa_mask
 from siamese_detr.models.heads import MLP
-from siamese_detr.models.transformer.vanilla import (
-    Flat,
-    TransformerEncoder,
-    TransformerEncoderLayer,
-    encode_single_level,
-)
+from siamese_detr.models.transformer.vanilla import SingleLevelTransformer
 
 __all__ = ["ConditionalTransformer", "ProjectionFreeAttention", "gen_sineembed_for_position"]
 
@@ -193,36 +189,18 @@ class ConditionalDecoder(nn.Module):
         return self.norm(torch.stack(out)), reference
 
 
-class ConditionalTransformer(nn.Module):
-    """DETR's encoder plus the conditional decoder (single feature level, post-norm)."""
+class ConditionalTransformer(SingleLevelTransformer):
+    """DETR's encoder plus the conditional decoder (single feature level, post-norm);
+    arguments as :class:`SingleLevelTransformer`."""
 
-    def __init__(
-        self,
-        d_model: int = 256,
-        nhead: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__()
+    def __init__(self, d_model: int = 256, *args: Any, **kwargs: Any) -> None:
         if d_model % 2 or (d_model // 2) % 2:
             raise ValueError("d_model must be a multiple of 4 for the sine embedding")
-        self.d_model = d_model
-        self.num_decoder_layers = num_decoder_layers
-        self.encoder = TransformerEncoder(
-            TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout), num_encoder_layers
-        )
-        self.decoder = ConditionalDecoder(
-            d_model, nhead, dim_feedforward, dropout, num_decoder_layers
-        )
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        super().__init__(d_model, *args, **kwargs)
 
-    def encode(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> Flat:
-        """See the Transformer protocol in docs/internals.md; exactly one level."""
-        return encode_single_level(self, self.encoder, srcs, masks, pos)
+    def make_decoder(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
+                     num_layers: int) -> nn.Module:
+        return ConditionalDecoder(d_model, nhead, dim_feedforward, dropout, num_layers)
 
     def decode(
         self,

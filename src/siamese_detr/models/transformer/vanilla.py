@@ -167,8 +167,10 @@ class TransformerDecoder(nn.Module):
         return self.norm(torch.stack(out))  # one norm over all layers' outputs
 
 
-class Transformer(nn.Module):
-    """DETR's encoder-decoder transformer (single feature level).
+class SingleLevelTransformer(nn.Module):
+    """DETR's encoder over one feature level, and a decoder a subclass makes
+    (:meth:`make_decoder`): the part DETR and Conditional DETR share. Parameters are made
+    encoder first, then decoder, and every matrix is then Xavier-initialised, as upstream.
 
     Args:
         d_model: hidden width D; nhead: attention heads; dropout: everywhere (attention too).
@@ -189,18 +191,30 @@ class Transformer(nn.Module):
         self.encoder = TransformerEncoder(
             TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout), num_encoder_layers
         )
-        self.decoder = TransformerDecoder(
-            TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout),
-            num_decoder_layers,
-            d_model,
-        )
+        self.decoder = self.make_decoder(d_model, nhead, dim_feedforward, dropout,
+                                         num_decoder_layers)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
+    def make_decoder(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
+                     num_layers: int) -> nn.Module:
+        raise NotImplementedError
+
     def encode(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor]) -> Flat:
         """See the Transformer protocol in docs/internals.md; exactly one level."""
         return encode_single_level(self, self.encoder, srcs, masks, pos)
+
+
+class Transformer(SingleLevelTransformer):
+    """DETR's encoder-decoder transformer (single feature level); arguments as
+    :class:`SingleLevelTransformer`."""
+
+    def make_decoder(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
+                     num_layers: int) -> nn.Module:
+        return TransformerDecoder(
+            TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout), num_layers,
+            d_model)
 
     def decode(
         self,
