@@ -327,6 +327,24 @@ class _LazyIndices(Sequence[Indices]):
         return self._done[layer]
 
 
+def _flat_pairs(layers: list[list[tuple[np.ndarray, np.ndarray]]], counts: list[int]
+                ) -> np.ndarray:
+    """Every layer's per-image pairs as ``[3, L, N]`` int64 rows (image, prediction, target
+    in the batch's concatenated targets), with a few whole-array NumPy calls instead of some
+    per image and layer (the matching is on a graphed step's critical path)."""
+    L, B = len(layers), len(counts)
+    pairs = [pair for per_image in layers for pair in per_image]
+    lengths = np.fromiter((len(src) for src, _ in pairs), np.int64, L * B)
+    if not lengths.any():
+        return np.zeros((3, L, 0), np.int64)
+    starts = np.cumsum([0, *counts[:-1]], dtype=np.int64)
+    image = np.repeat(np.tile(np.arange(B, dtype=np.int64), L), lengths)
+    pred = np.concatenate([src for src, _ in pairs]).astype(np.int64, copy=False)
+    tgt = np.concatenate([tgt for _, tgt in pairs]).astype(np.int64, copy=False)
+    tgt = tgt + np.repeat(np.tile(starts, L), lengths)
+    return np.stack([image, pred, tgt]).reshape(3, L, -1)
+
+
 def solve_assignments(jobs: Sequence[MatchJob], extra: Tensor | None = None
                       ) -> tuple[list[list[Indices]], np.ndarray]:
     """Hungarian assignment of every layer of every job with ONE device-to-host transfer.
@@ -351,13 +369,7 @@ def match_all(jobs: Sequence[MatchJob], extra: Tensor | None = None
     solved, extra_host = _solve(jobs, extra)
     parts, shapes = [], []
     for job, layers in zip(jobs, solved):
-        starts = np.cumsum([0] + job.target_counts())
-        rows = []
-        for per_image in layers:  # [3, N]: image, prediction, target in the whole batch
-            rows.append(np.concatenate(
-                [np.stack([np.full(len(src), b), src, tgt + starts[b]])
-                 for b, (src, tgt) in enumerate(per_image)], axis=1).astype(np.int64))
-        arr = np.stack(rows, axis=1)  # [3, L, N]
+        arr = _flat_pairs(layers, job.target_counts())  # [3, L, N]
         if job.pad_pairs:
             if job.pad_pairs < arr.shape[2]:
                 raise ValueError(f"pad_pairs={job.pad_pairs} < {arr.shape[2]} matched pairs")

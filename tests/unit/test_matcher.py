@@ -215,3 +215,29 @@ def test_a_cost_computed_by_the_caller_matches_like_the_matcher_s_own() -> None:
         assert torch.equal(getattr(own, name), getattr(given, name))
     assert [[(p.tolist(), t.tolist()) for p, t in layer] for layer in own] == \
         [[(p.tolist(), t.tolist()) for p, t in layer] for layer in given]
+
+
+@pytest.mark.parametrize("counts", [[2, 0, 3], [0, 0, 0], [5], [1, 4, 1, 0]])
+def test_flat_pairs_are_the_per_image_pairs_in_batch_order(counts: list[int]) -> None:
+    import numpy as np
+
+    from siamese_detr.matcher import _flat_pairs
+
+    rng = np.random.default_rng(len(counts) + sum(counts))
+    L, Q = 3, 6
+    layers = []
+    for _ in range(L):
+        per_image = []
+        for t in counts:
+            n = min(Q, t)
+            per_image.append((np.sort(rng.choice(Q, n, replace=False)),
+                              rng.permutation(t)[:n]))
+        layers.append(per_image)
+    got = _flat_pairs(layers, counts)
+    starts = np.cumsum([0] + counts[:-1])
+    want = [[(b, int(s), int(j) + int(starts[b])) for b, (src, tgt) in enumerate(per_image)
+             for s, j in zip(src, tgt)] for per_image in layers]
+    assert got.dtype == np.int64 and got.shape == (3, L, len(want[0]))
+    for layer in range(L):
+        assert [tuple(int(v) for v in got[:, layer, n]) for n in range(got.shape[2])] == \
+            want[layer]
