@@ -55,8 +55,6 @@ def _frozen(model: ModelConfig, weights: str = "") -> ModelConfig:
     return replace(model, backbone=BackboneConfig(freeze="all", weights=weights))
 
 
-# ---------------------------------------------------------------- fine-tuning recipes
-
 def _run_dir(name: str) -> str:
     """A preset's default output folder: ``runs/`` and its name with ``_`` for ``/``."""
     return f"runs/{name.replace('/', '_')}"
@@ -75,6 +73,8 @@ def _run(name: str, task: str, model: ModelConfig, optim: OptimConfig,
     return RunConfig(name=name, task=task, output_dir=_run_dir(name), model=model,
                      optim=optim, engine=engine, **parts)  # type: ignore[arg-type]
 
+
+# ---------------------------------------------------------------- fine-tuning recipes
 
 _COCO = DataConfig(
     train_images="data/coco/train2017",
