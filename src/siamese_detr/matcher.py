@@ -221,8 +221,28 @@ class MatchJob:
         return self.counts if self.counts is not None else [len(t) for t in self.targets]
 
 
+class _Layers(Sequence[Indices]):
+    """A sequence of per-layer indices (``self[l][b] = (pred_idx, tgt_idx)``): negative
+    indices and slices as a list takes them; a subclass gives :meth:`_layer` of an index in
+    range."""
+
+    @overload
+    def __getitem__(self, layer: int) -> Indices: ...
+
+    @overload
+    def __getitem__(self, layer: slice) -> list[Indices]: ...
+
+    def __getitem__(self, layer: int | slice) -> Indices | list[Indices]:
+        if isinstance(layer, slice):
+            return [self._layer(i) for i in range(len(self))[layer]]
+        return self._layer(range(len(self))[layer])  # negative indices, range check
+
+    def _layer(self, layer: int) -> Indices:
+        raise NotImplementedError
+
+
 @dataclass
-class Matching:
+class Matching(_Layers):
     """The assignment of every layer of one :class:`MatchJob`.
 
     Behaves as the sequence ``indices[l][b] = (pred_idx, tgt_idx)`` (CPU int64, per image).
@@ -239,15 +259,7 @@ class Matching:
     def __len__(self) -> int:
         return len(self.indices)
 
-    @overload
-    def __getitem__(self, layer: int) -> Indices: ...
-
-    @overload
-    def __getitem__(self, layer: slice) -> list[Indices]: ...
-
-    def __getitem__(self, layer: int | slice) -> Indices | list[Indices]:
-        if isinstance(layer, slice):
-            return list(self.indices[layer])
+    def _layer(self, layer: int) -> Indices:
         return self.indices[layer]
 
     def __iter__(self) -> Iterator[Indices]:
@@ -300,7 +312,7 @@ def _as_tensors(layers: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[Indic
             for per_image in layers]
 
 
-class _LazyIndices(Sequence[Indices]):
+class _LazyIndices(_Layers):
     """``indices[l][b] = (pred_idx, tgt_idx)`` made into tensors when first read: the losses
     use the flattened pairs on the device, so a training step never pays the two
     ``torch.from_numpy`` per image and layer (192 host ops per Siamese step at batch 8)."""
@@ -312,16 +324,7 @@ class _LazyIndices(Sequence[Indices]):
     def __len__(self) -> int:
         return len(self._layers)
 
-    @overload
-    def __getitem__(self, layer: int) -> Indices: ...
-
-    @overload
-    def __getitem__(self, layer: slice) -> list[Indices]: ...
-
-    def __getitem__(self, layer: int | slice) -> Indices | list[Indices]:
-        if isinstance(layer, slice):
-            return [self[i] for i in range(len(self._layers))[layer]]
-        layer = range(len(self._layers))[layer]  # negative indices, range check
+    def _layer(self, layer: int) -> Indices:
         if layer not in self._done:
             self._done[layer] = _as_tensors([self._layers[layer]])[0]
         return self._done[layer]
