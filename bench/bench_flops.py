@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--size", default="800x1088")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
-    h, w = (int(v) for v in args.size.lower().split("x"))
+    h, w = bg.parse_size(args.size)
     torch.manual_seed(0)
     rows = []
     print(f"batch {args.batch} at {h}x{w}, fp32, one forward and backward (GFLOP; matrix "

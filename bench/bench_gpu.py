@@ -100,6 +100,12 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- inputs
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``"800x1088"`` -> ``(800, 1088)``: a ``--size`` option's height and width."""
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
 def make_images(b: int, h: int, w: int, device: torch.device, seed: int = 0) -> ImageBatch:
     g = torch.Generator().manual_seed(seed)
     return ImageBatch(torch.randn(b, 3, h, w, generator=g), torch.zeros(b, h, w, dtype=torch.bool),
@@ -331,9 +337,8 @@ def graphed_step(model: Any, criterion: Any, opt: Any, images: ImageBatch,
     from siamese_detr.methods.supervised import DetectionTask
 
     task = DetectionTask(model, criterion)
-    task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
-    if not losses_graph:
-        task._losses = None  # the criterion eager after the detector's graph
+    # losses_graph False: the criterion eager after the detector's graph
+    task.enable_cuda_graphs(max_graphs=4, pad_multiple=32, losses=losses_graph)
 
     def fwd_bwd() -> None:
         with autocast(device, dtype, weight_cache=False):
@@ -347,9 +352,8 @@ def pretrain_graphed_step(task: Any, opt: Any, batch: Any, device: torch.device,
     """Our Siamese pretraining step with ``engine.cuda_graphs`` (``SiameseDETR.dense`` and,
     unless ``losses_graph`` is False, ``SiameseDETR.losses`` from CUDA graphs)."""
     if task._dense is None:
-        task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
-        if not losses_graph:
-            task._losses = None  # the losses after the matching run eagerly
+        # losses_graph False: the losses after the matching run eagerly
+        task.enable_cuda_graphs(max_graphs=4, pad_multiple=32, losses=losses_graph)
 
     def fwd_bwd() -> None:
         with autocast(device, dtype, weight_cache=False):
@@ -726,11 +730,7 @@ def main() -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    if args.size:
-        hs, ws = args.size.lower().split("x")
-        args.size = (int(hs), int(ws))
-    else:
-        args.size = (64, 96) if args.small else (800, 1088)
+    args.size = parse_size(args.size or ("64x96" if args.small else "800x1088"))
     args.crop = 32 if args.small else None
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick or args.small else 2)
     args.steps = args.steps if args.steps is not None else (

@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--size", default="64x96")
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
-    h, w = (int(v) for v in args.size.lower().split("x"))
+    h, w = bg.parse_size(args.size)
     torch.set_num_threads(1)
     _stub()
     from siamese_detr.engine import graphs
@@ -66,9 +66,7 @@ def main() -> None:
 
     def graphed(task: Any, losses_graph: bool = True) -> Any:
         task.enable_cuda_graphs(max_graphs=2, pad_multiple=32,
-                                capture=lambda m, a, p: real(m, a, p))
-        if not losses_graph:
-            task._losses = None
+                                capture=lambda m, a, p: real(m, a, p), losses=losses_graph)
         return task.train()
 
     cfg, dense_only, _ = bg.build_pretrain(args.variant, dev, 32)

@@ -140,9 +140,8 @@ def build_steps(args: argparse.Namespace, device: torch.device
     def pretrain(graphed: bool, losses_graph: bool = True, **build: Any) -> PhaseStep:
         cfg, task, opt = bg.build_pretrain(args.variant, device, args.crop, **build)
         if graphed:
-            task.enable_cuda_graphs(max_graphs=4, pad_multiple=32)
-            if not losses_graph:
-                task._losses = None  # the losses after the matching eager (before session 8)
+            # losses_graph False: the losses after the matching eager (before session 8)
+            task.enable_cuda_graphs(max_graphs=4, pad_multiple=32, losses=losses_graph)
         s = cfg.pretrain.siamese
         batch = bg.make_siamese_batch(b, h, w, s.num_regions, s.crop_size, device)
         return PhaseStep(task, opt, batch, device, args.dtype)
@@ -177,8 +176,7 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    hs, ws = (args.size or ("64x96" if args.small else "800x1088")).lower().split("x")
-    args.size = (int(hs), int(ws))
+    args.size = bg.parse_size(args.size or ("64x96" if args.small else "800x1088"))
     args.crop = 32 if args.small else None
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)

@@ -68,10 +68,10 @@ def compile_kernel(kind: str, arch: int = 90, block_q: int = 64, warps: int = 4,
     from siamese_detr.ops import deform_attn_triton as kernels
 
     sig = _signature(kind, dtype)
-    consts: dict[str, Any] = {"H": 8, "D": head_dim, "L": 4, "P": 4, "BQ": block_q,
-                              "BD": max(16, triton.next_power_of_2(head_dim))}
+    bd, blp = kernels._block_sizes(head_dim, 4, 4)
+    consts: dict[str, Any] = {"H": 8, "D": head_dim, "L": 4, "P": 4, "BQ": block_q, "BD": bd}
     if kind == "bwd":
-        consts.update(BLP=32, MERGE_FROM=merge_from, SEM=sem, VEC=vec)  # BLP: 2 * 4 * 4
+        consts.update(BLP=blp, MERGE_FROM=merge_from, SEM=sem, VEC=vec)
     sig.update({name: "constexpr" for name in consts})
     pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}

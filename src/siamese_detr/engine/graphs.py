@@ -336,16 +336,19 @@ class GraphableTask:
         return self
 
     def enable_cuda_graphs(self, max_graphs: int, pad_multiple: int,
-                           capture: Capture | None = None, shared_pool: bool = True) -> None:
+                           capture: Capture | None = None, shared_pool: bool = True,
+                           losses: bool = True) -> None:
         """Pad batches to ``pad_multiple`` (0: :attr:`default_pad_multiple`) and run
         :meth:`dense` (forward and backward) from CUDA graphs, all from one memory pool
         unless ``shared_pool`` is False, and :meth:`losses` likewise where the task has them
-        (:attr:`losses_graph_name`); the rest of the step stays eager."""
+        (:attr:`losses_graph_name`) unless ``losses`` is False (the benches' A/B); the rest
+        of the step stays eager."""
         self.pad_multiple = pad_multiple or self.default_pad_multiple
         self._dense = GraphedDense(self.graph_owner(), self.dense, max_graphs=max_graphs,
                                    capture=capture, shared_pool=shared_pool,
                                    name=self.graph_name)
-        if self.losses_graph_name is not None:
+        self._losses = None
+        if losses and self.losses_graph_name is not None:
             self._losses = GraphedDense(self.losses_owner(), self.losses, max_graphs=max_graphs,
                                         capture=capture, shared_pool=shared_pool,
                                         name=self.losses_graph_name)

@@ -111,7 +111,7 @@ class FoldedConv2d(nn.Conv2d):
         context = _CACHE_CONTEXT.get()  # decided once per backbone forward
         if context is None:  # a folded convolution called on its own
             context = _cache_context_ok(self.weight)
-        cacheable = context and not (torch.is_grad_enabled() and self.weight.requires_grad)
+        cacheable = context and not _grad_through(self.weight)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if cacheable and self._fold_cache is not None and self._fold_cache[0] == key:
             return self._fold_cache[1], self._fold_cache[2]
@@ -213,6 +213,11 @@ cudnn_conv_relu = torch.cudnn_convolution_relu
 cudnn_conv_add_relu = torch.cudnn_convolution_add_relu
 
 
+def _grad_through(t: Tensor) -> bool:
+    """Would autograd record an op on ``t`` now?"""
+    return torch.is_grad_enabled() and t.requires_grad
+
+
 def _fusable(x: Tensor) -> bool:
     """May frozen units run as cuDNN's fused convolutions on ``x``? On CUDA with cuDNN, when
     no gradient is wanted through ``x`` (cuDNN's fused convolutions have no backward), and
@@ -220,7 +225,7 @@ def _fusable(x: Tensor) -> bool:
     under deterministic algorithms (``engine.deterministic``: PyTorch calls them with
     ``deterministic=False``)."""
     return (x.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
-            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not _grad_through(x)
             and not torch.compiler.is_compiling()
             and not torch.are_deterministic_algorithms_enabled())
 
@@ -230,7 +235,7 @@ def _unit_convs_fusable(convs: Sequence[nn.Module]) -> bool:
     none of their weights training right now?"""
     return all(isinstance(c, FoldedConv2d) and c.padding_mode == "zeros"
                and not isinstance(c.padding, str)
-               and not (torch.is_grad_enabled() and c.weight.requires_grad) for c in convs)
+               and not _grad_through(c.weight) for c in convs)
 
 
 def _fused_conv(conv: FoldedConv2d, x: Tensor, z: Tensor | None = None,
@@ -308,8 +313,7 @@ class _Body(nn.Module):
                 for block in module:
                     # the rest of _fusable holds for the whole forward; a block after one
                     # that trains gets an input with a gradient
-                    no_grad_in = not (torch.is_grad_enabled() and x.requires_grad)
-                    fused = _fused_block(block, x) if no_grad_in else None
+                    fused = None if _grad_through(x) else _fused_block(block, x)
                     x = block(x) if fused is None else fused
             else:
                 x = module(x)

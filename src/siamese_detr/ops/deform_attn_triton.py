@@ -224,6 +224,12 @@ _BWD_ATOMIC_SEM = "relaxed"
 _BWD_VEC = 4
 
 
+def _block_sizes(D: int, L: int, P: int) -> tuple[int, int]:
+    """The kernels' tile widths: ``BD`` over a head's channels, and ``BLP`` over a query's
+    ``2 * L * P`` location columns (the backward's rows); powers of two, at least 16."""
+    return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(2 * L * P))
+
+
 def _launch_shape(value: Tensor, loc: Tensor) -> tuple[int, int, int, int, int, int, int]:
     B, S, H, D = value.shape
     _, Q, _, L, P, _ = loc.shape
@@ -242,7 +248,7 @@ class _MSDeformAttnTriton(torch.autograd.Function):
         out = value.new_empty(B, Q, H, D)
         grid = (triton.cdiv(Q, _FWD_BQ), B * H)
         _fwd_kernel[grid](value, shapes, starts, loc, attw, out, S, Q, H=H, D=D, L=L, P=P,
-                          BQ=_FWD_BQ, BD=max(16, triton.next_power_of_2(D)), num_warps=_FWD_WARPS)
+                          BQ=_FWD_BQ, BD=_block_sizes(D, L, P)[0], num_warps=_FWD_WARPS)
         ctx.save_for_backward(value, shapes, starts, loc, attw)
         return out.view(B, Q, H * D)
 
@@ -255,10 +261,10 @@ class _MSDeformAttnTriton(torch.autograd.Function):
         grad_loc = torch.empty_like(loc)
         grad_attw = torch.empty_like(attw)
         grid = (triton.cdiv(Q, _BWD_BQ), B * H)
+        BD, BLP = _block_sizes(D, L, P)
         _bwd_kernel[grid](value, shapes, starts, loc, attw, grad_out.contiguous(), grad_value,
                           grad_loc, grad_attw, S, Q, H=H, D=D, L=L, P=P, BQ=_BWD_BQ,
-                          BD=max(16, triton.next_power_of_2(D)),
-                          BLP=max(16, triton.next_power_of_2(2 * L * P)),
+                          BD=BD, BLP=BLP,
                           MERGE_FROM=_BWD_MERGE_FROM if _BWD_BQ >= 16 else 99,
                           SEM=_BWD_ATOMIC_SEM, VEC=_BWD_VEC,
                           num_warps=_BWD_WARPS)
